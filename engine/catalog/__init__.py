@@ -1,0 +1,9 @@
+"""The SQL catalog: slides, tiles, shards, encoders, benchmark runs, users and audit.
+
+`from engine.catalog import Catalog, models` is all most callers need.
+"""
+
+from engine.catalog.db import Catalog
+from engine.catalog import models
+
+__all__ = ["Catalog", "models"]

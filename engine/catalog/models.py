@@ -1,0 +1,138 @@
+"""Typed catalog models. Ids of `Tile` are the FAISS ids of their vectors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from engine.catalog.base import Base, BigId, JsonDoc, utcnow
+
+# Slide.status values
+PENDING, INDEXED, FAILED = "pending", "indexed", "failed"
+SLIDE_STATUSES = (PENDING, INDEXED, FAILED)
+
+
+class Encoder(Base):
+    """An embedding model as used for indexing: weights + the grid it embeds at."""
+
+    __tablename__ = "encoders"
+    __table_args__ = (UniqueConstraint("checkpoint_sha256", "target_mpp", "tile_px", name="uq_encoders_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(50))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    target_mpp: Mapped[float] = mapped_column(Float)
+    tile_px: Mapped[int] = mapped_column(Integer)
+    normalisation: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    is_random: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Slide(Base):
+    """A whole-slide image of the archive, identified by the fingerprint of its content."""
+
+    __tablename__ = "slides"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    patient: Mapped[Optional[str]] = mapped_column(String(200), index=True)
+    site: Mapped[Optional[str]] = mapped_column(String(200), index=True)
+    diagnosis: Mapped[Optional[str]] = mapped_column(String(200), index=True)
+    label: Mapped[Optional[str]] = mapped_column(String(200), index=True)
+    collection: Mapped[Optional[str]] = mapped_column(String(200), index=True)
+    extra: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    mpp: Mapped[Optional[float]] = mapped_column(Float)
+    mpp_source: Mapped[Optional[str]] = mapped_column(String(30))
+    width: Mapped[Optional[int]] = mapped_column(Integer)
+    height: Mapped[Optional[int]] = mapped_column(Integer)
+    vendor: Mapped[Optional[str]] = mapped_column(String(50))
+    status: Mapped[str] = mapped_column(String(20), default=PENDING, index=True)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    tile_count: Mapped[int] = mapped_column(Integer, default=0)
+    encoder_id: Mapped[Optional[int]] = mapped_column(ForeignKey("encoders.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    indexed_at: Mapped[Optional[dt.datetime]]
+
+    tiles: Mapped[list["Tile"]] = relationship(back_populates="slide", cascade="all, delete-orphan", passive_deletes=True)
+    encoder: Mapped[Optional[Encoder]] = relationship()
+
+
+class Shard(Base):
+    """A FAISS shard file (relative to the index dir) holding vectors of one encoder."""
+
+    __tablename__ = "shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
+    path: Mapped[str] = mapped_column(String(500), unique=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    encoder: Mapped[Encoder] = relationship()
+
+
+class Tile(Base):
+    """A square tile of a slide, as level-0 coordinates (never pixels). id = FAISS id."""
+
+    __tablename__ = "tiles"
+    __table_args__ = (Index("ix_tiles_slide_xy", "slide_id", "x", "y"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"))
+    shard_id: Mapped[Optional[int]] = mapped_column(ForeignKey("shards.id"), index=True)
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)  # level-0 pixels covered by one tile edge
+    tissue_fraction: Mapped[float] = mapped_column(Float)
+
+    slide: Mapped[Slide] = relationship(back_populates="tiles")
+
+
+class BenchmarkRun(Base):
+    """A retrieval benchmark run (Acc@k, MV@k, mMV@k, mAP@k) shown in the web app."""
+
+    __tablename__ = "benchmark_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_kind: Mapped[str] = mapped_column(String(50))
+    dataset_path: Mapped[str] = mapped_column(Text)
+    encoder_name: Mapped[str] = mapped_column(String(200))
+    encoder_sha256: Mapped[Optional[str]] = mapped_column(String(64))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    plot_path: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """A web app user; passwords and API tokens are stored hashed only."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(300))
+    api_token_hash: Mapped[Optional[str]] = mapped_column(String(128), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who searched (or viewed) what, and when."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+    action: Mapped[str] = mapped_column(String(50))
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

@@ -1,0 +1,75 @@
+"""Pieces shared by the `engine` and `indexer` command lines: the settings options (same
+flags and environment defaults everywhere), logging set-up, and turning HistoseekError into
+a clean `click.ClickException` at the edge."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from engine.config import Settings
+from engine.errors import HistoseekError
+
+
+def settings_options(func):
+    """--data-dir, --catalog, --index-dir, --encoder, --device, --precision on a command;
+    the command receives `settings: Settings` instead of those flags."""
+
+    @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder for the default catalog, index and weights [env HISTOSEEK_DATA_DIR; default ~/.local/share/histoseek].")
+    @click.option("--catalog", "catalog_url", default=None, metavar="URL", help="Catalog database URL, e.g. sqlite:///cat.sqlite or postgresql+psycopg://u:p@host/db [env HISTOSEEK_CATALOG].")
+    @click.option("--index-dir", type=click.Path(file_okay=False), default=None, help="Folder of FAISS shard files [env HISTOSEEK_INDEX_DIR].")
+    @click.option("--encoder", default=None, metavar="SPEC", help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] for demos [env HISTOSEEK_ENCODER].")
+    @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env HISTOSEEK_DEVICE; default auto].")
+    @click.option("--precision", type=click.Choice(["auto", "fp32"]), default=None, help="auto: fastest numerically safe path; fp32: exact [env HISTOSEEK_PRECISION].")
+    @functools.wraps(func)
+    def wrapper(*args, data_dir, catalog_url, index_dir, encoder, device, precision, **kwargs):
+        overrides = {
+            "data_dir": data_dir,
+            "catalog_url": catalog_url,
+            "index_dir": index_dir,
+            "encoder": encoder,
+            "device": device,
+            "precision": precision,
+        }
+        for key in ("target_mpp", "tile_px"):
+            if key in kwargs:
+                overrides[key] = kwargs.pop(key)
+        kwargs["settings"] = run_edge(Settings.load, **overrides)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def run_edge(func, *args, **kwargs):
+    """Call library code, turning our typed errors into a one-line CLI error."""
+    try:
+        return func(*args, **kwargs)
+    except HistoseekError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def handle_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return run_edge(func, *args, **kwargs)
+
+    return wrapper
+
+
+def setup_logging(verbose: int = 0, rank: int | None = None) -> None:
+    """Log to stderr; INFO by default, DEBUG with -v. With a rank, other ranks than 0 only
+    log warnings (no duplicated progress lines under torchrun)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    if rank not in (None, 0):
+        handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("alembic", "PIL", "matplotlib", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,293 @@
+"""The RetCCL encoder: a torchvision ResNet with fc = Identity, and its checkpoint loader.
+
+The architecture lives here once; `pretrain` trains it and exports checkpoints that load
+exactly like the released RetCCL weights. Accepted checkpoint layouts:
+
+- ``retccl``: the released `best_ckpt.pth`, a plain torchvision ResNet-50 state dict, no fc;
+- ``moco``: the older release, keys under ``module.`` / ``encoder_q.`` with projection heads
+  (``fc.*``), the momentum encoder and the queue, all dropped and reported;
+- ``torchvision``: an ImageNet classification state dict (its ``fc.*`` is dropped and reported);
+- ``histoseek``: ``{"arch": "resnet18", "state_dict": {...}}`` as written by `pretrain export`;
+- ``random[:ARCH[:SEED]]``: seeded random weights for tests and demos, never for diagnosis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from engine.errors import EncoderError
+
+LOG = logging.getLogger(__name__)
+
+RELEASED_RETCCL_SHA256 = "931956f31d3f1a3f6047f3172b9e59ee3460d29f7c0c2bb219cbc8e9207795ff"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_PX = 224
+# feature width of each supported torchvision ResNet (the output of avgpool)
+ARCH_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+# blocks per stage, used to recognise the architecture of a bare state dict
+ARCH_BLOCKS = {
+    ("basic", 2, 2, 2, 2): "resnet18",
+    ("basic", 3, 4, 6, 3): "resnet34",
+    ("bottleneck", 3, 4, 6, 3): "resnet50",
+    ("bottleneck", 3, 4, 23, 3): "resnet101",
+    ("bottleneck", 3, 8, 36, 3): "resnet152",
+}
+_DROP_PREFIXES = ("module.", "encoder_q.", "backbone.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderInfo:
+    """What a loaded encoder is; recorded in the catalog and in every shard."""
+
+    name: str
+    architecture: str
+    checkpoint_sha256: str
+    dim: int
+    layout: str
+    source: str
+    is_random: bool = False
+    dropped_keys: tuple[str, ...] = ()
+
+    @property
+    def is_released_retccl(self) -> bool:
+        return self.checkpoint_sha256 == RELEASED_RETCCL_SHA256
+
+    @property
+    def normalisation(self) -> dict[str, Any]:
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_px": INPUT_PX}
+
+    def describe(self) -> str:
+        text = f"{self.name} ({self.architecture}, {self.dim}-d, sha256 {self.checkpoint_sha256[:12]})"
+        if self.is_released_retccl:
+            text += " [released RetCCL weights]"
+        if self.is_random:
+            text += " [random weights: NOT FOR DIAGNOSIS]"
+        return text
+
+
+def build_backbone(arch: str = "resnet50") -> nn.Module:
+    """A torchvision ResNet without weights and with fc = Identity (avgpool features)."""
+    if arch not in ARCH_DIMS:
+        raise EncoderError(f"unsupported architecture {arch!r}; choose one of {sorted(ARCH_DIMS)}")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    return model
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def infer_architecture(state: Mapping[str, Any]) -> str:
+    """Recognise a torchvision ResNet from the keys of its state dict."""
+    kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    blocks = []
+    for stage in range(1, 5):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(max(idx) + 1 if idx else 0)
+    arch = ARCH_BLOCKS.get((kind, *blocks))
+    if arch is None:
+        raise EncoderError(f"checkpoint is not a torchvision ResNet ({kind} blocks per stage {blocks})")
+    return arch
+
+
+def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], str, list[str]]:
+    """Normalise any accepted checkpoint object into (arch or None, backbone state dict,
+    layout name, dropped keys)."""
+    arch = None
+    layout = "retccl"
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        arch = obj.get("arch")
+        layout = "histoseek" if obj.get("format") == "histoseek-backbone" else "moco"
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise EncoderError("checkpoint holds no state dict (expected a mapping of parameter names to tensors)")
+    state: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            dropped.append(key)
+            continue
+        name = key
+        stripped = False
+        while name.startswith(_DROP_PREFIXES):
+            name = name.split(".", 1)[1]
+            stripped = True
+        if stripped:
+            layout = "moco" if layout != "histoseek" else layout
+        # momentum encoder, queue and projection/classification heads are not the backbone
+        if key.startswith(("module.encoder_k.", "encoder_k.")) or name.startswith(("fc.", "queue")) or "." not in name:
+            dropped.append(key)
+            continue
+        state[name] = value
+    if any(k.startswith("fc.") for k in obj) and layout == "retccl":
+        layout = "torchvision"
+    return arch, state, layout, dropped
+
+
+def load_backbone(spec: str) -> tuple[nn.Module, EncoderInfo]:
+    """Build the backbone named by `spec` (a checkpoint path or ``random[:ARCH[:SEED]]``)."""
+    if spec == "random" or spec.startswith("random:"):
+        parts = spec.split(":")
+        arch = parts[1] if len(parts) > 1 and parts[1] else "resnet50"
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_backbone(arch)
+        canonical = f"random:{arch}:{seed}"
+        info = EncoderInfo(
+            name=canonical,
+            architecture=arch,
+            checkpoint_sha256=hashlib.sha256(canonical.encode()).hexdigest(),
+            dim=ARCH_DIMS[arch],
+            layout="random",
+            source=canonical,
+            is_random=True,
+        )
+        return model.eval(), info
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise EncoderError(
+            f"encoder checkpoint {spec!r} not found: pass the path of a RetCCL checkpoint "
+            "(best_ckpt.pth), a `pretrain export` file, or `random` for a demo"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same here
+        raise EncoderError(f"cannot read checkpoint {path}: {exc}") from None
+    arch, state, layout, dropped = split_checkpoint(obj)
+    arch = arch or infer_architecture(state)
+    model = build_backbone(arch)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise EncoderError(
+            f"checkpoint {path} does not fit {arch}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    model.load_state_dict(state, strict=True)
+    sha = file_sha256(path)
+    if dropped:
+        LOG.info("checkpoint %s (%s layout): dropped %d non-backbone keys: %s", path.name, layout, len(dropped), ", ".join(dropped[:10]))
+    name = "RetCCL" if sha == RELEASED_RETCCL_SHA256 else path.stem
+    info = EncoderInfo(
+        name=name,
+        architecture=arch,
+        checkpoint_sha256=sha,
+        dim=ARCH_DIMS[arch],
+        layout=layout,
+        source=str(path),
+        dropped_keys=tuple(dropped),
+    )
+    return model.eval(), info
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+class Encoder:
+    """Batched embedding of uint8 RGB tiles into raw (not normalised) features.
+
+    precision="fp32": the plain eager model, exact. precision="auto": the fastest numerically
+    safe path for the hardware: on CUDA, fp16 autocast + channels_last; on CPU, channels_last
+    with a frozen TorchScript graph (conv+BN folded, oneDNN kernels), which keeps > 0.999
+    cosine to fp32 (bf16 autocast is used only where the CPU has native bf16).
+    """
+
+    def __init__(self, model: nn.Module, info: EncoderInfo, device: str = "auto", precision: str = "auto"):
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"precision must be 'auto' or 'fp32', not {precision!r}")
+        self.info = info
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.model = model.eval().to(self.device)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self._fast = None  # built lazily on the first batch (tracing needs an input)
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "auto", precision: str = "auto") -> "Encoder":
+        model, info = load_backbone(spec)
+        return cls(model, info, device=device, precision=precision)
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x H x W (RGB) -> float N x 3 x 224 x 224, ImageNet-normalised."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a N x 3 x H x W batch, got shape {tuple(batch.shape)}")
+        x = batch.to(self.device, non_blocking=True).float()
+        if x.shape[-2:] != (INPUT_PX, INPUT_PX):
+            x = nn.functional.interpolate(x, size=(INPUT_PX, INPUT_PX), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self._mean) / self._std
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            if self._fast is None:
+                self._fast = self.model.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self._fast(x).float()
+        if _cpu_has_native_bf16():
+            if self._fast is None:
+                self._fast = self.model.to(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self._fast(x).float()
+        if self._fast is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the fastest CPU path here
+                model = self.model.to(memory_format=torch.channels_last)
+                traced = torch.jit.trace(model, x[:1], check_trace=False)
+                self._fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            self.model.to(memory_format=torch.contiguous_format)
+        return self._fast(x)
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw features (N x dim float32) of a uint8 N x 3 x H x W RGB batch."""
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        x = self.normalise(batch)
+        out = self.model(x) if self.precision == "fp32" else self._forward_fast(x)
+        return out.float().cpu().numpy()
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = inner product); zero rows stay zero."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)

@@ -1,0 +1,60 @@
+"""One exception hierarchy for the whole project.
+
+Library code raises these; the CLI (`click.ClickException`) and the web API (`{"error",
+"message"}` JSON) translate them at the edge. Messages say what was wrong and what to do.
+"""
+
+
+class HistoseekError(Exception):
+    """Base class: a problem the user can act on (bad input, missing file, mismatch)."""
+
+    #: short machine-readable name used by the JSON API
+    code = "error"
+
+
+class ConfigError(HistoseekError):
+    code = "config"
+
+
+class CatalogError(HistoseekError):
+    code = "catalog"
+
+
+class EncoderError(HistoseekError):
+    """A checkpoint that cannot be loaded, or an encoder that does not match an index."""
+
+    code = "encoder"
+
+
+class ImageError(HistoseekError):
+    """An image file or upload that cannot be read as an RGB picture."""
+
+    code = "bad_image"
+
+
+class SlideError(HistoseekError):
+    """A whole-slide image that cannot be opened, read, or placed at a resolution."""
+
+    code = "bad_slide"
+
+
+class ShardError(HistoseekError):
+    """A shard file that is missing, corrupt, or of another encoder."""
+
+    code = "index"
+
+
+class QueryError(HistoseekError):
+    """A search query that cannot be answered (blank region, mpp far off, ...)."""
+
+    code = "bad_query"
+
+
+class DatasetError(HistoseekError):
+    """A benchmark data set whose layout is not what its kind promises."""
+
+    code = "dataset"
+
+
+class NotFound(HistoseekError):
+    code = "not_found"
