@@ -101,8 +101,7 @@ def read_shard(path: str | Path) -> faiss.IndexIDMap2:
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; run `indexer verify`")
     try:
-        index = faiss.read_index(str(path))
-        return faiss.downcast_index(index)
+        return faiss.read_index(str(path))  # the Python wrapper returns the concrete IndexIDMap2
     except RuntimeError as exc:
         raise ShardError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); run `indexer verify`") from None
 
@@ -111,7 +110,8 @@ def shard_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64, vectors float32 n x dim) stored in a shard."""
     index = read_shard(path)
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    xb = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+    flat = faiss.downcast_index(index.index)
+    xb = flat.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
     return ids, xb
 
 
