@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from engine.config import Settings
+from engine.errors import ConfigError
+
+
+def test_defaults_live_under_the_data_dir(tmp_path):
+    s = Settings.load(env={"HISTOSEEK_DATA_DIR": str(tmp_path)})
+    assert s.catalog_url == f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    assert s.index_dir == tmp_path / "index"
+    assert (s.target_mpp, s.tile_px, s.device, s.precision) == (1.0, 224, "auto", "auto")
+    assert s.encoder is None
+
+
+def test_flags_beat_environment_beat_defaults(tmp_path):
+    env = {"HISTOSEEK_CATALOG": "sqlite:///env.sqlite", "HISTOSEEK_ENCODER": "random", "HISTOSEEK_TILE_PX": "256"}
+    s = Settings.load(env=env, data_dir=str(tmp_path), catalog_url="sqlite:///flag.sqlite")
+    assert s.catalog_url == "sqlite:///flag.sqlite"
+    assert s.encoder == "random"
+    assert s.tile_px == 256
+
+
+def test_released_weights_in_the_data_dir_are_the_default_encoder(tmp_path):
+    weights = tmp_path / "weights" / "best_ckpt.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    assert Settings.load(env={}, data_dir=str(tmp_path)).encoder == str(weights)
+
+
+def test_missing_encoder_says_where_the_weights_go(tmp_path):
+    s = Settings.load(env={}, data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="best_ckpt.pth"):
+        s.require_encoder()
+
+
+@pytest.mark.parametrize("env", [{"HISTOSEEK_PRECISION": "fp16"}, {"HISTOSEEK_TARGET_MPP": "abc"}, {"HISTOSEEK_TILE_PX": "0"}])
+def test_bad_settings_are_refused(tmp_path, env):
+    with pytest.raises(ConfigError):
+        Settings.load(env=env, data_dir=str(tmp_path))
+
+
+def test_unknown_flag_is_a_programming_error():
+    with pytest.raises(ValueError):
+        Settings.load(env={}, colour="red")
