@@ -1,0 +1,114 @@
+"""The JSON API (/api/v1): searches, slides, benchmark runs and the OpenAPI document.
+Errors are `{"error", "message"}` with a proper status code (see webapp.errors)."""
+
+from __future__ import annotations
+
+import io
+
+from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
+
+from webapp import archive
+from webapp.openapi import openapi_document
+from webapp.searching import region_search, slide_search
+from webapp.state import state
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, description=f"{name} must be a whole number")
+    if not low <= value <= high:
+        abort(400, description=f"{name} must be between {low} and {high}")
+    return value
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())
+
+
+@bp.get("/me")
+def me():
+    return jsonify({"id": g.user.id, "username": g.user.username, "is_admin": g.user.is_admin, "auth": g.auth_method})
+
+
+@bp.post("/search/region")
+def search_region():
+    return jsonify(region_search(request.files.get("image"), request.form))
+
+
+@bp.post("/search/slide")
+def search_slide():
+    values = request.get_json(silent=True) if request.is_json else request.form
+    if not isinstance(values, dict) and not hasattr(values, "get"):
+        abort(400, description="send a JSON object such as {\"slide_id\": 3, \"top_k\": 10}")
+    return jsonify(slide_search(values or {}))
+
+
+@bp.get("/slides")
+def slides():
+    per_page = _int_arg("per_page", int(current_app.config["SLIDES_PER_PAGE"]), 1, 500)
+    page_no = _int_arg("page", 1, 1, 10**6)
+    try:
+        page = archive.list_slides(
+            state().catalog,
+            status=request.args.get("status") or None,
+            q=request.args.get("q") or None,
+            site=request.args.get("site") or None,
+            diagnosis=request.args.get("diagnosis") or None,
+            collection=request.args.get("collection") or None,
+            page=page_no,
+            per_page=per_page,
+        )
+    except ValueError as exc:
+        abort(400, description=str(exc))
+    return jsonify({"slides": [archive.slide_json(r) for r in page.items], "total": page.total, "page": page.page, "per_page": page.per_page, "pages": page.pages})
+
+
+@bp.get("/slides/<int:slide_id>")
+def slide(slide_id: int):
+    row = archive.get_slide(state().catalog, slide_id)
+    body = archive.slide_json(row)
+    body["dzi"] = url_for("tiles.dzi", slide_id=slide_id)
+    return jsonify(body)
+
+
+@bp.get("/slides/<int:slide_id>/region.jpg")
+def slide_region(slide_id: int):
+    """A level-0 box of a slide as a JPEG (thumbnails of matched regions)."""
+    x = _int_arg("x", 0, 0, 10**7)
+    y = _int_arg("y", 0, 0, 10**7)
+    w = _int_arg("w", 224, 1, 10**6)
+    h = _int_arg("h", 224, 1, 10**6)
+    px = _int_arg("px", 192, 16, 1024)
+    return _jpeg(state().slides.region(slide_id, x, y, w, h, px))
+
+
+@bp.get("/slides/<int:slide_id>/thumbnail.jpg")
+def slide_thumbnail(slide_id: int):
+    return _jpeg(state().slides.thumbnail(slide_id, _int_arg("px", 256, 16, 1024)))
+
+
+@bp.get("/benchmarks")
+def benchmarks():
+    return jsonify({"runs": [archive.benchmark_json(r) for r in archive.list_benchmarks(state().catalog)]})
+
+
+@bp.get("/benchmarks/<int:run_id>")
+def benchmark(run_id: int):
+    return jsonify(archive.benchmark_json(archive.get_benchmark(state().catalog, run_id)))
+
+
+def _jpeg(image):
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    buf.seek(0)
+    response = send_file(buf, mimetype="image/jpeg")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response

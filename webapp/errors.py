@@ -1,0 +1,72 @@
+"""One place that turns errors into responses: `{"error", "message"}` JSON with a proper
+status code for the API and tiles, a friendly page for everything else."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from engine import errors as E
+from webapp.auth import is_api_request
+
+LOG = logging.getLogger(__name__)
+
+# Library errors -> HTTP status. Bad input is the client's (4xx); a missing index, encoder
+# or database is the server's configuration (503: it cannot serve searches right now).
+STATUS = {
+    E.NotFound: 404,
+    E.ImageError: 400,
+    E.QueryError: 422,
+    E.SlideError: 422,
+    E.DatasetError: 422,
+    E.ShardError: 503,
+    E.EncoderError: 503,
+    E.ConfigError: 503,
+    E.CatalogError: 503,
+}
+
+
+def status_for(exc: E.HistoseekError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(status: int, code: str, message: str):
+    if is_api_request():
+        response = jsonify({"error": code, "message": message})
+        response.status_code = status
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="histoseek"'
+        return response
+    return render_template("error.html", status=status, code=code, message=message), status
+
+
+def init_app(app) -> None:
+    @app.errorhandler(E.HistoseekError)
+    def histoseek_error(exc):
+        status = status_for(exc)
+        if status >= 500:
+            LOG.error("%s: %s", type(exc).__name__, exc)
+        return error_response(status, exc.code, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        message = exc.description or exc.name
+        if exc.code == 413:
+            limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+            message = f"the upload is larger than the {limit_mb:g} MB allowed; crop or export a smaller region"
+        response = error_response(exc.code or 500, code, message)
+        if exc.code == 405 and exc.valid_methods is not None:
+            response = app.make_response(response)
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        LOG.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "an unexpected error happened on the server; it has been logged")

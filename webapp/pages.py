@@ -1,0 +1,182 @@
+"""HTML pages: search, results, slide viewer, archive, benchmark runs, audit log, account."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from engine.errors import ImageError, NotFound, QueryError
+from webapp import archive, users
+from webapp.errors import status_for
+from webapp.plots import flatten, metrics_plot_png
+from webapp.queries import FILTER_FIELDS, MAGNIFICATIONS
+from webapp.searching import region_search, slide_search
+from webapp.state import state
+
+bp = Blueprint("pages", __name__)
+
+# Client mistakes that send the user back to the search form with a message, instead of an
+# error page; the form keeps what they entered.
+FORM_ERRORS = (QueryError, ImageError, NotFound)
+
+
+def _search_form(status: int = 200):
+    catalog = state().catalog
+    return render_template(
+        "search.html",
+        slides=archive.indexed_slides(catalog),
+        choices=archive.filter_choices(catalog),
+        magnifications=MAGNIFICATIONS,
+        form=request.form if request.method == "POST" else request.args,
+        filter_fields=FILTER_FIELDS,
+    ), status
+
+
+def _form_error(exc: Exception):
+    if isinstance(exc, HTTPException):
+        if exc.code not in (400, 404, 413, 415, 422):
+            raise exc
+        flash(exc.description, "error")
+        return _search_form(exc.code)
+    flash(str(exc), "error")
+    return _search_form(status_for(exc))
+
+
+def _query_thumbnail(storage) -> str | None:
+    """The uploaded region as a small inline JPEG for the results page (never stored)."""
+    from PIL import Image
+
+    try:
+        storage.stream.seek(0)
+        image = Image.open(storage.stream).convert("RGB")
+        image.thumbnail((192, 192))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=80)
+    except Exception:  # the search already accepted it; a thumbnail is a nicety
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@bp.get("/")
+def search():
+    return _search_form()
+
+
+@bp.post("/search/region")
+def search_region():
+    storage = request.files.get("image")
+    try:
+        result = region_search(storage, request.form)
+    except (HTTPException, *FORM_ERRORS) as exc:
+        return _form_error(exc)
+    return render_template("results.html", result=result, query_kind="region", query_image=_query_thumbnail(storage), query_name=storage.filename)
+
+
+@bp.get("/search/slide")
+def search_slide():
+    try:
+        result = slide_search(request.args)
+        query_slide = archive.get_slide(state().catalog, int(request.args["slide_id"]))
+    except (HTTPException, *FORM_ERRORS) as exc:
+        return _form_error(exc)
+    return render_template("results.html", result=result, query_kind="slide", query_slide=archive.slide_json(query_slide))
+
+
+def _boxes() -> list[dict]:
+    """Matched regions passed to the viewer as repeated `box=x,y,w,h[,score]` arguments."""
+    boxes = []
+    for raw in request.args.getlist("box")[:100]:
+        parts = raw.split(",")
+        try:
+            x, y, w, h = (int(float(p)) for p in parts[:4])
+            score = float(parts[4]) if len(parts) > 4 else None
+        except ValueError:
+            abort(400, description=f"bad box {raw[:60]!r}: expected x,y,w,h[,score] in level-0 pixels")
+        if len(parts) < 4 or w <= 0 or h <= 0:
+            abort(400, description=f"bad box {raw[:60]!r}: expected x,y,w,h[,score] in level-0 pixels")
+        boxes.append({"x": x, "y": y, "w": w, "h": h, "score": score})
+    return boxes
+
+
+@bp.get("/viewer/<int:slide_id>")
+def viewer(slide_id: int):
+    slide = archive.slide_json(archive.get_slide(state().catalog, slide_id))
+    users.record(state().catalog, g.user.id, "view_slide", {"slide_id": slide_id})
+    return render_template("viewer.html", slide=slide, boxes=_boxes(), dzi_url=url_for("tiles.dzi", slide_id=slide_id))
+
+
+@bp.get("/archive")
+def archive_page():
+    try:
+        page_no = max(1, int(request.args.get("page", 1)))
+    except ValueError:
+        page_no = 1
+    status = request.args.get("status") or None
+    if status is not None and status not in ("pending", "indexed", "failed"):
+        abort(400, description="status must be pending, indexed or failed")
+    catalog = state().catalog
+    page = archive.list_slides(
+        catalog,
+        status=status,
+        q=request.args.get("q") or None,
+        site=request.args.get("site") or None,
+        diagnosis=request.args.get("diagnosis") or None,
+        collection=request.args.get("collection") or None,
+        page=page_no,
+        per_page=int(current_app.config["SLIDES_PER_PAGE"]),
+    )
+    return render_template("archive.html", page=page, slides=[archive.slide_json(r) for r in page.items], counts=archive.status_counts(catalog), choices=archive.filter_choices(catalog), args=request.args)
+
+
+@bp.get("/benchmarks")
+def benchmarks():
+    runs = [archive.benchmark_json(r) for r in archive.list_benchmarks(state().catalog)]
+    for run in runs:
+        run["flat"] = flatten(run["metrics"])
+    columns = sorted({k for run in runs for k in run["flat"] if "." not in k})
+    return render_template("benchmarks.html", runs=runs, columns=columns)
+
+
+@bp.get("/benchmarks/<int:run_id>")
+def benchmark(run_id: int):
+    run = archive.benchmark_json(archive.get_benchmark(state().catalog, run_id))
+    return render_template("benchmark.html", run=run, flat=flatten(run["metrics"]), has_plot=metrics_plot_png("", run["metrics"]) is not None)
+
+
+@bp.get("/benchmarks/<int:run_id>/plot.png")
+def benchmark_plot(run_id: int):
+    run = archive.get_benchmark(state().catalog, run_id)
+    png = metrics_plot_png(f"{run.dataset_kind} · {run.encoder_name}", run.metrics or {})
+    if png is None:
+        raise NotFound(f"benchmark run {run_id} has no metric@k values to plot")
+    return Response(png, mimetype="image/png")
+
+
+@bp.get("/audit")
+def audit():
+    if not g.user.is_admin:
+        abort(403, description="only administrators can read the audit log")
+    return render_template("audit.html", events=archive.audit_events(state().catalog))
+
+
+@bp.route("/account", methods=["GET", "POST"])
+def account():
+    token = None
+    if request.method == "POST":
+        token = users.issue_token(state().catalog, g.user.username)
+        flash("A new API token was created; it replaces the old one and is shown only once.", "info")
+    return render_template("account.html", token=token)
+
+
+@bp.app_template_filter("viewer_url")
+def viewer_url(result: dict) -> str:
+    boxes = [f"{r['x']},{r['y']},{r['w']},{r['h']},{r['score']:.4f}" for r in result.get("regions", [])]
+    return url_for("pages.viewer", slide_id=result["slide"]["id"], box=boxes)
+
+
+@bp.app_template_filter("slide_name")
+def slide_name(path: str | None) -> str:
+    return (path or "").replace("\\", "/").rsplit("/", 1)[-1]

@@ -1,0 +1,101 @@
+"""Open slides and their deep-zoom generators, kept per worker (LRU), looked up by catalog
+id only: a request names a slide id, never a path, and the path comes from the catalog."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from pathlib import Path
+
+import openslide
+from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
+
+from engine.catalog import Catalog, models
+from engine.errors import NotFound, SlideError
+from engine.slides import open_slide
+
+# Deep-zoom tiles of 254 px + 1 px overlap: 256 px images, the layout OpenSeadragon expects.
+DZ_TILE_PX = 254
+DZ_OVERLAP = 1
+
+
+@dataclasses.dataclass
+class OpenedSlide:
+    slide_id: int
+    path: Path
+    slide: openslide.OpenSlide
+    deepzoom: DeepZoomGenerator
+
+
+class SlideCache:
+    def __init__(self, catalog: Catalog, capacity: int = 16):
+        self.catalog = catalog
+        self.capacity = max(1, capacity)
+        self._open: collections.OrderedDict[int, OpenedSlide] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, slide_id: int) -> OpenedSlide:
+        with self._lock:
+            opened = self._open.get(slide_id)
+            if opened is not None:
+                self._open.move_to_end(slide_id)
+                return opened
+        with self.catalog.session() as s:
+            row = s.get(models.Slide, slide_id)
+            if row is None:
+                raise NotFound(f"no slide with id {slide_id} in the archive")
+            path = Path(row.path)
+        slide = open_slide(path)
+        # limit_bounds=False keeps deep-zoom pixel coordinates equal to level-0 coordinates,
+        # so matched regions (level-0 boxes) are drawn without an offset.
+        opened = OpenedSlide(slide_id, path, slide, DeepZoomGenerator(slide, tile_size=DZ_TILE_PX, overlap=DZ_OVERLAP, limit_bounds=False))
+        with self._lock:
+            existing = self._open.get(slide_id)
+            if existing is not None:
+                slide.close()
+                return existing
+            self._open[slide_id] = opened
+            while len(self._open) > self.capacity:
+                # Not closed: a request in another thread may still read from it; the
+                # garbage collector closes it once nothing refers to it.
+                self._open.popitem(last=False)
+        return opened
+
+    def tile(self, slide_id: int, level: int, col: int, row: int) -> Image.Image:
+        dz = self.get(slide_id).deepzoom
+        if not 0 <= level < dz.level_count:
+            raise NotFound(f"deep-zoom level {level} does not exist (0..{dz.level_count - 1})")
+        cols, rows = dz.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise NotFound(f"deep-zoom tile {col}_{row} is outside level {level} ({cols} x {rows} tiles)")
+        try:
+            return dz.get_tile(level, (col, row)).convert("RGB")
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"cannot read tile of slide {slide_id}: {exc}") from None
+
+    def region(self, slide_id: int, x: int, y: int, w: int, h: int, max_px: int) -> Image.Image:
+        """The level-0 box (x, y, w, h) scaled to fit max_px, from the coarsest pyramid level
+        that still has enough pixels; outside-scan pixels are white."""
+        opened = self.get(slide_id)
+        width, height = opened.slide.dimensions
+        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
+            raise NotFound(f"region ({x}, {y}, {w}, {h}) is outside the slide ({width} x {height})")
+        scale = max(w, h) / max_px
+        level = opened.slide.get_best_level_for_downsample(max(scale, 1.0))
+        ds = opened.slide.level_downsamples[level]
+        size = (max(1, int(round(w / ds))), max(1, int(round(h / ds))))
+        try:
+            rgba = opened.slide.read_region((x, y), level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"cannot read region of slide {slide_id}: {exc}") from None
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        rgb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+        return rgb
+
+    def thumbnail(self, slide_id: int, max_px: int) -> Image.Image:
+        opened = self.get(slide_id)
+        width, height = opened.slide.dimensions
+        return self.region(slide_id, 0, 0, width, height, max_px)

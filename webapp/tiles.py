@@ -1,0 +1,40 @@
+"""Deep-zoom tiles of slides for OpenSeadragon, from `openslide.deepzoom`.
+
+URLs follow the DZI convention (`<id>.dzi` and `<id>_files/<level>/<col>_<row>.jpeg`), so
+OpenSeadragon needs no custom tile source. Only integers and a fixed set of formats come
+from the URL; the slide's file path comes from the catalog.
+"""
+
+from __future__ import annotations
+
+import io
+
+from flask import Blueprint, Response, abort, send_file
+
+from webapp.state import state
+
+bp = Blueprint("tiles", __name__, url_prefix="/tiles")
+
+FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
+
+
+@bp.get("/<int:slide_id>.dzi")
+def dzi(slide_id: int):
+    xml = state().slides.get(slide_id).deepzoom.get_dzi("jpeg")
+    response = Response(xml, mimetype="application/xml")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@bp.get("/<int:slide_id>_files/<int:level>/<int:col>_<int:row>.<fmt>")
+def tile(slide_id: int, level: int, col: int, row: int, fmt: str):
+    if fmt not in FORMATS:
+        abort(404, description=f"tile format must be one of {', '.join(FORMATS)}")
+    image = state().slides.tile(slide_id, level, col, row)
+    pil_format, mimetype = FORMATS[fmt]
+    buf = io.BytesIO()
+    image.save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
+    buf.seek(0)
+    response = send_file(buf, mimetype=mimetype)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
