@@ -67,6 +67,8 @@ def db_upgrade(settings: Settings) -> None:
     upgrade(settings.catalog_url)
     click.echo(f"catalog schema is up to date: {settings.catalog_url}")
 
+from engine.cli_benchmark import benchmark_command; main.add_command(benchmark_command)  # noqa: E402
+
 
 if __name__ == "__main__":
     main()
