@@ -1,1 +1,1 @@
-"""histoseek pretrain."""
+"""Distributed CCL pretraining of the histoseek encoder, and linear probing (`python -m pretrain`)."""

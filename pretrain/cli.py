@@ -1,0 +1,109 @@
+"""`python -m pretrain`: train (one process or torchrun), export, lincls, plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from engine.cli_common import handle_errors, settings_options, setup_logging
+from engine.config import Settings
+from engine.encoder import ARCH_DIMS
+
+
+
+def _rank() -> int | None:
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More logging.")
+def main(verbose: int) -> None:
+    """CCL pretraining of the histoseek encoder (clustering-guided contrastive learning).
+
+    \b
+    One process:   python -m pretrain train --data TILES/ --out runs/ccl
+    One node:      torchrun --nproc-per-node 4 -m pretrain train --data TILES/ --out runs/ccl
+    Several nodes: torchrun --nnodes 2 --node-rank R --rdzv-backend c10d \\
+                     --rdzv-endpoint HOST:29500 --nproc-per-node 8 -m pretrain train ...
+    Then:          python -m pretrain export runs/ccl --out ccl.pth
+                   engine features tiles/ --encoder ccl.pth --out feats.npy
+    """
+    setup_logging(verbose, rank=_rank())
+
+
+@main.command()
+@click.option("--data", required=True, help="Folder of tile images, a .txt list of image paths, or a catalog URL (sqlite:///catalog.sqlite) whose indexed tiles are read from the slides on the fly.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoint.pt, metrics.jsonl, loss.png, run.json.")
+@click.option("--arch", type=click.Choice(sorted(ARCH_DIMS)), default="resnet50", show_default=True, help="Backbone (smaller ResNets for experiments).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Tiles per rank per micro-batch.")
+@click.option("--accum-steps", type=int, default=1, show_default=True, help="Micro-batches accumulated per optimiser step.")
+@click.option("--epochs", type=int, default=100, show_default=True, help="Passes over the tiles (ignored with --max-steps).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
+@click.option("--lr", type=float, default=0.03, show_default=True, help="Learning rate per 256 images of global batch (cosine schedule).")
+@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warm-up steps.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--queue-size", type=int, default=65536, show_default=True, help="Negative keys in the queue (at least one global batch).")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Instance-level InfoNCE temperature.")
+@click.option("--key-momentum", type=float, default=0.999, show_default=True, help="Momentum of the key encoder.")
+@click.option("--num-clusters", type=int, default=32, show_default=True, help="k-means clusters over each global batch (capped at half of it).")
+@click.option("--group-weight", type=float, default=0.25, show_default=True, help="Weight of the group-level (cluster) loss.")
+@click.option("--group-temperature", type=float, default=0.2, show_default=True)
+@click.option("--same-cluster-weight", type=float, default=0.5, show_default=True, help="Weight of queue negatives in the query's own cluster (1 = plain MoCo).")
+@click.option("--crop-px", type=int, default=224, show_default=True, help="Edge of the augmented views in pixels.")
+@click.option("--tile-px", type=int, default=224, show_default=True, help="Pixels a catalog tile is read out at before augmentation.")
+@click.option("--slide-root", type=click.Path(file_okay=False), default=None, help="Folder that relative slide paths in the catalog start from [default: current folder].")
+@click.option("--shuffle-block", type=int, default=16384, show_default=True, help="Tiles shuffled together (memory holds one block).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Data loader processes per rank.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (GPU of the local rank if CUDA is present), cpu or cuda.")
+@click.option("--amp/--no-amp", default=None, help="fp16 autocast + gradient scaling [default: on for CUDA, off on CPU].")
+@click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across ranks (CUDA only) instead of MoCo's shuffle-BN.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Optimiser steps between checkpoints.")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Optimiser steps between metric lines.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
+@handle_errors
+def train(resume: bool, **options) -> None:
+    """Pretrain the encoder with CCL on tiles; resumable, one process or many (torchrun).
+
+    Each rank reads its share of the tile stream; checkpoints go to --out every
+    --checkpoint-every steps. A killed run continues with the same command plus --resume.
+    """
+    from pretrain.train import TrainConfig, train as run_training
+
+    ctx = click.get_current_context()
+    explicit = {name for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    summary = run_training(TrainConfig(**options), resume=resume, explicit=explicit)
+    if _rank() in (None, 0):
+        click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Backbone file to write (use it as --encoder).")
+@handle_errors
+def export(run_dir: str, out: str) -> None:
+    """Write the trained backbone of RUN_DIR as an encoder checkpoint.
+
+    The file holds plain torchvision ResNet keys without fc (the released RetCCL layout)
+    and the architecture name; pass it as --encoder to `engine features`, `indexer build`,
+    the web app and benchmarks.
+    """
+    from pretrain.checkpoint import export_backbone
+
+    click.echo(json.dumps(export_backbone(Path(run_dir), Path(out))))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def plot(run_dir: str) -> None:
+    """(Re)draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl."""
+    from pretrain.plots import plot_loss_curve
+
+    out = plot_loss_curve(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png")
+    if out is None:
+        raise click.ClickException(f"{run_dir} has no logged steps yet (metrics.jsonl is missing or empty)")
+    click.echo(str(out))

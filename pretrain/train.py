@@ -1,0 +1,293 @@
+"""The training run: DDP over torchrun ranks (or one plain process), AMP on GPU, gradient
+accumulation, atomic checkpoints with everything needed to resume exactly, metrics and a
+loss curve. Logs and progress come from rank 0 only.
+
+One optimiser step = `accum_steps` micro-batches of `batch_size` tiles on each of the
+`world` ranks; an epoch = the tile stream cut into whole steps (the rest is dropped, so
+every rank runs the same number of steps). lr follows a cosine from `lr * global batch /
+256` (linear warm-up first, if asked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from engine.encoder import ARCH_DIMS, IMAGENET_MEAN, IMAGENET_STD
+from engine.errors import ConfigError, HistoseekError
+from pretrain import distributed as D
+from pretrain.augment import AugmentConfig
+from pretrain.ccl import CCL
+from pretrain.checkpoint import RUN_FORMAT, atomic_save, checkpoint_path, load_run_checkpoint, rng_state, set_rng_state
+from pretrain.data import TwoViewBatches, make_loader, open_source, sample_seed
+from pretrain.plots import plot_loss_curve
+
+LOG = logging.getLogger(__name__)
+
+# what a resumed run may change; everything else must match the run it continues
+RESUME_OVERRIDES = {"epochs", "max_steps", "workers", "checkpoint_every", "log_every", "device", "data", "slide_root"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One pretraining run. CCL hyperparameters are documented on `pretrain.ccl.CCL`."""
+
+    data: str
+    out: str
+    arch: str = "resnet50"
+    batch_size: int = 32  # per rank and micro-batch
+    accum_steps: int = 1
+    epochs: int = 100
+    max_steps: int | None = None
+    lr: float = 0.03  # per 256 images of global batch (MoCo v2)
+    sgd_momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    proj_dim: int = 128
+    queue_size: int = 65536
+    key_momentum: float = 0.999
+    temperature: float = 0.07
+    num_clusters: int = 32
+    kmeans_iters: int = 10
+    group_temperature: float = 0.2
+    group_weight: float = 0.25
+    same_cluster_weight: float = 0.5
+    crop_px: int = 224
+    tile_px: int = 224
+    slide_root: str | None = None
+    shuffle_block: int = 16384
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA, off on CPU
+    sync_bn: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.arch not in ARCH_DIMS:
+            raise ConfigError(f"--arch {self.arch!r}: choose one of {', '.join(sorted(ARCH_DIMS))}")
+        for name in ("batch_size", "accum_steps", "epochs", "checkpoint_every", "log_every", "crop_px", "tile_px", "shuffle_block"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--max-steps must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be > 0")
+
+
+def _normalise(views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> ImageNet-normalised float, as the engine's encoder sees tiles."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = views.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, global_batch: int) -> float:
+    base = cfg.lr * global_batch / 256
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _resolve_config(cfg: TrainConfig, explicit: set[str], resume: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to run and the checkpoint to resume from (None for a fresh run)."""
+    ckpt = checkpoint_path(Path(cfg.out))
+    if not resume:
+        if ckpt.exists():
+            raise ConfigError(f"{cfg.out} already holds a run ({ckpt.name}); pass --resume to continue it, or choose another --out")
+        return cfg, None
+    state = load_run_checkpoint(Path(cfg.out))
+    saved = TrainConfig(**state["config"])
+    clashes = sorted(k for k in explicit - RESUME_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
+    if clashes:
+        raise ConfigError(f"--resume continues the run as it was configured; these flags differ from it: {', '.join(clashes)} (only {', '.join(sorted(RESUME_OVERRIDES))} may change)")
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDES}), state
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, explicit: set[str] = frozenset(), progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) CCL pretraining; returns the run summary (also in RUN_DIR/run.json)."""
+    cfg.validate()
+    ctx = D.init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, resume, set(explicit), progress)
+    finally:
+        D.shutdown()
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str], progress: bool) -> dict[str, Any]:
+    run_dir = Path(cfg.out)
+    cfg, state = D.on_main(_resolve_config, cfg, explicit, resume)
+    amp = ctx.device.type == "cuda" if cfg.amp is None else cfg.amp
+    if amp and ctx.device.type != "cuda":
+        raise ConfigError("--amp needs a CUDA device; CPU training runs in fp32")
+    if cfg.sync_bn and ctx.device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); without it, keys use MoCo's shuffle-BN across ranks")
+    world, rank = ctx.world_size, ctx.rank
+
+    source = open_source(cfg.data, tile_px=cfg.tile_px, slide_root=Path(cfg.slide_root) if cfg.slide_root else None)
+    n_items = D.on_main(source.count)
+    batches_per_epoch = n_items // (world * cfg.batch_size)
+    steps_per_epoch = batches_per_epoch // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data}: {n_items} tiles make no full step of {world} ranks x {cfg.batch_size} tiles x {cfg.accum_steps} accumulation steps; lower --batch-size or add tiles")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    global_batch = world * cfg.batch_size * cfg.accum_steps
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = CCL(cfg.arch, cfg.proj_dim, cfg.queue_size, cfg.key_momentum, cfg.temperature, cfg.num_clusters, cfg.kmeans_iters, cfg.group_temperature, cfg.group_weight, cfg.same_cluster_weight)
+    if cfg.queue_size < world * cfg.batch_size:
+        raise ConfigError(f"--queue-size {cfg.queue_size} is smaller than one global batch ({world * cfg.batch_size}); raise it")
+    if cfg.sync_bn:
+        model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+        model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
+    model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    step, images_seen = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        if state["world_size"] == world and len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:
+            LOG.warning("resuming a %d-rank run on %d ranks: data order and RNG streams differ from the original run", state["world_size"], world)
+            torch.manual_seed(cfg.seed + rank)
+        if state["n_items"] != n_items:
+            LOG.warning("the data changed since the checkpoint (%d tiles then, %d now): the resumed run will not repeat the original exactly", state["n_items"], n_items)
+        LOG.info("resumed %s at step %d of %d", run_dir, step, total_steps)
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank streams from here on
+    state = None
+    query_net = DistributedDataParallel(model.encoder_q, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if world > 1 else model.encoder_q
+    model.shuffle_bn = not cfg.sync_bn
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step)
+        LOG.info("CCL %s on %d rank(s), %s, %d tiles, %d steps/epoch, %d steps, global batch %d, AMP %s", cfg.arch, world, ctx.device, n_items, steps_per_epoch, total_steps, global_batch, "on" if amp else "off")
+
+    augment = AugmentConfig(crop_px=cfg.crop_px)
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="pretrain", disable=not (progress and ctx.is_main))
+    sums: dict[str, float] = {}
+    window_start, window_images, window_steps = time.perf_counter(), 0, 0
+    throughput: list[float] = []
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        dataset = TwoViewBatches(source, epoch=epoch, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size, num_batches=steps_per_epoch * cfg.accum_steps, skip_batches=in_epoch * cfg.accum_steps, augment=augment, shuffle_block=cfg.shuffle_block)
+        model.train()
+        expected = in_epoch * cfg.accum_steps
+        for batch_index, views_q, views_k in make_loader(dataset, cfg.workers, pin_memory=ctx.device.type == "cuda"):
+            if batch_index != expected:
+                raise RuntimeError(f"data loader delivered batch {batch_index}, expected {expected}")
+            expected += 1
+            last_micro = (batch_index + 1) % cfg.accum_steps == 0
+            sync = contextlib.nullcontext() if last_micro or world == 1 else query_net.no_sync()
+            with sync:
+                with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
+                    seed = sample_seed(cfg.seed, epoch, batch_index, salt=2)
+                    loss, stats = model(_normalise(views_q, ctx.device), _normalise(views_k, ctx.device), seed=seed, encoder_q=query_net)
+                if not torch.isfinite(loss):
+                    raise HistoseekError(f"loss became {float(loss)} at step {step}; lower --lr or check the data")
+                scaler.scale(loss / cfg.accum_steps).backward()
+            for key in ("loss", "loss_instance", "loss_group", "acc_instance"):
+                sums[key] = sums.get(key, 0.0) + float(stats[key]) / cfg.accum_steps
+            if not last_micro:
+                continue
+            lr = lr_at(cfg, step, total_steps, global_batch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.momentum_update()
+            step += 1
+            images_seen += global_batch
+            window_images += global_batch
+            window_steps += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                img_per_s = window_images / max(now - window_start, 1e-9)
+                throughput.append(img_per_s)
+                row = _reduce_stats(sums, ctx.device, window_steps)
+                window_start, window_images, window_steps = now, 0, 0
+                row.update(step=step, epoch=epoch, lr=lr, img_per_s=img_per_s, images_seen=images_seen)
+                sums = {}
+                if ctx.is_main:
+                    with open(metrics_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                _save(cfg, ctx, run_dir, model, optimizer, scaler, step, steps_per_epoch, images_seen, n_items)
+            if step >= total_steps or step % steps_per_epoch == 0:
+                break
+    bar.close()
+    # the first window includes start-up (workers, first allocations); leave it out when there are more
+    steady = throughput[1:] or throughput
+    summary = {"run_dir": str(run_dir), "arch": cfg.arch, "steps": step, "images_seen": images_seen, "world_size": world, "device": str(ctx.device), "amp": amp, "global_batch": global_batch, "img_per_s": sum(steady) / len(steady) if steady else None}
+    if ctx.is_main:
+        summary["img_per_s_per_rank"] = summary["img_per_s"] / world if summary["img_per_s"] else None
+        (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
+        LOG.info("done: %d steps, %d images; checkpoint %s, loss curve %s", step, images_seen, checkpoint_path(run_dir), run_dir / "loss.png")
+    return summary
+
+
+def _reduce_stats(sums: dict[str, float], device: torch.device, steps: int) -> dict[str, float]:
+    """Mean of the logged statistics over the window's steps and over all ranks."""
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] / steps for k in keys], dtype=torch.float64, device=device)
+    world = D.dist_info()[1]
+    if world > 1:
+        torch.distributed.all_reduce(vec)
+        vec /= world
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+
+def _save(cfg, ctx, run_dir, model, optimizer, scaler, step, steps_per_epoch, images_seen, n_items) -> None:
+    rngs = D.gather_objects(rng_state())  # every rank takes part; rank 0 writes
+    if not ctx.is_main:
+        return
+    atomic_save(
+        {
+            "format": RUN_FORMAT,
+            "config": dataclasses.asdict(cfg),
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "images_seen": images_seen,
+            "world_size": ctx.world_size,
+            "n_items": n_items,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rngs,
+        },
+        checkpoint_path(run_dir),
+    )
+    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged rows after `step` (written by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
