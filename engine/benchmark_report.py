@@ -1,0 +1,91 @@
+"""Presenting a benchmark report: the RetCCL-README-shaped table, the JSON file and the plot
+(per-class MV@k bars, Acc@k / MV@k curves)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from engine.benchmark import BenchmarkReport
+
+
+def table(report: BenchmarkReport) -> str:
+    """A markdown table, one row per encoder, percentages as in the RetCCL README:
+    Acc@k for each k, then MV, mMV and mAP at the largest k (and SVM accuracy if run)."""
+    ks = report.parameters["k"]
+    kmax = ks[-1]
+    head = ["Encoder"] + [f"Acc@{k}" for k in ks] + [f"MV@{kmax}", f"mMV@{kmax}", f"mAP@{kmax}"]
+    with_svm = any(r.svm for r in report.results)
+    if with_svm:
+        head.append("SVM acc")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.results:
+        m = r.metrics["overall"]
+        name = r.info["name"] + (" (random weights)" if r.info["random"] and "random" not in r.info["name"] else "")
+        cells = [name] + [f"{100 * m[f'acc@{k}']:.2f}" for k in ks] + [f"{100 * m[f'{x}@{kmax}']:.2f}" for x in ("mv", "mmv", "map")]
+        if with_svm:
+            cells.append(f"{100 * r.svm['accuracy']:.2f}" if r.svm else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = report.dataset.counts()
+    lines.append("")
+    lines.append(
+        f"{report.dataset.kind} data set {report.dataset.root}: {counts['items']} patches, {counts['classes']} classes"
+        + (f", {counts['slides']} slides" if counts["slides"] else "")
+        + f"; leave-one-out, {report.parameters['exclusion_text']}."
+    )
+    short = [r.info["name"] for r in report.results if r.metrics["queries_short_of_k"]]
+    if short:
+        lines.append(f"Some queries had fewer than {kmax} results left after the exclusion ({', '.join(short)}); missing results count as wrong.")
+    return "\n".join(lines)
+
+
+def write_json(report: BenchmarkReport, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def write_plot(report: BenchmarkReport, path: Path) -> Path:
+    """Left: MV@kmax per class, one bar per encoder; right: Acc@k and MV@k against k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kmax = report.parameters["k"][-1]
+    classes = report.dataset.classes
+    n_enc = len(report.results)
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(max(10, 0.7 * len(classes) * max(1, n_enc) + 6), 4.8), gridspec_kw={"width_ratios": [2, 1]})
+    x = np.arange(len(classes))
+    width = 0.8 / n_enc
+    for i, r in enumerate(report.results):
+        per_class = r.metrics["per_class"]
+        values = [100 * per_class[c][f"mv@{kmax}"] if c in per_class else 0.0 for c in classes]
+        bars.bar(x + (i - (n_enc - 1) / 2) * width, values, width, label=r.info["name"])
+        c = r.metrics["curve"]
+        line = curve.plot(c["k"], [100 * v for v in c["acc"]], marker="o", label=f"{r.info['name']} Acc@k")[0]
+        curve.plot(c["k"], [100 * v for v in c["mv"]], marker="s", linestyle="--", color=line.get_color(), label=f"{r.info['name']} MV@k")
+    bars.set_xticks(x, [c if len(c) <= 14 else c[:13] + "…" for c in classes], rotation=35, ha="right")
+    bars.set_ylabel(f"MV@{kmax} (%)")
+    bars.set_ylim(0, 100)
+    bars.set_title(f"MV@{kmax} per class ({report.dataset.kind}, exclude {report.parameters['exclusion']})")
+    bars.legend(fontsize="small")
+    curve.set_xlabel("k")
+    curve.set_ylabel("%")
+    curve.set_ylim(0, 100)
+    curve.set_xticks(range(1, kmax + 1))
+    curve.set_title("Acc@k and MV@k")
+    curve.legend(fontsize="x-small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
