@@ -15,13 +15,15 @@ import csv
 import logging
 from pathlib import Path
 
-from engine.datasets.base import Item, LabelledSet, optional_float
+from engine.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
 
 LOG = logging.getLogger(__name__)
 COLUMNS = ("image_id", "top_label_name", "top_label", "type_name", "type", "grade_name", "grade", "wsi", "roi", "mpp", "x", "y", "w", "h")
 LABEL_COLUMNS = ("top_label_name", "type_name", "grade_name")
-SCAN_MPP = 0.4415  # Hamamatsu NanoZoomer S210 at 20x, from the data set's description
+# Hamamatsu NanoZoomer S210 at 20x (the data set's description); the CSV's mpp column and the
+# file names round it to 0.44
+SCAN_MPP = 0.4415
 SPLITS = ("train.csv", "test.csv")
 
 
@@ -66,8 +68,7 @@ def load_unitopatho(root: Path, *, label_column: str = "top_label_name") -> Labe
                 if not image.is_file():
                     missing.append(image.relative_to(root).as_posix())
                     continue
-                scan_mpp = optional_float(row["mpp"]) or SCAN_MPP
-                mpp = scan_mpp * float(row["w"]) / resized_px if resized_px else scan_mpp
+                mpp = SCAN_MPP * float(row["w"]) / resized_px if resized_px else SCAN_MPP
                 wsi = row["wsi"].strip()
                 items.append(Item(key=f"{row['top_label_name']}/{row['image_id']}", label=label, path=image, slide=wsi, patient=wsi, mpp=mpp))
     if missing:
