@@ -1,0 +1,252 @@
+"""`indexer build` as a library function: a slide archive into shard files and catalog rows.
+
+One process or many (torchrun): rank 0 lists the archive, every rank fingerprints its share
+of the files, rank 0 repairs what an interrupted run left and registers the slides, then the
+slides still to index are balanced over the ranks by file size. Each rank embeds its slides
+and commits each one as soon as its last tile is embedded (see indexer/writer.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.catalog.db import Catalog
+from engine.config import Settings
+from engine.encoder import Encoder
+from engine.features import default_workers
+from engine.shards import ShardEncoder
+from indexer import distributed
+from indexer.discovery import FINGERPRINT_CACHE, FingerprintCache, describe_files, find_slide_files
+from indexer.metadata import match_metadata
+from indexer.pipeline import PlanSampler, SlidePlan, iter_plans, plan_slide, tile_batches
+from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
+from indexer.writer import commit_slide, fail_slide
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BuildSummary:
+    """What a build did. `failures` are (path, message); `tiles` counts tiles embedded in
+    this run; `seconds` is the embedding phase's wall time."""
+
+    indexed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    tiles: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def to_json(self) -> dict:
+        doc = dataclasses.asdict(self)
+        doc["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        doc["tiles_per_s"] = round(self.tiles_per_s, 2)
+        return doc
+
+    def merge(self, other: "BuildSummary") -> None:
+        self.indexed += other.indexed
+        self.failed += other.failed
+        self.tiles += other.tiles
+        self.seconds = max(self.seconds, other.seconds)
+        self.failures += other.failures
+
+
+def _fingerprint_share(root: Path, paths: list[Path], cache_file: Path, ctx: distributed.DistContext):
+    """Each rank fingerprints every world_size-th file; everyone gets all, in order."""
+    cache = FingerprintCache(cache_file)
+    mine = describe_files(root, paths[ctx.rank :: ctx.world_size], cache)
+    gathered = ctx.all_gather((mine, cache.entries if cache.dirty else {}))
+    files = [None] * len(paths)
+    for r, (part, _) in enumerate(gathered):
+        files[r :: ctx.world_size] = part
+    if ctx.is_main:
+        for _, entries in gathered:
+            cache.entries.update(entries)
+            cache.dirty = cache.dirty or bool(entries)
+        cache.save()
+    return files
+
+
+def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder, shard_encoder: ShardEncoder, metadata, collection, ctx) -> tuple[Registration | None, int | None, list[str]]:
+    """Rank 0: list, fingerprint (shared), repair, register. Returns (registration,
+    encoder id, notes), broadcast to every rank."""
+    paths = ctx.broadcast(find_slide_files(root) if ctx.is_main else None)
+    files = _fingerprint_share(root, paths, Path(settings.index_dir) / FINGERPRINT_CACHE, ctx)
+    if not ctx.is_main:
+        return ctx.broadcast(None)
+    notes = []
+    meta = {}
+    if metadata is not None:
+        match = match_metadata(metadata, [f.relpath for f in files])
+        meta = match.by_relpath
+        notes += match.report_lines()
+    with catalog.session() as s:
+        enc = encoder_row(s, encoder.info, shard_encoder)
+        check_one_encoder(s, enc)
+        reg = Registration()
+        repair(s, Path(settings.index_dir), shard_encoder, enc, reg)
+        found = register(s, root, files, index_dir=Path(settings.index_dir), metadata=meta, collection=collection)
+        found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
+        encoder_id = enc.id
+    # Files go only after the commit: a kill in between leaves orphans the next run removes.
+    for file in found.files_to_delete:
+        file.unlink(missing_ok=True)
+    notes += found.repaired
+    notes += [f"moved: {old} -> {new}" for old, new in found.moved]
+    notes += [f"changed since it was indexed, indexing it again: {rel}" for rel in found.replaced]
+    notes += [f"same content as {first}, not indexed twice: {rel}" for rel, first in found.duplicates]
+    if found.missing:
+        notes.append(f"{len(found.missing)} catalog slides under {root} are no longer there (drop them with `indexer remove`): {', '.join(found.missing[:5])}")
+    return ctx.broadcast((found, encoder_id, notes))
+
+
+def build_archive(
+    settings: Settings,
+    archive_dir: str | Path,
+    *,
+    metadata: str | Path | None = None,
+    collection: str | None = None,
+    min_tissue: float = 0.5,
+    default_mpp: float | None = None,
+    workers: int | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    ctx: distributed.DistContext | None = None,
+) -> BuildSummary:
+    """Index every slide under `archive_dir` into the catalog and shard files of
+    `settings`; see the module docstring. Under torchrun (RANK/WORLD_SIZE set) each rank
+    calls this and every rank returns the same, whole-job summary."""
+    root = Path(archive_dir)
+    if not root.is_dir():
+        raise ValueError(f"archive folder {root} does not exist or is not a folder")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"--min-tissue must be within 0..1, got {min_tissue}")
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    ctx = distributed.context_from_env() if ctx is None else ctx
+    distributed.check_catalog_for(ctx, settings.catalog_url)
+    distributed.init(ctx)
+    try:
+        encoder = Encoder.from_spec(settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision)
+        shard_encoder = ShardEncoder(encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px)
+        # Rank 0 migrates the schema alone; concurrent Alembic runs would race.
+        catalog = Catalog(settings.catalog_url) if ctx.is_main else None
+        ctx.barrier()
+        catalog = catalog or Catalog(settings.catalog_url, upgrade_schema=False)
+        try:
+            reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx)
+            shares = distributed.split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
+            paths = {sid: path for sid, path, _ in reg.jobs}
+            mine = [(sid, Path(paths[sid])) for sid in shares[ctx.rank]]
+            plan_fn = functools.partial(plan_slide, default_mpp=default_mpp, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
+            local = _embed_slides(
+                catalog, settings, encoder, shard_encoder, encoder_id, mine, plan_fn,
+                workers=default_workers() if workers is None else workers,
+                batch_size=batch_size,
+                progress=progress and ctx.is_main,
+                total_slides=len(reg.jobs),
+            )
+            ctx.barrier()
+        finally:
+            catalog.dispose()
+        summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
+        for part in ctx.all_gather(local):
+            summary.merge(part)
+        summary.failures.sort()
+        return summary
+    finally:
+        distributed.shutdown(ctx)
+
+
+class _SlideState:
+    """Vectors of a slide as its batches arrive (batches may span slides)."""
+
+    def __init__(self, plan: SlidePlan, dim: int):
+        self.plan = plan
+        self.features = np.zeros((len(plan.boxes), dim), np.float32)
+        self.done = np.zeros(len(plan.boxes), bool)
+        self.error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+
+def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, plan_fn, *, workers, batch_size, progress, total_slides) -> BuildSummary:
+    summary = BuildSummary()
+    states: dict[int, _SlideState] = {}
+    announced: list[SlidePlan] = []
+    sampler = PlanSampler(iter_plans(jobs, plan_fn), settings.tile_px, announced.append)
+    slide_bar = tqdm(total=total_slides, unit="slide", desc="slides", disable=not progress, position=0)
+    tile_bar = tqdm(total=0, unit="tile", desc="tiles", disable=not progress, position=1, leave=False)
+
+    def finish(slide_id: int, state: _SlideState) -> None:
+        plan = state.plan
+        if state.error:
+            fail_slide(catalog, slide_id, state.error, plan.info)
+            summary.failed += 1
+            summary.failures.append((str(plan.path), state.error))
+        else:
+            commit_slide(catalog, Path(settings.index_dir), shard_encoder, encoder_id, slide_id, plan.info, plan.boxes, state.features)
+            summary.indexed += 1
+            summary.tiles += len(plan.boxes)
+        del states[slide_id]
+        slide_bar.update(1)
+        slide_bar.set_postfix_str(plan.path.name, refresh=False)
+
+    def take_announced() -> None:
+        while announced:
+            plan = announced.pop(0)
+            if plan.error:
+                fail_slide(catalog, plan.slide_id, plan.error, plan.info)
+                summary.failed += 1
+                summary.failures.append((str(plan.path), plan.error))
+                slide_bar.update(1)
+            else:
+                states[plan.slide_id] = _SlideState(plan, encoder.dim)
+                tile_bar.total += len(plan.boxes)
+                tile_bar.refresh()
+
+    start = time.perf_counter()
+    for keys, batch, errors in tile_batches(sampler, batch_size, workers):
+        take_announced()
+        for slide_id, _, message in errors:
+            state = states.get(slide_id)
+            if state is not None and state.error is None:
+                state.error = f"tile read failed: {message}"
+        if batch is not None:
+            feats = encoder.embed(batch)
+            for (slide_id, index), vec in zip(keys, feats):
+                state = states[slide_id]
+                state.features[index] = vec
+                state.done[index] = True
+        for slide_id, index, _ in errors:
+            states[slide_id].done[index] = True
+        tile_bar.update(len(keys) + len(errors))
+        for slide_id in [sid for sid, st in states.items() if st.complete]:
+            finish(slide_id, states[slide_id])
+    take_announced()
+    for slide_id, state in list(states.items()):
+        if not state.complete and state.error is None:
+            state.error = "some tiles never came back from the decoding workers; run the build again"
+        finish(slide_id, state)
+    summary.seconds = time.perf_counter() - start
+    tile_bar.close()
+    slide_bar.close()
+    return summary

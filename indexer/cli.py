@@ -1,0 +1,163 @@
+"""`indexer`: build, inspect, verify and prune the searchable index of a slide archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from engine.cli_common import handle_errors, run_edge, settings_options, setup_logging
+from engine.config import Settings
+
+
+def _rank_from_env() -> int | None:
+    rank = os.environ.get("RANK")
+    return int(rank) if rank is not None and rank.isdigit() else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@click.version_option(package_name="histoseek")
+def main(verbose: int) -> None:
+    """histoseek indexer: turn a folder of whole-slide images into a searchable archive.
+
+    Settings come from flags, then HISTOSEEK_* environment variables, then defaults (a
+    SQLite catalog and shard index under ~/.local/share/histoseek). Typical use:
+
+    \b
+        indexer build /data/slides --metadata slides.csv --encoder best_ckpt.pth
+        indexer status
+        indexer verify
+    """
+    setup_logging(verbose, rank=_rank_from_env())
+
+
+@main.command()
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with a column naming each slide file (slide/path/file/filename) and any of patient, site, diagnosis, label, collection; other columns are kept as extra metadata.")
+@click.option("--target-mpp", type=float, default=None, help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].")
+@click.option("--tile-px", type=int, default=None, help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].")
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Smallest fraction of a tile the tissue mask must cover for the tile to be embedded.")
+@click.option("--default-mpp", type=click.FloatRange(min=0.01, max=100, min_open=False), default=None, help="Microns per level-0 pixel for slides that carry neither mpp nor objective power (otherwise such slides fail).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-decoding worker processes per rank [default: cores - 1, at most 8].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder batch.")
+@click.option("--collection", default=None, help="Collection name for slides whose metadata gives none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the closing summary as JSON on stdout.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in log files).")
+@settings_options
+@handle_errors
+def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, collection, as_json, no_progress, settings: Settings) -> None:
+    """Index every slide under ARCHIVE_DIR (recursively; any format OpenSlide reads).
+
+    Slides are identified by content, so a moved file is not indexed twice and a changed
+    file is indexed again. A rerun skips indexed slides, retries failed ones and repairs
+    what an interrupted run left. Bad slides get a failed row with the reason and never
+    stop the run; the exit status is 1 when any slide failed.
+
+    Several processes or machines (a PostgreSQL catalog is needed for several machines):
+
+    \b
+        torchrun --nproc-per-node 4 -m indexer build /data/slides --catalog URL ...
+    """
+    from indexer.build import build_archive
+
+    summary = build_archive(
+        settings,
+        archive_dir,
+        metadata=metadata,
+        collection=collection,
+        min_tissue=min_tissue,
+        default_mpp=default_mpp,
+        workers=workers,
+        batch_size=batch_size,
+        progress=not no_progress and sys.stderr.isatty(),
+    )
+    rank = _rank_from_env()
+    if rank not in (None, 0):
+        sys.exit(0 if summary.ok else 1)
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
+    for path, error in summary.failures:
+        click.echo(f"failed: {path}: {error}", err=True)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=1))
+    click.echo(
+        f"indexed {summary.indexed} slides ({summary.tiles} tiles, {summary.tiles_per_s:.1f} tiles/s), "
+        f"skipped {summary.skipped} already indexed, failed {summary.failed}",
+        err=as_json,
+    )
+    if not summary.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: counts and every slide.")
+@click.option("--status", "only", type=click.Choice(["indexed", "failed", "pending"]), default=None, help="Only slides with this status.")
+@settings_options
+@handle_errors
+def status(as_json, only, settings: Settings) -> None:
+    """Per slide: id, status (indexed/failed/pending), tiles, path, and the error of a
+    failed slide."""
+    from engine.catalog.db import Catalog
+    from indexer.status import slide_statuses, status_counts
+
+    catalog = Catalog(settings.catalog_url)
+    try:
+        rows = slide_statuses(catalog, only)
+    finally:
+        catalog.dispose()
+    counts = status_counts(rows)
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "slides": rows}, indent=1))
+        return
+    for r in rows:
+        line = f"{r['id']:>6}  {r['status']:<8} {r['tiles']:>7}  {r['path']}"
+        click.echo(line + (f"\n        error: {r['error']}" if r["error"] else ""))
+    click.echo(f"{counts['indexed']} indexed, {counts['failed']} failed, {counts['pending']} pending; {counts['tiles']} tiles")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@settings_options
+@handle_errors
+def verify(as_json, settings: Settings) -> None:
+    """Check that the catalog and the shard files agree: each shard's checksum and count,
+    no ids without tile rows or tile rows without vectors, tile counts of slides, and no
+    stray shard files. Exit status 1 when anything disagrees."""
+    from engine.catalog.db import Catalog
+    from indexer.verify import verify_index
+
+    catalog = Catalog(settings.catalog_url)
+    try:
+        report = verify_index(catalog, settings.index_dir, progress=sys.stderr.isatty())
+    finally:
+        catalog.dispose()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        click.echo(f"{report.slides} slides, {report.shards} shards, {report.vectors} vectors: " + ("catalog and shards agree" if report.ok else f"{len(report.problems)} problems (rerun `indexer build` to repair an interrupted run)"))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("slides", nargs=-1, required=True)
+@settings_options
+@handle_errors
+def remove(slides, settings: Settings) -> None:
+    """Remove SLIDES (ids, paths or fingerprints, as `indexer status` shows them) from the
+    catalog, with their tiles and shard files. All or nothing."""
+    from engine.catalog.db import Catalog
+    from indexer.remove import remove_slides
+
+    catalog = Catalog(settings.catalog_url)
+    try:
+        removed = run_edge(remove_slides, catalog, settings.index_dir, list(slides))
+    finally:
+        catalog.dispose()
+    for path in removed:
+        click.echo(f"removed {path}")

@@ -1,0 +1,182 @@
+"""The tile pipeline: slide -> tissue -> tile grid (a "plan"), then tiles decoded in
+DataLoader workers and handed to the encoder in batches that may span slides.
+
+The DataLoader's sampler walks the plans lazily and yields one key per tile; planning
+(thumbnail + mask) runs a few slides ahead in a thread pool, so neither the encoder nor the
+decoding workers wait on it. Workers keep their last few slides open. Keys carry
+everything a worker needs, so no state is shared between processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import openslide
+import tifffile
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from engine.errors import SlideError
+from engine.slides import SlideInfo, describe_slide, open_slide, read_box, tile_size0
+from engine.tiling import TileBox, tile_grid
+from engine.tissue import slide_tissue_mask
+
+LOG = logging.getLogger(__name__)
+
+_OPEN_SLIDES_PER_WORKER = 4
+
+
+@dataclasses.dataclass
+class SlidePlan:
+    """What to embed of one slide: its tiles (row by row), or why it cannot be indexed."""
+
+    slide_id: int
+    path: Path
+    info: SlideInfo | None = None
+    boxes: list[TileBox] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def explain_unopenable(path: Path, openslide_message: str) -> str:
+    """A better reason than OpenSlide's for a TIFF that is not brightfield RGB
+    (fluorescence, multiplex); OpenSlide's own message otherwise."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page, series = tif.pages[0], tif.series[0]
+            rgb = page.samplesperpixel in (3, 4) and page.dtype == np.uint8
+            if not rgb:
+                return (
+                    f"{path.name}: not a brightfield RGB slide ({series.axes} {series.shape} {series.dtype}: "
+                    "fluorescence/multiplex channels); histoseek indexes brightfield (H&E, IHC) slides only"
+                )
+    except (tifffile.TiffFileError, OSError, IndexError, ValueError):
+        pass
+    return openslide_message
+
+
+def plan_slide(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float) -> SlidePlan:
+    """Open the slide, find its tissue and its tile grid. Never raises for a bad slide:
+    the plan carries the error instead."""
+    plan = SlidePlan(slide_id, Path(path))
+    try:
+        slide = open_slide(path)
+    except SlideError as exc:
+        plan.error = explain_unopenable(Path(path), str(exc))
+        return plan
+    try:
+        plan.info = describe_slide(path, slide, default_mpp)
+        # Pixels first: a slide that opens but cannot be decoded should say so, whatever its size.
+        try:
+            mask, downsample = slide_tissue_mask(slide)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"cannot read the slide's pixels: {exc}") from None
+        size0 = tile_size0(plan.info, target_mpp, tile_px)
+        if size0 > min(plan.info.width, plan.info.height):
+            raise SlideError(
+                f"slide is {plan.info.width} x {plan.info.height} px at {plan.info.mpp:g} um/px, smaller than one "
+                f"{tile_px} px tile at {target_mpp:g} um/px ({size0} level-0 px)"
+            )
+        plan.boxes = tile_grid(plan.info, mask, downsample, target_mpp, tile_px, min_tissue)
+        if not plan.boxes:
+            raise SlideError(f"no tile has at least {min_tissue:.0%} tissue (tissue covers {mask.mean():.1%} of the slide); lower --min-tissue to index it")
+    except SlideError as exc:
+        plan.error = str(exc)
+    finally:
+        slide.close()
+    return plan
+
+
+def iter_plans(jobs: list[tuple[int, Path]], plan_fn: Callable[[int, Path], SlidePlan], lookahead: int = 4) -> Iterator[SlidePlan]:
+    """Plans of `jobs` (slide id, path) in order, computed `lookahead` slides ahead in
+    threads (OpenSlide and scikit-image release the GIL for most of the work)."""
+    if not jobs:
+        return
+    with cf.ThreadPoolExecutor(max_workers=max(1, min(lookahead, 4)), thread_name_prefix="plan") as pool:
+        pending: collections.deque = collections.deque()
+        todo = iter(jobs)
+        for slide_id, path in todo:
+            pending.append(pool.submit(plan_fn, slide_id, path))
+            if len(pending) >= lookahead:
+                break
+        while pending:
+            plan = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(plan_fn, *nxt))
+            yield plan
+
+
+# A tile key: (slide id, tile index, path, x, y, size0, out_px).
+TileKey = tuple[int, int, str, int, int, int, int]
+
+
+class TileReader(Dataset):
+    """key -> (slide id, tile index, uint8 3 x out_px x out_px tensor or None, error)."""
+
+    def __init__(self) -> None:
+        self._open: collections.OrderedDict[str, openslide.OpenSlide] = collections.OrderedDict()
+
+    def _slide(self, path: str) -> openslide.OpenSlide:
+        slide = self._open.get(path)
+        if slide is None:
+            slide = open_slide(path)
+            self._open[path] = slide
+            while len(self._open) > _OPEN_SLIDES_PER_WORKER:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(path)
+        return slide
+
+    def __getitem__(self, key: TileKey):
+        slide_id, index, path, x, y, size0, out_px = key
+        try:
+            img = read_box(self._slide(path), x, y, size0, out_px)
+        except SlideError as exc:
+            return slide_id, index, None, str(exc)
+        tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+        return slide_id, index, tensor, None
+
+
+class PlanSampler(Sampler):
+    """Yields tile keys plan by plan; every plan it reaches (also the failed and the empty
+    ones) is announced through `on_plan` before its first tile key goes out."""
+
+    def __init__(self, plans: Iterable[SlidePlan], tile_px: int, on_plan: Callable[[SlidePlan], None]):
+        self.plans = plans
+        self.tile_px = tile_px
+        self.on_plan = on_plan
+
+    def __iter__(self) -> Iterator[TileKey]:
+        for plan in self.plans:
+            self.on_plan(plan)
+            if plan.error:
+                continue
+            path = str(plan.path)
+            for i, box in enumerate(plan.boxes):
+                yield (plan.slide_id, i, path, box.x, box.y, box.size, self.tile_px)
+
+
+def _collate(items):
+    ok = [(s, i, t) for s, i, t, e in items if t is not None]
+    errors = [(s, i, e) for s, i, t, e in items if t is None]
+    batch = torch.stack([t for _, _, t in ok]) if ok else None
+    return [(s, i) for s, i, _ in ok], batch, errors
+
+
+def tile_batches(sampler: PlanSampler, batch_size: int, workers: int) -> DataLoader:
+    """Batches of (list of (slide id, tile index), uint8 N x 3 x H x W or None, errors)."""
+    return DataLoader(
+        TileReader(),
+        sampler=sampler,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+    )

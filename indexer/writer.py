@@ -1,0 +1,98 @@
+"""Writing one finished slide: its shard file first, then one catalog transaction with the
+shard row, the tile rows and the slide's status, so a slide is wholly indexed or not at all.
+
+What a kill leaves, and how the next run repairs it:
+- during the shard write: a `.NAME.PID.tmp` file (atomic rename not reached) -> deleted;
+- after the shard write, before the commit: a shard file that no row references -> deleted,
+  the slide is still pending and is indexed again (to the same file name and tile ids);
+- after the commit: nothing to repair.
+
+Tile ids are `slide id * TILE_ID_STRIDE + index in the slide's grid`, so they do not depend
+on which rank, which run, or in which order slides were finished: a resumed or distributed
+build gives the same ids as a clean single-process one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from engine.catalog.db import Catalog
+from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
+from engine.encoder import l2_normalise
+from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, write_shard
+from engine.slides import SlideInfo
+from engine.tiling import TileBox
+
+LOG = logging.getLogger(__name__)
+
+TILE_ID_STRIDE = 1 << 20  # tiles per slide at most (a 100k x 100k px slide at 0.25 um/px has ~12k)
+
+
+def tile_ids(slide_id: int, n: int) -> np.ndarray:
+    if n > TILE_ID_STRIDE:
+        raise ValueError(f"a slide may have at most {TILE_ID_STRIDE} tiles, this one has {n}")
+    return np.int64(slide_id) * TILE_ID_STRIDE + np.arange(n, dtype=np.int64)
+
+
+def shard_path_for(index_dir: Path, shard_encoder: ShardEncoder, slide_id: int) -> Path:
+    return encoder_dir(index_dir, shard_encoder) / f"slide-{slide_id:09d}{SHARD_SUFFIX}"
+
+
+def commit_slide(
+    catalog: Catalog,
+    index_dir: Path,
+    shard_encoder: ShardEncoder,
+    encoder_id: int,
+    slide_id: int,
+    info: SlideInfo,
+    boxes: list[TileBox],
+    features: np.ndarray,
+) -> None:
+    """Write the slide's shard (L2-normalised `features`, one row per box) and commit it."""
+    ids = tile_ids(slide_id, len(boxes))
+    path = shard_path_for(index_dir, shard_encoder, slide_id)
+    sha = write_shard(path, ids, l2_normalise(features), shard_encoder)
+    rel = path.relative_to(index_dir).as_posix()
+    with catalog.session() as s:
+        slide = s.get(Slide, slide_id)
+        if slide is None:
+            raise ValueError(f"slide {slide_id} vanished from the catalog while it was being indexed (removed by another command?)")
+        s.execute(sa.delete(Tile).where(Tile.slide_id == slide_id))
+        s.execute(sa.delete(Shard).where(Shard.path == rel))
+        shard = Shard(encoder_id=encoder_id, path=rel, count=len(ids), sha256=sha)
+        s.add(shard)
+        s.flush()
+        s.execute(
+            sa.insert(Tile),
+            [
+                {"id": int(i), "slide_id": slide_id, "shard_id": shard.id, "x": b.x, "y": b.y, "size": b.size, "tissue_fraction": b.tissue_fraction}
+                for i, b in zip(ids, boxes)
+            ],
+        )
+        slide.status, slide.error = INDEXED, None
+        slide.tile_count = len(ids)
+        slide.encoder_id = encoder_id
+        slide.indexed_at = dt.datetime.now(dt.timezone.utc)
+        _set_info(slide, info)
+
+
+def _set_info(slide: Slide, info: SlideInfo | None) -> None:
+    if info is None:
+        return
+    slide.mpp, slide.mpp_source = info.mpp, info.mpp_source
+    slide.width, slide.height, slide.vendor = info.width, info.height, info.vendor
+
+
+def fail_slide(catalog: Catalog, slide_id: int, error: str, info: SlideInfo | None = None) -> None:
+    """Record a slide that cannot be indexed, with the reason."""
+    with catalog.session() as s:
+        slide = s.get(Slide, slide_id)
+        if slide is None:
+            return
+        slide.status, slide.error, slide.tile_count = FAILED, error, 0
+        _set_info(slide, info)
