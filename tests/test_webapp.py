@@ -23,6 +23,13 @@ from webapp import create_app, users
 from webapp.cli import main as web_cli
 
 PASSWORD = "correct horse"
+# The layout `engine benchmark` stores (overall, per-class, curve, svm).
+BENCHMARK_METRICS = {
+    "overall": {"acc@1": 0.5, "acc@3": 0.75, "acc@5": 0.9, "mv@5": 0.55, "mmv@5": 0.4, "map@5": 0.45},
+    "per_class": {"TUMOR": {"count": 3, "acc@1": 0.67, "mv@5": 1.0}, "STROMA": {"count": 3, "acc@1": 0.33, "mv@5": 0.0}},
+    "curve": {"k": [1, 2, 3, 4, 5], "acc": [0.5, 0.6, 0.75, 0.8, 0.9], "mv": [0.5, 0.5, 0.55, 0.5, 0.55]},
+    "svm": {"folds": 3, "accuracy": 0.625, "balanced_accuracy": 0.6},
+}
 
 
 def make_app(tmp_path, catalog_url, **config):
@@ -52,7 +59,8 @@ def app(request, tmp_path_factory):
             models.Slide(path=str(tmp_path / "slides" / "gone.svs"), fingerprint="b" * 64, status="failed", error="gone.svs: no such file"),
             *[models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status="pending") for i in range(60)],
         ])
-        s.add(models.BenchmarkRun(dataset_kind="kather2016", dataset_path="patches/kather2016", encoder_name="random:resnet18", metrics={"acc@1": 0.5, "acc@3": 0.75, "acc@5": 0.9, "mmv@5": 0.4}, parameters={"exclusion": "slide"}))
+        s.add(models.BenchmarkRun(dataset_kind="kather2016", dataset_path="patches/kather2016", encoder_name="random:resnet18", metrics=BENCHMARK_METRICS, parameters={"exclusion": "slide"}))
+        s.add(models.BenchmarkRun(dataset_kind="flat", dataset_path="y", encoder_name="e", metrics={"acc@1": 0.25, "acc@5": 0.5}))
         s.add(models.BenchmarkRun(dataset_kind="empty", dataset_path="x", encoder_name="e", metrics={}))
     yield app
     catalog.dispose()
@@ -232,15 +240,21 @@ def test_static_openseadragon_is_served_locally(client):
 def test_benchmark_pages_and_plot(app, client):
     _, _, run = ids(app)
     runs = client.get("/api/v1/benchmarks").json["runs"]
-    assert {r["dataset_kind"] for r in runs} == {"kather2016", "empty"}
+    assert {r["dataset_kind"] for r in runs} == {"kather2016", "flat", "empty"}
     listing = client.get("/benchmarks").text
-    assert "75.00" in listing and "kather2016" in listing
+    assert "75.00" in listing and "kather2016" in listing and "mmv@5" in listing
     detail = client.get(f"/benchmarks/{run}")
     assert detail.status_code == 200 and "plot.png" in detail.text
+    assert "62.50" in detail.text  # SVM accuracy
+    assert re.search(r"<th scope=\"row\">STROMA</th><td class=\"num\">3</td>", detail.text)
     plot = client.get(f"/benchmarks/{run}/plot.png")
-    assert plot.mimetype == "image/png" and Image.open(io.BytesIO(plot.data)).size == (640, 360)
+    assert plot.mimetype == "image/png" and Image.open(io.BytesIO(plot.data)).size == (1280, 360)  # curve + per-class bars
+    flat = next(r["id"] for r in runs if r["dataset_kind"] == "flat")
+    assert Image.open(io.BytesIO(client.get(f"/benchmarks/{flat}/plot.png").data)).size == (640, 360)
+    assert "25.00" in client.get(f"/benchmarks/{flat}").text
     empty = next(r["id"] for r in runs if r["dataset_kind"] == "empty")
     assert client.get(f"/benchmarks/{empty}/plot.png").status_code == 404
+    assert client.get(f"/benchmarks/{empty}").status_code == 200
     assert client.get("/api/v1/benchmarks/99999").status_code == 404
 
 

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from engine.errors import ImageError, NotFound, QueryError
 from webapp import archive, users
 from webapp.errors import status_for
-from webapp.plots import flatten, metrics_plot_png
+from webapp import plots
 from webapp.queries import FILTER_FIELDS, MAGNIFICATIONS
 from webapp.searching import region_search, slide_search
 from webapp.state import state
@@ -135,24 +135,43 @@ def archive_page():
 def benchmarks():
     runs = [archive.benchmark_json(r) for r in archive.list_benchmarks(state().catalog)]
     for run in runs:
-        run["flat"] = flatten(run["metrics"])
-    columns = sorted({k for run in runs for k in run["flat"] if "." not in k})
-    return render_template("benchmarks.html", runs=runs, columns=columns)
+        run["overall"] = plots.overall(run["metrics"])
+    columns = sorted({k for run in runs for k in run["overall"]}, key=_metric_order)
+    return render_template("benchmarks.html", runs=runs, columns=columns, percent=plots.percent)
 
 
 @bp.get("/benchmarks/<int:run_id>")
 def benchmark(run_id: int):
     run = archive.benchmark_json(archive.get_benchmark(state().catalog, run_id))
-    return render_template("benchmark.html", run=run, flat=flatten(run["metrics"]), has_plot=metrics_plot_png("", run["metrics"]) is not None)
+    metrics = run["metrics"]
+    overall = plots.overall(metrics)
+    classes = plots.per_class(metrics)
+    class_columns = sorted({k for values in classes.values() for k in values if k != "count"}, key=_metric_order)
+    return render_template(
+        "benchmark.html",
+        run=run,
+        overall=sorted(overall.items(), key=lambda kv: _metric_order(kv[0])),
+        classes=classes,
+        class_columns=class_columns,
+        svm=plots.svm(metrics),
+        has_plot=bool(plots.curves(metrics)),
+        percent=plots.percent,
+    )
 
 
 @bp.get("/benchmarks/<int:run_id>/plot.png")
 def benchmark_plot(run_id: int):
     run = archive.get_benchmark(state().catalog, run_id)
-    png = metrics_plot_png(f"{run.dataset_kind} · {run.encoder_name}", run.metrics or {})
+    png = plots.metrics_plot_png(f"{run.dataset_kind} · {run.encoder_name}", run.metrics or {})
     if png is None:
         raise NotFound(f"benchmark run {run_id} has no metric@k values to plot")
     return Response(png, mimetype="image/png")
+
+
+def _metric_order(name: str):
+    """acc@1, acc@3, acc@5, mv@1, ... : by metric name, then by k as a number."""
+    base, _, k = name.partition("@")
+    return (base, int(k) if k.isdigit() else 0, name)
 
 
 @bp.get("/audit")

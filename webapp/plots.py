@@ -1,66 +1,95 @@
-"""Plots for the benchmark pages: retrieval metrics against k, drawn server-side as PNG
-(matplotlib, Agg) so the page needs no plotting library in the browser."""
+"""Benchmark run metrics for the pages: the overall table, per-class table, and a plot
+(Acc@k / MV@k against k, per-class MV@k bars) drawn server-side as PNG (matplotlib, Agg)
+so the page needs no plotting library in the browser.
+
+Runs stored by `engine benchmark` hold {"overall": {"acc@1": ..}, "per_class": {class:
+{"count", "acc@1", ..}}, "curve": {"k": [..], "acc": [..], "mv": [..]}, "svm": {..}};
+flat documents ({"acc@1": ..}) are read too.
+"""
 
 from __future__ import annotations
 
 import io
 import re
-from collections import defaultdict
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-# "acc@5", "Acc@5", "mMV@5", "map@10", nested {"acc": {"5": ...}} flattened to "acc.5".
-METRIC_AT_K = re.compile(r"^(?P<name>[A-Za-z_]+)(?:@|\.|_at_)(?P<k>\d+)$")
+METRIC_AT_K = re.compile(r"^(?P<name>[A-Za-z_]+)@(?P<k>\d+)$")
 
 
-def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics document as {'a.b.c': value}."""
-    flat = {}
-    for key, value in (metrics or {}).items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            flat.update(flatten(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
+def _numbers(doc) -> dict[str, float]:
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): float(v) for k, v in doc.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def metric_curves(metrics: dict) -> dict[str, list[tuple[int, float]]]:
-    """Top-level metrics that vary with k, as {name: [(k, value), ...]} sorted by k."""
-    curves = defaultdict(list)
-    for key, value in flatten(metrics).items():
+def overall(metrics: dict) -> dict[str, float]:
+    """The headline numbers of a run (acc@k, mv@k, mmv@k, map@k, ...)."""
+    return _numbers(metrics.get("overall")) if isinstance(metrics.get("overall"), dict) else _numbers(metrics)
+
+
+def per_class(metrics: dict) -> dict[str, dict[str, float]]:
+    doc = metrics.get("per_class")
+    return {str(name): _numbers(values) for name, values in doc.items()} if isinstance(doc, dict) else {}
+
+
+def svm(metrics: dict) -> dict[str, float]:
+    return _numbers(metrics.get("svm"))
+
+
+def curves(metrics: dict) -> dict[str, list[tuple[int, float]]]:
+    """Metrics against k: the stored curve when there is one, else the metric@k values."""
+    curve = metrics.get("curve")
+    if isinstance(curve, dict) and isinstance(curve.get("k"), list):
+        out = {}
+        for key, label in (("acc", "Acc@k"), ("mv", "MV@k")):
+            if isinstance(curve.get(key), list) and len(curve[key]) == len(curve["k"]):
+                out[label] = list(zip(curve["k"], curve[key]))
+        if out:
+            return out
+    found: dict[str, list[tuple[int, float]]] = {}
+    for key, value in overall(metrics).items():
         match = METRIC_AT_K.match(key)
         if match:
-            curves[match["name"]].append((int(match["k"]), value))
-    return {name: sorted(points) for name, points in curves.items()}
+            found.setdefault(f"{match['name']}@k", []).append((int(match["k"]), value))
+    return {name: sorted(points) for name, points in found.items()}
 
 
-def as_percent(values: list[float]) -> tuple[list[float], str]:
-    """Metrics stored as fractions are shown as percentages, like the RetCCL tables."""
-    if values and max(values) <= 1.0:
-        return [v * 100 for v in values], "%"
-    return values, ""
+def percent(value: float) -> float:
+    """Fractions are shown as percentages, like the RetCCL tables."""
+    return value * 100 if abs(value) <= 1.0 else value
 
 
 def metrics_plot_png(title: str, metrics: dict) -> bytes | None:
-    """A line plot of each metric against k, or None when the run has no metric@k."""
-    curves = metric_curves(metrics)
-    if not curves:
+    """Curves against k, plus per-class MV@k bars when the run has them; None when there is
+    nothing to plot."""
+    lines = curves(metrics)
+    classes = per_class(metrics)
+    mv_keys = sorted((k for k in next(iter(classes.values()), {}) if k.startswith("mv@")), key=lambda k: int(k[3:]))
+    if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    unit = ""
-    for name, points in sorted(curves.items()):
-        ks = [k for k, _ in points]
-        values, unit = as_percent([v for _, v in points])
-        ax.plot(ks, values, marker="o", label=name)
+    panels = 2 if classes and mv_keys else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 3.6), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    for name, points in sorted(lines.items()):
+        ax.plot([k for k, _ in points], [percent(v) for _, v in points], marker="o", label=name)
     ax.set_xlabel("k (results considered)")
-    ax.set_ylabel(f"score {unit}".strip())
+    ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize="small")
+    if panels == 2:
+        key = mv_keys[-1]
+        names = sorted(classes)
+        bars = axes[0][1]
+        bars.bar(range(len(names)), [percent(classes[n].get(key, 0.0)) for n in names], color="#7a1f5c")
+        bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+        bars.set_ylabel("%")
+        bars.set_title(f"per-class {key.upper()}")
+        bars.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
