@@ -61,13 +61,15 @@ def tissue_blobs(height: int, width: int, seed: int = 0, n_blobs: int = 3) -> np
     carrying texture, so tissue masks and encoders see something slide-like."""
     rng = np.random.default_rng(seed)
     rgb = np.full((height, width, 3), 240, np.uint8)
-    yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(n_blobs):
         cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
         ry, rx = rng.uniform(0.12, 0.25) * height, rng.uniform(0.12, 0.25) * width
+        y0, y1 = max(0, int(cy - ry)), min(height, int(cy + ry) + 1)
+        x0, x1 = max(0, int(cx - rx)), min(width, int(cx + rx) + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
         inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        n = int(inside.sum())
-        base = np.array([200, 110, 170]) + rng.integers(-30, 30, 3)
-        noise = rng.integers(-40, 40, (n, 3))
-        rgb[inside] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        base = np.array([200, 110, 170], np.int16) + rng.integers(-30, 30, 3).astype(np.int16)
+        noise = rng.integers(-40, 40, (int(inside.sum()), 3), dtype=np.int16)
+        region = rgb[y0:y1, x0:x1]
+        region[inside] = np.clip(base + noise, 0, 255).astype(np.uint8)
     return rgb
