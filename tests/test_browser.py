@@ -1,0 +1,212 @@
+"""End to end in a real headless Chromium (Debian's, driven by playwright) against the app
+served by gunicorn on loopback: log in, upload a region cropped from an indexed real slide,
+see that slide at rank 1, open the viewer and see the matched region outlined. Hostile
+uploads against the same server get 4xx and the server keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from engine.catalog import Catalog, models
+from engine.slides import read_box, open_slide
+from tests.indexed_archive import make_indexed_archive
+from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
+from webapp import users
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+USER, PASSWORD = "pathologist", "browser test pw"
+REAL_SLIDE = "CMU-1-Small-Region.svs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, shared_data):
+    """A real slide plus two synthetic distractors, indexed with `indexer build`'s library
+    function; a user to log in with."""
+    tmp = tmp_path_factory.mktemp("browser")
+    distractors = [write_pyramidal_tiff(tmp / "src" / f"synthetic-{i}.tiff", tissue_blobs(1400, 1400, seed=10 + i), mpp=0.5) for i in range(2)]
+    slides = [shared_data / "slides" / "real" / REAL_SLIDE, *distractors]
+    rows = [
+        {"slide": REAL_SLIDE, "patient": "CMU-1", "site": "skin", "diagnosis": "real H&E sample", "label": "real", "collection": "test"},
+        {"slide": "synthetic-0.tiff", "patient": "S0", "site": "colon", "diagnosis": "synthetic", "label": "synthetic", "collection": "test"},
+        {"slide": "synthetic-1.tiff", "patient": "S1", "site": "colon", "diagnosis": "synthetic", "label": "synthetic", "collection": "test"},
+    ]
+    settings = make_indexed_archive(tmp, slides, metadata_rows=rows)
+    catalog = Catalog(settings.catalog_url)
+    users.create_user(catalog, USER, PASSWORD)
+    with catalog.session() as s:
+        slide = s.scalar(sa.select(models.Slide).where(models.Slide.path.like(f"%{REAL_SLIDE}")))
+        tiles = s.scalars(sa.select(models.Tile).where(models.Tile.slide_id == slide.id).order_by(models.Tile.tissue_fraction.desc(), models.Tile.id)).all()
+    catalog.dispose()
+    assert slide.status == "indexed" and tiles, "the real slide must be indexed for this test"
+    return {"settings": settings, "tmp": tmp, "slide": slide, "tile": tiles[0]}
+
+
+@pytest.fixture(scope="module")
+def server(archive):
+    """`histoseek-web serve` (gunicorn) on a free loopback port; stopped at the end."""
+    settings, tmp = archive["settings"], archive["tmp"]
+    port = free_port()
+    env = {**os.environ, "HISTOSEEK_INSTANCE_DIR": str(tmp / "instance")}
+    cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--threads", "4",
+           "--catalog", settings.catalog_url, "--index-dir", str(settings.index_dir), "--encoder", settings.encoder, "--device", "cpu"]
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(base + "/login", timeout=2).read()
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the web server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def region_file(archive) -> Path:
+    """An indexed tile's area of the real slide, cropped at full resolution (~0.5 um/px),
+    saved as a PNG, as a pathologist would export it."""
+    tile, slide = archive["tile"], archive["slide"]
+    handle = open_slide(slide.path)
+    try:
+        crop = read_box(handle, tile.x, tile.y, tile.size, tile.size)
+    finally:
+        handle.close()
+    path = archive["tmp"] / "region.png"
+    crop.save(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_search_and_view_in_chromium(server, archive, region_file, test_output):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    outside, failed, console_errors = [], [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        page.on("request", lambda r: outside.append(r.url) if urlsplit(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:") else None)
+        page.on("requestfailed", lambda r: failed.append(r.url))
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        try:
+            page.goto(server + "/")
+            assert "/login" in page.url
+            page.get_by_label("User name").fill(USER)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_url(server + "/")
+
+            page.set_input_files("#image", str(region_file))
+            page.get_by_label("or microns per pixel").fill(f"{archive['slide'].mpp:.4f}")
+            page.get_by_label("Magnification").select_option("")
+            page.screenshot(path=str(test_output / "1-search.png"), full_page=True)
+            page.get_by_role("button", name="Search by region").click()
+            page.wait_for_selector("#results li.result", timeout=60_000)
+            page.screenshot(path=str(test_output / "2-results.png"), full_page=True)
+
+            first = page.locator("#results li.result").first
+            assert first.locator(".rank").inner_text() == "#1"
+            assert first.locator(".slide-link").inner_text() == REAL_SLIDE
+            assert first.locator(".regions img").count() >= 1
+            page.wait_for_function("() => [...document.querySelectorAll('.regions img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("#suggested-label").inner_text() == "real"
+
+            first.locator(".slide-link").click()
+            page.wait_for_selector("#osd[data-ready='1']", timeout=30_000)
+            overlay = page.locator("#match-0")
+            overlay.wait_for(state="visible")
+            box = overlay.bounding_box()
+            assert box and box["width"] > 2 and box["height"] > 2
+            page.get_by_role("button", name="Region 1").click()
+            page.wait_for_timeout(1500)  # let the zoom animation finish and tiles load
+            assert page.locator("#match-0.active").count() == 1
+            page.screenshot(path=str(test_output / "3-viewer.png"), full_page=True)
+            assert REAL_SLIDE in page.locator("h1").inner_text()
+        finally:
+            browser.close()
+    assert not outside, f"pages must not load anything from the internet: {outside[:5]}"
+    assert not failed, f"requests failed: {failed[:5]}"
+    assert not console_errors, console_errors
+    for name in ("2-results.png", "3-viewer.png"):
+        assert (test_output / name).stat().st_size > 10_000
+
+
+def _post(url: str, body: bytes, content_type: str, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def _multipart(filename: str, data: bytes, fields: dict) -> tuple[bytes, str]:
+    boundary = "histoseek-test-boundary"
+    out = io.BytesIO()
+    for key, value in fields.items():
+        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n{value}\r\n".encode())
+    out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n".encode())
+    out.write(data + f"\r\n--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_hostile_uploads_and_keeps_serving(server, archive, region_file):
+    catalog = Catalog(archive["settings"].catalog_url)
+    token = users.issue_token(catalog, USER)
+    catalog.dispose()
+    auth = {"Authorization": f"Bearer {token}"}
+    bomb = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")
+    cases = {
+        "oversize": (b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024), 413),
+        "not an image": (b"MZ\x90\x00 not a picture", 415),
+        "bomb": (bomb.getvalue(), 400),
+    }
+    for name, (data, status) in cases.items():
+        body, ctype = _multipart("x.png", data, {"magnification": "20"})
+        code, doc = _post(server + "/api/v1/search/region", body, ctype, auth)
+        assert code == status, (name, doc)
+        assert set(doc) == {"error", "message"}
+    body, ctype = _multipart("region.png", region_file.read_bytes(), {"mpp": f"{archive['slide'].mpp:.4f}", "top_k": "3"})
+    code, doc = _post(server + "/api/v1/search/region", body, ctype, auth)
+    assert code == 200 and doc["results"][0]["slide"]["path"].endswith(REAL_SLIDE)
+    unauthenticated = urllib.request.Request(server + "/api/v1/slides")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(unauthenticated, timeout=10)
+    assert err.value.code == 401
