@@ -56,14 +56,15 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
     return path
 
 
-def tissue_blobs(height: int, width: int, seed: int = 0, n_blobs: int = 3) -> np.ndarray:
+def tissue_blobs(height: int, width: int, seed: int = 0, n_blobs: int = 3, radius: tuple[float, float] = (0.12, 0.25)) -> np.ndarray:
     """An H x W x 3 uint8 'slide': white glass with a few pink-purple elliptical tissue blobs
-    carrying texture, so tissue masks and encoders see something slide-like."""
+    carrying texture, so tissue masks and encoders see something slide-like. Blob radii are
+    drawn from `radius` (fractions of the slide's height and width)."""
     rng = np.random.default_rng(seed)
     rgb = np.full((height, width, 3), 240, np.uint8)
     for _ in range(n_blobs):
         cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
-        ry, rx = rng.uniform(0.12, 0.25) * height, rng.uniform(0.12, 0.25) * width
+        ry, rx = rng.uniform(*radius) * height, rng.uniform(*radius) * width
         y0, y1 = max(0, int(cy - ry)), min(height, int(cy + ry) + 1)
         x0, x1 = max(0, int(cx - rx)), min(width, int(cx + rx) + 1)
         yy, xx = np.mgrid[y0:y1, x0:x1]
