@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 
+import sqlalchemy as sa
 from flask import current_app
 
-from engine.catalog import Catalog
+from engine.catalog import Catalog, models
 from engine.config import Settings
 from webapp.slide_cache import SlideCache
 
@@ -19,18 +20,27 @@ class AppState:
         self.slides = SlideCache(self.catalog, capacity=int(config["SLIDE_CACHE_SIZE"]))
         self._engine = None
         self._engine_lock = threading.Lock()
-        self._engine_factory = config.get("SEARCH_ENGINE_FACTORY")
+        self._index_stamp = None
+
+    def index_stamp(self) -> tuple:
+        """Changes whenever `indexer build` adds, grows or replaces a shard."""
+        with self.catalog.session() as s:
+            return tuple(s.execute(sa.select(sa.func.count(models.Shard.id), sa.func.sum(models.Shard.count), sa.func.max(models.Shard.updated_at))).one())
 
     def search_engine(self):
-        """The SearchEngine of this worker, built once (double-checked under a lock so
-        concurrent first requests do not load the encoder twice)."""
-        if self._engine is None:
+        """The SearchEngine of this worker: built once (under a lock, so concurrent first
+        requests do not load the encoder twice), and refreshed when the index has changed
+        since, so a running server sees newly indexed slides."""
+        stamp = self.index_stamp()
+        if self._engine is None or stamp != self._index_stamp:
             with self._engine_lock:
                 if self._engine is None:
                     from engine.search import SearchEngine
 
-                    factory = self._engine_factory or SearchEngine
-                    self._engine = factory(self.settings, catalog=self.catalog)
+                    self._engine = SearchEngine(self.settings, catalog=self.catalog)
+                elif stamp != self._index_stamp:
+                    self._engine.refresh()
+                self._index_stamp = stamp
         return self._engine
 
     @property
