@@ -26,7 +26,7 @@ def parse_ks(ctx, param, value: str) -> tuple[int, ...]:
 @click.command("benchmark")
 @click.option("--dataset", "dataset_spec", required=True, metavar="KIND:PATH", help=f"Data set, KIND one of {', '.join(KINDS)}; e.g. csv:patches/labels.csv, folder:NCT-CRC-HE-100K, unitopatho:unitopath-public/800, tissuenet:tissuenet/.")
 @click.option("--encoder", "encoders", multiple=True, metavar="SPEC", help="Encoder to compare (repeat for several): a RetCCL checkpoint (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] [default: HISTOSEEK_ENCODER, else <data-dir>/weights/best_ckpt.pth].")
-@click.option("--k", "ks", default="1,3,5", show_default=True, callback=parse_ks, help="Comma-separated k of Acc@k and MV@k; MV, mMV and mAP are shown at the largest.")
+@click.option("--k", "ks", default="1,3,5", show_default=True, callback=parse_ks, metavar="K,K,...", help="Comma-separated k of Acc@k and MV@k; MV, mMV and mAP are shown at the largest.")
 @click.option("--exclude", "exclusion", type=click.Choice(EXCLUSIONS), default=None, help="Leave-one-out exclusion: a query never retrieves its own image, slide or patient [default: the strictest the data set records].")
 @click.option("--mpp", type=float, default=None, help="Microns per pixel to cut patches at (TissueNet, default the target mpp 1.0) or to rescale image patches of known mpp to before a centre crop [default for image sets: resize whole patches to 224 px].")
 @click.option("--label-column", default=None, help="Label column: csv (default `label`) or unitopatho (top_label_name, type_name or grade_name).")
@@ -52,7 +52,9 @@ def benchmark_command(dataset_spec, encoders, ks, exclusion, mpp, label_column, 
     image/slide/patient. Prints a table like the RetCCL README, optionally writes JSON and
     a plot, and records the run in the catalog for the web app. Example:
 
-        engine benchmark --dataset csv:patches/labels.csv --label-column label_nct9 --encoder random --json out.json --plot out.png
+    \b
+        engine benchmark --dataset csv:patches/labels.csv --label-column label_nct9 \\
+            --encoder random --json out.json --plot out.png
     """
     from engine.benchmark import BenchmarkOptions, run_benchmark, store_runs
     from engine.benchmark_report import table, write_json, write_plot
