@@ -123,23 +123,22 @@ def test_build_indexes_slides_and_records_failures(tmp_path, archive):
 
 def test_vectors_are_the_encoders_features_of_the_tiles(tmp_path, archive):
     """A stored vector is the L2-normalised embedding of the tile read at its coordinates."""
+    import torch
+
     from engine.encoder import Encoder, l2_normalise
     from engine.slides import read_tile
 
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(archive / "b.tiff", one / "b.tiff")
     settings = _settings(tmp_path, precision="fp32")
-    _build(settings, archive)
+    _build(settings, one)
     snap = _snapshot(settings)
-    tile_id, _, x, y, size = snap["tiles"][0]
-    cat = Catalog(settings.catalog_url)
-    with cat.session() as s:
-        path = s.get(Slide, s.get(Tile, tile_id).slide_id).path
-    cat.dispose()
-    img = np.asarray(read_tile(path, x, y, size, 224))
-    import torch
-
     enc = Encoder.from_spec(ENCODER, device="cpu", precision="fp32")
-    want = l2_normalise(enc.embed(torch.from_numpy(img.transpose(2, 0, 1).copy())[None]))[0]
-    assert np.allclose(snap["vectors"][tile_id], want, atol=1e-5)
+    for tile_id, _, x, y, size in snap["tiles"][:2]:
+        img = np.asarray(read_tile(one / "b.tiff", x, y, size, 224))
+        want = l2_normalise(enc.embed(torch.from_numpy(img.transpose(2, 0, 1).copy())[None]))[0]
+        assert np.allclose(snap["vectors"][tile_id], want, atol=1e-5)
 
 
 def test_rerun_skips_moved_is_followed_changed_is_reindexed(tmp_path, archive):
@@ -170,24 +169,27 @@ def test_rerun_skips_moved_is_followed_changed_is_reindexed(tmp_path, archive):
 
 
 def test_default_mpp_and_min_tissue(tmp_path, archive):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(archive / "nompp.tiff", one / "nompp.tiff")
     settings = _settings(tmp_path)
-    strict = _build(settings, archive, min_tissue=0.9)
-    loose_settings = _settings(tmp_path / "loose")
-    loose = _build(loose_settings, archive, min_tissue=0.1, default_mpp=0.5)
-    assert loose.failed == 1  # only garbage.svs
-    assert loose.tiles > strict.tiles
+    strict = _build(settings, one, min_tissue=1.0, default_mpp=0.5)
+    assert strict.failed == 1 and "lower --min-tissue" in strict.failures[0][1]
+    loose = _build(settings, one, min_tissue=0.1, default_mpp=0.5)
+    assert (loose.indexed, loose.failed, loose.tiles) == (1, 0, 1)
+    cat = Catalog(settings.catalog_url)
+    with cat.session() as s:
+        assert s.scalar(sa.select(Slide.mpp_source)) == "default"
+    cat.dispose()
 
 
 def test_repair_after_kill_between_shard_write_and_commit(tmp_path, archive):
     """The states a SIGKILL can leave, made exactly: a shard file written for a slide whose
     commit never happened, and a half-written temp file. The rerun removes both and ends
     equal to a clean build."""
-    clean = _settings(tmp_path / "clean")
-    _build(clean, archive)
-    want = _snapshot(clean)
-
-    settings = _settings(tmp_path / "killed")
+    settings = _settings(tmp_path)
     _build(settings, archive)
+    want = _snapshot(settings)
     cat = Catalog(settings.catalog_url)
     with cat.session() as s:
         victim = s.scalar(sa.select(Slide).where(Slide.status == INDEXED).order_by(Slide.id))
