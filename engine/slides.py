@@ -73,6 +73,7 @@ def slide_mpp(slide: openslide.OpenSlide, default_mpp: float | None = None) -> t
     """Microns per level-0 pixel: from the slide's metadata, else from its objective power
     (10 / power, i.e. 20x -> 0.5), else `default_mpp`; otherwise a SlideError saying so."""
     props = slide.properties
+    implausible = None
     for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
         try:
             value = float(props.get(key, "nan"))
@@ -80,6 +81,8 @@ def slide_mpp(slide: openslide.OpenSlide, default_mpp: float | None = None) -> t
             continue
         if np.isfinite(value) and 0.01 < value < 100:
             return value, "metadata"
+        if np.isfinite(value):
+            implausible = value
     try:
         power = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
     except ValueError:
@@ -88,7 +91,8 @@ def slide_mpp(slide: openslide.OpenSlide, default_mpp: float | None = None) -> t
         return 10.0 / power, "objective-power"
     if default_mpp is not None:
         return float(default_mpp), "default"
-    raise SlideError("slide has no microns-per-pixel or objective-power metadata; pass --default-mpp X (microns per level-0 pixel) to index it")
+    found = f"its metadata says {implausible:g} um/px, which no slide scanner produces" if implausible is not None else "slide has no microns-per-pixel or objective-power metadata"
+    raise SlideError(f"{found}; pass --default-mpp X (microns per level-0 pixel) to index it")
 
 
 def describe_slide(path: str | Path, slide: openslide.OpenSlide, default_mpp: float | None = None) -> SlideInfo:
