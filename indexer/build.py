@@ -44,6 +44,7 @@ class BuildSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    ranks: list[dict] = dataclasses.field(default_factory=list)  # per rank: slides, tiles, seconds
 
     @property
     def tiles_per_s(self) -> float:
@@ -166,8 +167,9 @@ def build_archive(
         finally:
             catalog.dispose()
         summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
-        for part in ctx.all_gather(local):
+        for rank, part in enumerate(ctx.all_gather(local)):
             summary.merge(part)
+            summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2)})
         summary.failures.sort()
         return summary
     finally:
