@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from sqlalchemy import select
 
 from engine.benchmark import BenchmarkOptions, EncoderResult, BenchmarkReport, cache_path, evaluate, run_benchmark, store_runs, svm_accuracy
@@ -51,7 +52,9 @@ def patches_run(shared_data, tmp_path_factory):
     args = [
         "benchmark", "--dataset", f"csv:{shared_data / 'patches' / 'labels.csv'}", "--label-column", "label_nct9",
         "--encoder", ENCODER, "--data-dir", str(tmp / "data"), "--catalog", catalog,
-        "--json", str(tmp / "report.json"), "--plot", str(tmp / "report.png"), "--workers", "0",
+        "--json", str(tmp / "report.json"), "--plot", str(tmp / "report.png"), "--workers", "0", "--svm",
+        # fp32 (eager) skips tracing the fast CPU graph, which costs more than it saves here
+        "--precision", "fp32",
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -60,7 +63,7 @@ def patches_run(shared_data, tmp_path_factory):
 
 def test_cli_prints_table_writes_json_and_png_and_records_the_run(patches_run):
     tmp, catalog, result = patches_run
-    assert "| Encoder | Acc@1 | Acc@3 | Acc@5 | MV@5 | mMV@5 | mAP@5 |" in result.output
+    assert "| Encoder | Acc@1 | Acc@3 | Acc@5 | MV@5 | mMV@5 | mAP@5 | SVM acc |" in result.output
     assert "query's own image are excluded" in result.output
     doc = json.loads((tmp / "report.json").read_text())
     enc = doc["encoders"][0]
@@ -81,7 +84,7 @@ def test_reported_numbers_equal_brute_force_from_the_cached_features(patches_run
     doc = json.loads((tmp / "report.json").read_text())
     ds = load_dataset(f"csv:{shared_data / 'patches' / 'labels.csv'}", label_column="label_nct9")
     settings = Settings.load(data_dir=str(tmp / "data"), env={})
-    feats = np.load(cache_path(settings, ds, Encoder.from_spec(ENCODER), 224, None))
+    feats = np.load(cache_path(settings, ds, Encoder.from_spec(ENCODER, precision="fp32"), 224, None))
     expected = brute_force_report(feats, ds.labels, ds.groups("image"), (1, 3, 5))
     got = doc["encoders"][0]["metrics"]["overall"]
     for key, value in expected.items():
@@ -91,7 +94,7 @@ def test_reported_numbers_equal_brute_force_from_the_cached_features(patches_run
 def test_second_run_reuses_the_feature_cache(patches_run, shared_data):
     tmp, catalog, _ = patches_run
     ds = load_dataset(f"csv:{shared_data / 'patches' / 'labels.csv'}", label_column="label_nct9")
-    settings = Settings.load(data_dir=str(tmp / "data"), catalog_url=catalog, env={})
+    settings = Settings.load(data_dir=str(tmp / "data"), catalog_url=catalog, precision="fp32", env={})
     report = run_benchmark(settings, ds, [ENCODER], BenchmarkOptions(ks=(1, 2), workers=0, progress=False))
     assert report.results[0].cached
 
@@ -132,6 +135,24 @@ def test_unitopatho_and_tissuenet_replicas_report(shared_data, tmp_path):
         write_plot(report, tmp_path / f"{ds.kind}.png")
     ids = store_runs(settings.catalog_url, report)
     assert len(ids) == 1
+
+
+def test_several_encoders_in_one_table(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i in range(3):
+            (tmp_path / "set" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "set" / cls / f"{i}.png")
+    catalog = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--encoder", ENCODER + ":1", "--k", "1,2",
+            "--data-dir", str(tmp_path / "d"), "--catalog", catalog, "--json", str(tmp_path / "r.json"), "--workers", "0", "--precision", "fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "| random:resnet18:0 |" in result.output and "| random:resnet18:1 |" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [e["name"] for e in doc["encoders"]] == ["random:resnet18:0", "random:resnet18:1"]
+    assert doc["encoders"][0]["sha256"] != doc["encoders"][1]["sha256"]
+    assert "recorded as benchmark run(s) 1, 2" in result.output
 
 
 def test_cli_refuses_patient_exclusion_without_patients(tmp_path, shared_data):
