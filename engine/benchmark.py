@@ -188,6 +188,10 @@ def run_benchmark(settings: Settings, dataset: LabelledSet, encoder_specs: Seque
     """Embed (or reuse cached features), search leave-one-out and score, per encoder."""
     exclusion = opts.exclusion or dataset.strictest_exclusion()
     dataset.groups(exclusion)  # a clear error now, before any embedding, if ids are missing
+    if opts.mpp is not None and dataset.kind != "tissuenet":
+        unknown = sum(1 for item in dataset.items if item.mpp is None)
+        if unknown:
+            raise DatasetError(f"--mpp {opts.mpp}: {unknown} of {len(dataset.items)} patches have no known mpp to rescale from; drop --mpp (patches are then resized whole) or give an mpp column")
     if not encoder_specs:
         raise ValueError("at least one encoder spec is needed")
     parameters = {

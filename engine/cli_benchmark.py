@@ -70,11 +70,16 @@ def benchmark_command(dataset_spec, encoders, ks, exclusion, mpp, label_column, 
     opts = BenchmarkOptions(ks=ks, exclusion=exclusion, mpp=mpp, svm_folds=svm_folds if svm else 0, batch_size=batch_size, workers=workers)
     report = run_benchmark(settings, dataset, specs, opts)
     plot = write_plot(report, Path(plot_path)) if plot_path else None
+    # the JSON is written before the catalog is touched, so a catalog error loses nothing
+    if json_path:
+        write_json(report, Path(json_path))
     if not no_store:
         ids = store_runs(settings.catalog_url, report, plot.resolve() if plot else None)
         click.echo(f"recorded as benchmark run(s) {', '.join(map(str, ids))} in the catalog", err=True)
+        if json_path:
+            write_json(report, Path(json_path))  # now with the catalog run ids
     if json_path:
-        click.echo(f"wrote {write_json(report, Path(json_path))}", err=True)
+        click.echo(f"wrote {json_path}", err=True)
     if plot:
         click.echo(f"wrote {plot}", err=True)
     click.echo(table(report))

@@ -137,12 +137,17 @@ def test_unitopatho_and_tissuenet_replicas_report(shared_data, tmp_path):
     assert len(ids) == 1
 
 
-def test_several_encoders_in_one_table(tmp_path):
+def _tiny_folder(root):
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         for i in range(3):
-            (tmp_path / "set" / cls).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "set" / cls / f"{i}.png")
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_several_encoders_in_one_table(tmp_path):
+    _tiny_folder(tmp_path / "set")
     catalog = f"sqlite:///{tmp_path / 'c.sqlite'}"
     args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--encoder", ENCODER + ":1", "--k", "1,2",
             "--data-dir", str(tmp_path / "d"), "--catalog", catalog, "--json", str(tmp_path / "r.json"), "--workers", "0", "--precision", "fp32"]
@@ -153,6 +158,21 @@ def test_several_encoders_in_one_table(tmp_path):
     assert [e["name"] for e in doc["encoders"]] == ["random:resnet18:0", "random:resnet18:1"]
     assert doc["encoders"][0]["sha256"] != doc["encoders"][1]["sha256"]
     assert "recorded as benchmark run(s) 1, 2" in result.output
+
+
+def test_unreachable_catalog_is_a_clear_error_and_the_json_is_kept(tmp_path):
+    _tiny_folder(tmp_path / "set")
+    args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--k", "1", "--data-dir", str(tmp_path / "d"),
+            "--catalog", "postgresql+psycopg://nobody:secret@127.0.0.1:1/none", "--json", str(tmp_path / "r.json"), "--workers", "0", "--precision", "fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "cannot open the catalog" in result.output and "secret" not in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["encoders"][0]["catalog_run_id"] is None
+
+
+def test_mpp_needs_known_patch_resolution(tmp_path):
+    _tiny_folder(tmp_path / "set")
+    result = CliRunner().invoke(main, ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--mpp", "0.5", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "no known mpp" in result.output
 
 
 def test_cli_refuses_patient_exclusion_without_patients(tmp_path, shared_data):
