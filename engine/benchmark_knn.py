@@ -39,16 +39,19 @@ def exact_neighbours(xb: np.ndarray, groups: np.ndarray, rows: np.ndarray, k: in
     n = xb.shape[0]
     D_out = np.full((len(rows), k), -np.inf, np.float32)
     I_out = np.full((len(rows), k), -1, np.int64)
-    ids = np.arange(n)
+    kk = min(k, n)
     for start in range(0, len(rows), 256):
         block = rows[start : start + 256]
         S = xb[block] @ xb.T  # scores: len(block) x n
         S[groups[block][:, None] == groups[None, :]] = -np.inf
-        order = np.lexsort((np.broadcast_to(ids, S.shape), -S), axis=-1)[:, :k]
-        top_d = np.take_along_axis(S, order, axis=1)
-        top_i = np.where(np.isfinite(top_d), order, -1)
-        D_out[start : start + len(block), : top_d.shape[1]] = top_d
-        I_out[start : start + len(block), : top_i.shape[1]] = top_i
+        # the k-th best score of each row in O(n); everything at least as good (ties
+        # included) is sorted by (-score, index), which is all a full sort would decide
+        kth = np.partition(S, n - kk, axis=1)[:, n - kk]
+        for r in range(len(block)):
+            cand = np.nonzero((S[r] >= kth[r]) & np.isfinite(S[r]))[0]
+            cand = cand[np.lexsort((cand, -S[r, cand]))][:k]
+            D_out[start + r, : len(cand)] = S[r, cand]
+            I_out[start + r, : len(cand)] = cand
     return D_out, I_out
 
 
