@@ -50,6 +50,27 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
+def augment_config(crop_px: int = 224, min_crop_scale: float = 0.2, jitter: float = 1.0) -> AugmentConfig:
+    """The default recipe at a crop size, with the crop scale floor and the colour/stain
+    jitter strength scaled (jitter 0 turns colour and stain jitter off; lighter settings
+    suit continued pretraining of an already trained encoder)."""
+    if not 0 < min_crop_scale <= 1 or jitter < 0:
+        raise ValueError("min_crop_scale must be in (0, 1] and jitter >= 0")
+    base = AugmentConfig()
+    return dataclasses.replace(
+        base,
+        crop_px=crop_px,
+        crop_scale=(min_crop_scale, 1.0),
+        colour_p=base.colour_p if jitter > 0 else 0.0,
+        brightness=base.brightness * jitter,
+        contrast=base.contrast * jitter,
+        saturation=base.saturation * jitter,
+        hue=min(0.5, base.hue * jitter),
+        hed_p=base.hed_p if jitter > 0 else 0.0,
+        hed_sigma=base.hed_sigma * jitter,
+    )
+
+
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=g))
 

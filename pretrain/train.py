@@ -27,7 +27,7 @@ from tqdm import tqdm
 from engine.encoder import ARCH_DIMS, IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import ConfigError, HistoseekError
 from pretrain import distributed as D
-from pretrain.augment import AugmentConfig
+from pretrain.augment import augment_config
 from pretrain.ccl import CCL
 from pretrain.checkpoint import RUN_FORMAT, atomic_save, checkpoint_path, load_run_checkpoint, rng_state, set_rng_state
 from pretrain.data import TwoViewBatches, make_loader, open_source, sample_seed
@@ -64,6 +64,8 @@ class TrainConfig:
     group_weight: float = 0.25
     same_cluster_weight: float = 0.5
     crop_px: int = 224
+    min_crop_scale: float = 0.2
+    jitter: float = 1.0
     tile_px: int = 224
     slide_root: str | None = None
     shuffle_block: int = 16384
@@ -85,6 +87,8 @@ class TrainConfig:
             raise ConfigError("--max-steps must be at least 1")
         if self.lr <= 0:
             raise ConfigError("--lr must be > 0")
+        if not 0 < self.min_crop_scale <= 1 or self.jitter < 0:
+            raise ConfigError("--min-crop-scale must be in (0, 1] and --jitter >= 0")
 
 
 def _normalise(views: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -185,7 +189,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
         _truncate_metrics(metrics_path, step)
         LOG.info("CCL %s on %d rank(s), %s, %d tiles, %d steps/epoch, %d steps, global batch %d, AMP %s", cfg.arch, world, ctx.device, n_items, steps_per_epoch, total_steps, global_batch, "on" if amp else "off")
 
-    augment = AugmentConfig(crop_px=cfg.crop_px)
+    augment = augment_config(cfg.crop_px, cfg.min_crop_scale, cfg.jitter)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="pretrain", disable=not (progress and ctx.is_main))
     sums: dict[str, float] = {}
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
