@@ -129,10 +129,12 @@ def build_archive(
     batch_size: int = 64,
     progress: bool = True,
     ctx: distributed.DistContext | None = None,
+    encoder: Encoder | None = None,
 ) -> BuildSummary:
     """Index every slide under `archive_dir` into the catalog and shard files of
     `settings`; see the module docstring. Under torchrun (RANK/WORLD_SIZE set) each rank
-    calls this and every rank returns the same, whole-job summary."""
+    calls this and every rank returns the same, whole-job summary. `encoder`: an already
+    loaded encoder to use instead of loading `settings.encoder` (benchmarks, tests)."""
     root = Path(archive_dir)
     if not root.is_dir():
         raise ValueError(f"archive folder {root} does not exist or is not a folder")
@@ -144,7 +146,8 @@ def build_archive(
     distributed.check_catalog_for(ctx, settings.catalog_url)
     distributed.init(ctx)
     try:
-        encoder = Encoder.from_spec(settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision)
+        if encoder is None:
+            encoder = Encoder.from_spec(settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision)
         shard_encoder = ShardEncoder(encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px)
         # Rank 0 migrates the schema alone; concurrent Alembic runs would race.
         catalog = Catalog(settings.catalog_url) if ctx.is_main else None

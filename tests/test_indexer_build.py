@@ -286,3 +286,18 @@ def test_cli_build_status_verify_remove(tmp_path, archive):
     assert unknown.exit_code == 1 and "no slide 'nope'" in unknown.output
     assert runner.invoke(indexer_cli, ["verify", *common]).exit_code == 0
     assert "--min-tissue" in runner.invoke(indexer_cli, ["build", "--help"]).output
+
+
+def test_build_on_sqlite_and_postgres(tmp_path, archive, catalog_url):
+    """The same build on each catalog backend: indexed, verified, and a rerun is a no-op."""
+    settings = Settings.load(env={}, data_dir=str(tmp_path / "data"), catalog_url=catalog_url, index_dir=str(tmp_path / "index"), encoder=ENCODER, device="cpu")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(archive / "sub" / "c.tif", one / "c.tif")
+    first = _build(settings, one)
+    assert (first.indexed, first.failed) == (1, 0)
+    again = _build(settings, one)
+    assert (again.indexed, again.skipped) == (0, 1)
+    cat = Catalog(catalog_url)
+    assert verify_index(cat, settings.index_dir).ok
+    cat.dispose()

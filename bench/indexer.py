@@ -1,0 +1,114 @@
+"""Indexer pipeline efficiency: end-to-end tiles/s of `indexer build` (tissue mask, tile
+grid, decoding in DataLoader workers, encoder, shard write, catalog commit) against the
+encoder alone on the same tiles already in memory, in the same run, with one warmed-up
+encoder. Prints one JSON document.
+
+    python bench/make_mosaic_slide.py --size 20000 --out /tmp/mosaic-20k.tiff
+    python bench/indexer.py --slide /tmp/mosaic-20k.tiff --encoder random:resnet50
+
+The encoder-only rate is measured before and after the end-to-end run (other load on the
+machine drifts); efficiency = end-to-end / mean of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and its name would shadow
+# the `indexer` package; the repo root goes in its place.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from engine.config import Settings  # noqa: E402
+from engine.encoder import Encoder  # noqa: E402
+from engine.features import default_workers  # noqa: E402
+from engine.slides import describe_slide, open_slide, read_box  # noqa: E402
+from engine.tiling import tile_grid  # noqa: E402
+from engine.tissue import slide_tissue_mask  # noqa: E402
+from indexer.build import build_archive  # noqa: E402
+
+
+def sample_tiles(slide_path: Path, settings: Settings, min_tissue: float, n: int) -> tuple[torch.Tensor, int]:
+    """(up to n decoded tiles of the slide's grid as uint8 N x 3 x H x W, grid size)."""
+    slide = open_slide(slide_path)
+    info = describe_slide(slide_path, slide)
+    mask, ds = slide_tissue_mask(slide)
+    boxes = tile_grid(info, mask, ds, settings.target_mpp, settings.tile_px, min_tissue)
+    step = max(1, len(boxes) // n)
+    tiles = [np.asarray(read_box(slide, b.x, b.y, b.size, settings.tile_px)) for b in boxes[::step][:n]]
+    slide.close()
+    return torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).copy()), len(boxes)
+
+
+def encoder_only(encoder: Encoder, cache: torch.Tensor, total: int, batch_size: int) -> float:
+    """Tiles/s embedding `total` tiles cycled from the in-memory cache."""
+    done = 0
+    start = time.perf_counter()
+    while done < total:
+        idx = torch.arange(done, min(total, done + batch_size)) % len(cache)
+        encoder.embed(cache[idx])
+        done += len(idx)
+    return total / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slide", type=Path, required=True, help="a slide file (e.g. from bench/make_mosaic_slide.py)")
+    parser.add_argument("--encoder", default="random:resnet50", help="encoder spec (default random:resnet50, RetCCL's architecture)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
+    parser.add_argument("--min-tissue", type=float, default=0.5)
+    parser.add_argument("--cache-tiles", type=int, default=128, help="tiles decoded up front for the encoder-only rate")
+    args = parser.parse_args(argv)
+    if not args.slide.is_file():
+        parser.error(f"{args.slide} is not a file; make one with bench/make_mosaic_slide.py")
+
+    workers = default_workers() if args.workers is None else args.workers
+    with tempfile.TemporaryDirectory(prefix="bench-indexer-") as tmp:
+        tmp = Path(tmp)
+        archive = tmp / "archive"
+        archive.mkdir()
+        os.symlink(args.slide.resolve(), archive / args.slide.name)
+        settings = Settings.load(env={}, data_dir=str(tmp), catalog_url=f"sqlite:///{tmp / 'cat.sqlite'}", index_dir=str(tmp / "index"), encoder=args.encoder, device=args.device)
+        encoder = Encoder.from_spec(args.encoder, device=settings.device, precision=settings.precision)
+        cache, n_tiles = sample_tiles(args.slide, settings, args.min_tissue, args.cache_tiles)
+        encoder.embed(cache[: args.batch_size])  # warm-up: JIT trace / cuDNN autotune
+        before = encoder_only(encoder, cache, n_tiles, args.batch_size)
+        summary = build_archive(settings, archive, min_tissue=args.min_tissue, workers=workers, batch_size=args.batch_size, progress=sys.stderr.isatty(), encoder=encoder)
+        after = encoder_only(encoder, cache, n_tiles, args.batch_size)
+    if summary.failed or summary.tiles != n_tiles:
+        raise SystemExit(f"build did not index the slide as expected: {summary.to_json()}")
+    enc_rate = (before + after) / 2
+    print(json.dumps({
+        "bench": "indexer",
+        "command": "python bench/indexer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "slide": args.slide.name,
+        "tiles": summary.tiles,
+        "encoder": encoder.info.name,
+        "device": str(encoder.device),
+        "precision": encoder.precision,
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "end_to_end_s": round(summary.seconds, 2),
+        "end_to_end_tiles_per_s": round(summary.tiles_per_s, 2),
+        "encoder_only_tiles_per_s": [round(before, 2), round(after, 2)],
+        "efficiency": round(summary.tiles_per_s / enc_rate, 3),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
