@@ -1,6 +1,6 @@
 """The must-show of CCL pretraining: a 2-process gloo run on CPU trains on the shared real
 patches, is killed, resumes to exactly the state of an uninterrupted run, exports, and the
-export works as --encoder for `engine features`."""
+export works as --encoder for `engine features` and `indexer build`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
+from click.testing import CliRunner
 
-from engine.encoder import Encoder, load_backbone
+from engine.catalog.db import Catalog
+from engine.catalog.models import Encoder as CatalogEncoder
+from engine.catalog.models import Slide, Tile
+from engine.cli import main as engine_cli
+from engine.encoder import Encoder, file_sha256, load_backbone
 from engine.images import find_images, open_rgb, to_uint8_chw
+from indexer.cli import main as indexer_cli
+from pretrain.cli import main as pretrain_cli
 
 pytestmark = pytest.mark.slow
 
@@ -96,21 +104,38 @@ def test_two_rank_gloo_kill_resume_export(shared_data, tmp_path, test_output):
     assert (killed / "loss.png").stat().st_size > 1000
 
     export = test_output / "ccl-resnet18.pth"
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "export", str(killed), "--out", str(export)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    runner = CliRunner()
+    result = runner.invoke(pretrain_cli, ["export", str(killed), "--out", str(export)])
+    assert result.exit_code == 0, result.output
     model, info = load_backbone(str(export))
     assert info.architecture == "resnet18" and info.layout == "histoseek" and info.dim == 512
     backbone = {k[len("encoder_q.backbone.") :]: v for k, v in got["model"].items() if k.startswith("encoder_q.backbone.")}
     for key, value in model.state_dict().items():
         assert torch.equal(value, backbone[key])
 
+    # --encoder for `engine features`: same numbers as the backbone called directly
     feats = test_output / "feats.npy"
     images = find_images([data / "kather2016"])[:4]
-    proc = subprocess.run([sys.executable, "-m", "engine", "features", *map(str, images), "--encoder", str(export), "--precision", "fp32", "--workers", "0", "--out", str(feats)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    result = runner.invoke(engine_cli, ["features", *map(str, images), "--encoder", str(export), "--precision", "fp32", "--workers", "0", "--out", str(feats)])
+    assert result.exit_code == 0, result.output
     x = np.load(feats)
     assert x.shape == (4, 512)
-    # the same backbone through the engine in-process gives the same features
-    enc = Encoder.from_spec(str(export), device="cpu", precision="fp32")
-    expected = enc.embed(torch.stack([to_uint8_chw(open_rgb(p)) for p in images]))
+    with torch.no_grad():
+        expected = Encoder(model, info, device="cpu", precision="fp32").embed(torch.stack([to_uint8_chw(open_rgb(p)) for p in images]))
     np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-5)
+
+    # --encoder for `indexer build`: a real slide indexed with the pretrained backbone
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.symlink(shared_data / "slides" / "real" / "CMU-1-Small-Region.svs", archive / "cmu.svs")
+    catalog = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    result = runner.invoke(indexer_cli, ["build", str(archive), "--encoder", str(export), "--catalog", catalog, "--index-dir", str(tmp_path / "index"), "--data-dir", str(tmp_path / "data"), "--workers", "0", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cat = Catalog(catalog)
+    with cat.session() as s:
+        enc = s.scalars(sa.select(CatalogEncoder)).one()
+        slide = s.scalars(sa.select(Slide)).one()
+        tiles = s.scalar(sa.select(sa.func.count()).select_from(Tile))
+    cat.dispose()
+    assert (enc.architecture, enc.dim, enc.checkpoint_sha256) == ("resnet18", 512, file_sha256(export))
+    assert slide.status == "indexed" and slide.encoder_id == enc.id and tiles > 0
