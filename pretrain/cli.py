@@ -111,3 +111,44 @@ def plot(run_dir: str) -> None:
     if out is None:
         raise click.ClickException(f"{run_dir} has no logged steps yet (metrics.jsonl is missing or empty)")
     click.echo(str(out))
+
+
+@main.command()
+@click.option("--dataset", "dataset_spec", required=True, metavar="KIND:PATH", help="Labelled patches, as the benchmark reads them: folder:DIR, csv:FILE.csv, unitopatho:DIR, tissuenet:DIR.")
+@click.option("--label-column", default=None, help="Label column (csv, unitopatho).")
+@click.option("--mode", type=click.Choice(["linear", "finetune"]), default="linear", show_default=True, help="linear: frozen backbone + linear layer; finetune: train backbone and layer together.")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.95), default=0.3, show_default=True, help="Share of patches (whole slides/patients) held out for validation.")
+@click.option("--exclude", "exclusion", type=click.Choice(["image", "slide", "patient"]), default=None, help="Keep each slide/patient on one side of the split [default: the strictest the data set knows].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [default: 300 linear, 10 finetune].")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 0.01].")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--tile-px", type=int, default=None, help="Patch edge in pixels fed to the encoder [env HISTOSEEK_TILE_PX; default 224].")
+@click.option("--mpp", type=float, default=None, help="Rescale patches of known resolution to this many microns per pixel.")
+@click.option("--workers", type=int, default=None, help="Decoding worker processes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the training.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the confusion matrix as PNG here.")
+@settings_options
+@handle_errors
+def lincls(dataset_spec, label_column, mode, val_fraction, exclusion, epochs, lr, batch_size, mpp, workers, seed, out, plot, settings: Settings) -> None:
+    """Linear probe or fine-tuning of --encoder on a labelled patch set; accuracy per class.
+
+    Example, the encoder of a pretraining run on Kather-style folders:
+
+        python -m pretrain lincls --dataset folder:NCT-CRC-HE-100K --encoder ccl.pth
+    """
+    from engine.datasets import load_dataset
+    from engine.encoder import Encoder
+    from pretrain.lincls import ProbeOptions, format_report, plot_confusion, run_probe
+
+    tile_px = settings.tile_px  # --tile-px lands in the settings, as for every engine command
+    dataset = load_dataset(dataset_spec, label_column=label_column, tile_px=tile_px, mpp=mpp)
+    encoder = Encoder.from_spec(settings.require_encoder(), device=settings.device, precision=settings.precision if mode == "linear" else "fp32")
+    click.echo(f"encoder: {encoder.info.describe()} on {encoder.device}", err=True)
+    opts = ProbeOptions(mode=mode, val_fraction=val_fraction, exclusion=exclusion, epochs=epochs, lr=lr, batch_size=batch_size, tile_px=tile_px, mpp=mpp, workers=workers, seed=seed)
+    report = run_probe(encoder, dataset, opts)
+    click.echo(format_report(report))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    if plot:
+        plot_confusion(report, plot)
