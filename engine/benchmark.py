@@ -188,7 +188,7 @@ def run_benchmark(settings: Settings, dataset: LabelledSet, encoder_specs: Seque
     """Embed (or reuse cached features), search leave-one-out and score, per encoder."""
     exclusion = opts.exclusion or dataset.strictest_exclusion()
     dataset.groups(exclusion)  # a clear error now, before any embedding, if ids are missing
-    if opts.mpp is not None and dataset.kind != "tissuenet":
+    if opts.mpp is not None and dataset.cut_mpp is None:
         unknown = sum(1 for item in dataset.items if item.mpp is None)
         if unknown:
             raise DatasetError(f"--mpp {opts.mpp}: {unknown} of {len(dataset.items)} patches have no known mpp to rescale from; drop --mpp (patches are then resized whole) or give an mpp column")
@@ -198,7 +198,7 @@ def run_benchmark(settings: Settings, dataset: LabelledSet, encoder_specs: Seque
         "k": sorted(set(opts.ks)),
         "exclusion": exclusion,
         "exclusion_text": f"results from the query's own {exclusion} are excluded",
-        "mpp": opts.mpp if dataset.kind != "tissuenet" else (opts.mpp or settings.target_mpp),
+        "mpp": dataset.cut_mpp or opts.mpp,
         "tile_px": settings.tile_px,
         "precision": settings.precision,
         "tie_rule": TIE_RULE,

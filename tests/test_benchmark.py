@@ -129,6 +129,7 @@ def test_unitopatho_and_tissuenet_replicas_report(shared_data, tmp_path):
         ds = load_dataset(spec, tile_px=settings.tile_px)
         report = run_benchmark(settings, ds, [ENCODER], opts)
         assert report.parameters["exclusion"] == exclusion
+        assert report.parameters["mpp"] == (1.0 if ds.kind == "tissuenet" else None)
         overall = report.results[0].metrics["overall"]
         assert 0 <= overall["acc@1"] <= overall["acc@3"] <= overall["acc@5"] <= 1
         assert f"{ds.kind} data set" in table(report)

@@ -45,6 +45,8 @@ class LabelledSet:
     items: list[Item]
     label_column: str
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: mpp the loader already cut slide patches at (TissueNet); None for image sets
+    cut_mpp: float | None = None
 
     def __post_init__(self):
         if not self.items:

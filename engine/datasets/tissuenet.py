@@ -110,4 +110,4 @@ def load_tissuenet(root: Path, *, mpp: float, tile_px: int) -> LabelledSet:
     if absent:
         notes.append(f"{absent} annotations of {len({r['filename'] for r in annotations}) - len(slides)} slides not present were left out")
         LOG.warning("tissuenet: %d annotations are on slides that are not in %s; they are left out", absent, root)
-    return LabelledSet("tissuenet", root, items, label_column="annotation_class", notes=notes)
+    return LabelledSet("tissuenet", root, items, label_column="annotation_class", notes=notes, cut_mpp=mpp)
