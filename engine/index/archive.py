@@ -1,0 +1,100 @@
+"""The index of one encoder's shard files, kept in step with the catalog: exact (flat) for
+small archives, compressed (IVF-PQ + exact re-ranking) for large ones, chosen by size.
+
+`sync_index` brings an index to a given set of shards: shards that are new are added, shards
+that are gone (or were rewritten: the key includes the file's sha256) are removed. Neither
+needs a rebuild; only the first compressed index is trained, on a sample of all shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.errors import ShardError
+from engine.index.compressed import CompressedIndex, default_nlist, train_sample_size
+from engine.index.flat import FlatShardIndex
+from engine.shards import read_shard, shard_arrays
+
+LOG = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "compressed")
+# Up to this many tiles the exact flat index is used: 100k x 2048-d float32 is 0.8 GB of RAM
+# and about 20 ms per query tile on two cores; above it the compressed index is faster and
+# ~50x smaller.
+FLAT_MAX_TILES = 100_000
+COMPRESSED_FOLDER = "compressed"
+
+
+def choose_kind(n_tiles: int, requested: str = "auto", flat_max: int = FLAT_MAX_TILES) -> str:
+    if requested not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "flat" if n_tiles <= flat_max else "compressed"
+
+
+def _training_sample(shards: dict[str, Path], size: int, seed: int, progress: bool) -> np.ndarray:
+    """About `size` vectors drawn uniformly from all shards (one shard in memory at a time)."""
+    rng = np.random.default_rng(seed)
+    counts = {key: read_shard(path).ntotal for key, path in shards.items()}
+    total = sum(counts.values())
+    frac = min(1.0, size / max(total, 1))
+    parts = []
+    for key, path in tqdm(shards.items(), desc="sampling for training", unit="shard", disable=not progress):
+        if not counts[key]:
+            continue
+        _, xb = shard_arrays(path)
+        take = rng.random(len(xb)) < frac
+        parts.append(xb[take])
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def sync_index(index, shards: dict[str, Path], *, progress: bool = False) -> tuple[int, int]:
+    """Make `index` hold exactly the given shards (key -> file); returns (added, removed)
+    shard counts."""
+    current = index.keys
+    gone = sorted(current - set(shards))
+    new = [key for key in shards if key not in current]
+    for key in gone:
+        index.remove_shard(key)
+    for key in tqdm(new, desc="loading shards", unit="shard", disable=not progress or len(new) < 2):
+        if isinstance(index, FlatShardIndex):
+            index.add_shard(key, read_shard(shards[key]))
+        else:
+            ids, xb = shard_arrays(shards[key])
+            index.add(ids, xb, key=key)
+    if isinstance(index, CompressedIndex) and (new or gone):
+        index.save()
+    return len(new), len(gone)
+
+
+def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, use_gpu: bool = False, progress: bool = False, seed: int = 0):
+    """An index of `kind` ('flat' or 'compressed') holding `shards`. A compressed index is
+    reopened from `folder` when it is there and of this dimension, and trained when not."""
+    if kind == "flat":
+        index = FlatShardIndex(dim, use_gpu=use_gpu)
+    elif kind == "compressed":
+        index = None
+        if (folder / "manifest.json").exists():
+            try:
+                index = CompressedIndex.open(folder)
+            except ShardError as exc:
+                LOG.warning("%s; rebuilding it from the shard files", exc)
+            if index is not None and index.dim != dim:
+                index = None
+        if index is None:
+            total = sum(read_shard(path).ntotal for path in shards.values())
+            nlist = default_nlist(total)
+            sample = _training_sample(shards, train_sample_size(nlist), seed, progress)
+            if len(sample) < 40 * 256:
+                raise ShardError(f"the compressed index needs at least {40 * 256} vectors to train, the archive has {total}; use the flat index")
+            index = CompressedIndex.train(folder, sample, nlist=nlist, seed=seed)
+        index.use_gpu = use_gpu
+    else:
+        raise ValueError(f"index kind must be 'flat' or 'compressed', not {kind!r}")
+    sync_index(index, shards, progress=progress)
+    return index

@@ -1,0 +1,83 @@
+"""An append-only float16 vector file on disk, read through a memmap.
+
+The compressed index keeps only codes in RAM; the exact vectors it re-ranks its short list
+with live here, at 2 bytes per dimension (2048-d: 4 KiB per tile), read by row number. Rows
+are never rewritten in place: a removed vector keeps its row (marked dead by the index) until
+the index is compacted, so appending is the only write and a crash can at worst leave a tail
+of rows that no manifest counts; `open` cuts that tail off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+
+class VectorStore:
+    """Rows of `dim` float16 values in one file; `n` = rows that belong to the index."""
+
+    def __init__(self, path: str | Path, dim: int, n: int = 0):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.n = int(n)
+        self._map: np.memmap | None = None
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        size = self.path.stat().st_size
+        row_bytes = self.dim * 2
+        if size < self.n * row_bytes:
+            raise OSError(f"vector file {self.path} holds {size // row_bytes} rows, its manifest counts {self.n}")
+        if size > self.n * row_bytes:
+            LOG.warning("vector file %s has %d uncounted rows (an interrupted add); cutting them off", self.path, size // row_bytes - self.n)
+            os.truncate(self.path, self.n * row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.dim * 2
+
+    def append(self, xb: np.ndarray) -> np.ndarray:
+        """Append rows (n x dim, any float dtype); returns their row numbers."""
+        xb = np.ascontiguousarray(xb, dtype=np.float16)
+        if xb.ndim != 2 or xb.shape[1] != self.dim:
+            raise ValueError(f"need n x {self.dim} vectors, got {xb.shape}")
+        with open(self.path, "ab") as fh:
+            fh.write(xb.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        rows = np.arange(self.n, self.n + len(xb), dtype=np.int64)
+        self.n += len(xb)
+        self._map = None
+        return rows
+
+    def _memmap(self) -> np.ndarray:
+        if self._map is None or len(self._map) != self.n:
+            if self.n == 0:
+                return np.zeros((0, self.dim), np.float16)
+            self._map = np.memmap(self.path, dtype=np.float16, mode="r", shape=(self.n, self.dim))
+        return self._map
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of `rows` (read in sorted order, which the disk prefers)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.dim), np.float32)
+        out[order] = self._memmap()[rows[order]]
+        return out
+
+    def iter_chunks(self, rows: np.ndarray, chunk: int = 65536):
+        """(rows, float32 vectors) in chunks, for scans over many rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            yield part, self.get(part)
+
+    def close(self) -> None:
+        self._map = None
