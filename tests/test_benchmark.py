@@ -178,7 +178,7 @@ def test_mpp_needs_known_patch_resolution(tmp_path):
 
 def test_cli_refuses_patient_exclusion_without_patients(tmp_path, shared_data):
     result = CliRunner().invoke(main, ["benchmark", "--dataset", f"folder:{shared_data / 'patches' / 'kather2016'}", "--encoder", ENCODER, "--exclude", "patient", "--data-dir", str(tmp_path)])
-    assert result.exit_code != 0 and "no patient id" in result.output
+    assert result.exit_code != 0 and "no patient id" in result.output and "--exclude slide" in result.output
 
 
 def test_cli_bad_k_and_missing_encoder(tmp_path):

@@ -36,6 +36,13 @@ def test_folder_per_class(tmp_path):
         ds.groups("slide")
 
 
+def test_folder_kather2016_names_give_the_source_image_as_slide(shared_data):
+    ds = load_dataset(f"folder:{shared_data / 'patches' / 'kather2016'}")
+    assert len(ds.items) == 24 and len(ds.classes) == 8
+    assert ds.strictest_exclusion() == "slide"
+    assert ds.items[0].slide == "CRC-Prim-HE-07"  # 1A11_CRC-Prim-HE-07_022.tif_Row_601_Col_151.tif
+
+
 def test_folder_without_class_folders_is_a_clear_error(tmp_path):
     _png(tmp_path / "loose.png", (0, 0, 0))
     with pytest.raises(DatasetError, match="class sub-folders"):
