@@ -1,0 +1,410 @@
+"""Search the archive by region or by slide: embed the query tiles, find their nearest
+tiles over all shards of the index's encoder, group them into slides, rank the slides, and
+say where in each slide the match is (level-0 boxes) and what the top slides' labels vote for.
+
+Region query: the image is resampled to the index's microns per pixel, cut into a centred
+grid of tiles (tiles without tissue dropped), each tile searched. A slide's score is the mean
+over query tiles of the best similarity of that tile to any tile of the slide.
+
+Slide query: a mosaic (engine.mosaic) of ~10 % of the slide's tiles, spread over its kinds of
+tissue and its area, each searched. A slide's score is the median over mosaic tiles of their
+best similarity to the slide (the median ignores a few tiles that match by chance, such as
+background or folds, in a way the mean and max do not).
+
+A query tile that does not retrieve any tile of a slide counts with the lowest similarity it
+did retrieve (its k-th neighbour), an upper bound of its true best match in that slide;
+k grows until `top_k` slides are found or every allowed tile was retrieved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+import torch
+from PIL import Image
+
+from engine.catalog.db import Catalog
+from engine.catalog.models import INDEXED, Shard, Slide, Tile
+from engine.catalog.models import Encoder as EncoderRow
+from engine.config import Settings
+from engine.encoder import Encoder, l2_normalise
+from engine.errors import EncoderError, NotFound, QueryError
+from engine.images import to_uint8_chw
+from engine.index import FLAT_MAX_TILES, IdFilter, choose_kind, gpu_available, open_index, sync_index
+from engine.metrics import majority_vote
+from engine.shards import ShardEncoder, encoder_dir
+
+LOG = logging.getLogger(__name__)
+
+FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
+MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused
+MIN_TISSUE = 0.25  # a query tile needs this much tissue to be searched
+MAX_QUERY_TILES = 64
+MAX_REGIONS = 10  # matched boxes reported per slide
+_SQL_CHUNK = 900  # bound parameters per IN (...) clause, under SQLite's limits
+
+
+@dataclasses.dataclass
+class Region:
+    """A matched tile, as a level-0 box of the result slide."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    score: float
+
+
+@dataclasses.dataclass
+class SlideHit:
+    rank: int
+    slide: dict
+    score: float
+    regions: list[Region]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    query: dict
+    results: list[SlideHit]
+    suggestion: dict
+    timing_ms: dict
+
+    def to_json(self) -> dict:
+        return {
+            "query": self.query,
+            "results": [
+                {"rank": h.rank, "slide": h.slide, "score": round(h.score, 6), "regions": [{**dataclasses.asdict(r), "score": round(r.score, 6)} for r in h.regions]}
+                for h in self.results
+            ],
+            "suggestion": self.suggestion,
+            "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+        }
+
+
+def _chunks(values, size: int = _SQL_CHUNK):
+    values = list(values)
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def slide_scores(sims: np.ndarray, slide_of: np.ndarray, floor: np.ndarray, rule: str) -> dict[int, float]:
+    """Aggregate per-query-tile best similarities into one score per slide.
+
+    sims: nq x n similarities of candidate tiles (-inf: none), slide_of: their slides (n,),
+    floor: per query tile, the similarity a slide gets when the tile retrieved none of it;
+    rule: 'mean' (region queries) or 'median' (slide queries)."""
+    scores = {}
+    for s in np.unique(slide_of):
+        best = np.where(slide_of == s, sims, -np.inf).max(axis=1)
+        best = np.where(np.isfinite(best), best, floor)
+        scores[int(s)] = float(np.mean(best) if rule == "mean" else np.median(best))
+    return scores
+
+
+class SearchEngine:
+    """Searches one archive (catalog + shard index) with one encoder.
+
+    settings:   where the catalog and index are, which encoder, device
+    catalog:    an open Catalog to share (default: opened from settings.catalog_url)
+    encoder:    a loaded engine.encoder.Encoder to share (default: loaded from settings)
+    index_kind: 'auto' (flat up to `flat_max` tiles, compressed above), 'flat', 'compressed'
+    """
+
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, encoder: Encoder | None = None, *, index_kind: str = "auto", flat_max: int = FLAT_MAX_TILES, progress: bool = False):
+        self.settings = settings
+        self.catalog = catalog or Catalog(settings.catalog_url)
+        self.encoder = encoder or Encoder.from_spec(settings.require_encoder(), device=settings.device, precision=settings.precision)
+        choose_kind(0, index_kind)  # validates
+        self.index_kind = index_kind
+        self.flat_max = flat_max
+        self.progress = progress
+        self.use_gpu = settings.device != "cpu" and gpu_available()
+        self.index = None
+        self.encoder_row: dict | None = None
+        self.refresh()
+
+    # -- the index -------------------------------------------------------------------------
+
+    def _find_encoder_row(self, s) -> EncoderRow:
+        info = self.encoder.info
+        rows = s.scalars(sa.select(EncoderRow).where(sa.exists().where(Shard.encoder_id == EncoderRow.id))).all()
+        if not rows:
+            raise NotFound("the archive has no indexed slides yet: run `indexer build ARCHIVE_DIR` first")
+        mine = [r for r in rows if r.checkpoint_sha256 == info.checkpoint_sha256]
+        if not mine:
+            known = ", ".join(f"{r.name} (sha256 {r.checkpoint_sha256[:12]})" for r in rows)
+            raise EncoderError(f"the query encoder {info.describe()} is not the one the index was built with: {known}; pass that checkpoint as --encoder")
+        same_grid = [r for r in mine if r.target_mpp == self.settings.target_mpp and r.tile_px == self.settings.tile_px]
+        return (same_grid or mine)[0]
+
+    def refresh(self) -> None:
+        """Bring the index in step with the catalog: load new shards, drop removed ones (and
+        switch between flat and compressed when the archive crossed the size threshold)."""
+        with self.catalog.session() as s:
+            row = self._find_encoder_row(s)
+            shards = s.execute(sa.select(Shard.path, Shard.sha256, Shard.count).where(Shard.encoder_id == row.id)).all()
+            self.encoder_row = {"id": row.id, "name": row.name, "target_mpp": row.target_mpp, "tile_px": row.tile_px, "dim": row.dim, "sha256": row.checkpoint_sha256}
+        if row.dim != self.encoder.dim:
+            raise EncoderError(f"the index holds {row.dim}-d vectors, the encoder gives {self.encoder.dim}-d")
+        index_dir = Path(self.settings.index_dir)
+        files = {f"{path}:{sha}": index_dir / path for path, sha, _ in shards}
+        kind = choose_kind(sum(c for *_, c in shards), self.index_kind, self.flat_max)
+        if self.index is None or self.index.kind != kind:
+            shard_enc = ShardEncoder(row.name, row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px)
+            folder = encoder_dir(index_dir, shard_enc) / "compressed"
+            self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress)
+        else:
+            sync_index(self.index, files, progress=self.progress)
+        LOG.info("search index: %s, %d tiles in %d shards", kind, self.index.ntotal, len(files))
+
+    @property
+    def index_mpp(self) -> float:
+        return float(self.encoder_row["target_mpp"])
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.encoder_row["tile_px"])
+
+    # -- filters ---------------------------------------------------------------------------
+
+    def _id_filter(self, s, filters: dict | None, exclude_slides: set[int]) -> IdFilter | None:
+        filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
+        unknown = set(filters) - set(FILTER_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown filter fields {sorted(unknown)}; use {FILTER_FIELDS}")
+        include = None
+        if filters:
+            q = sa.select(Slide.id).where(Slide.status == INDEXED, Slide.encoder_id == self.encoder_row["id"])
+            for field, value in filters.items():
+                q = q.where(getattr(Slide, field) == value)
+            slides = [i for i in s.scalars(q) if i not in exclude_slides]
+            include = np.array(s.scalars(sa.select(Tile.id).where(Tile.slide_id.in_(slides))).all() if slides else [], np.int64)
+            return IdFilter(include=include)
+        if not exclude_slides:
+            return None
+        exclude = np.array(s.scalars(sa.select(Tile.id).where(Tile.slide_id.in_(sorted(exclude_slides)))).all(), np.int64)
+        return IdFilter(exclude=exclude)
+
+    # -- the shared core -------------------------------------------------------------------
+
+    def _rank(self, xq: np.ndarray, top_k: int, id_filter: IdFilter | None, rule: str, timing: dict) -> list[SlideHit]:
+        """Search the query tiles, group by slide, rank, and describe the top_k slides."""
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        t = time.perf_counter()
+        n_allowed = self.index.ntotal if id_filter is None or id_filter.include is None else len(id_filter.include)
+        k = min(max(8 * top_k, 64), max(1, self.index.ntotal))
+        while True:
+            D, I = self.index.search(xq, k, id_filter)
+            tiles = self._tiles(np.unique(I[I >= 0]))
+            if len({tiles[i][0] for i in tiles}) >= top_k or k >= n_allowed or k >= self.index.ntotal:
+                break
+            k = min(k * 4, self.index.ntotal)
+        timing["search"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        known = np.isin(I, np.fromiter(tiles, np.int64, len(tiles))) & (I >= 0)
+        D = np.where(known, D, -np.inf)
+        floor = np.array([d[np.isfinite(d)].min() if np.isfinite(d).any() else 0.0 for d in D], np.float32)
+        flat_ids = I[known]
+        slide_of = np.full(I.shape, -1, np.int64)
+        slide_of[known] = [tiles[i][0] for i in flat_ids]
+        scores = slide_scores(D.reshape(len(xq), -1), slide_of.reshape(len(xq), -1), floor, rule) if known.any() else {}
+        scores.pop(-1, None)
+        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+        hits = []
+        with self.catalog.session() as s:
+            meta = {sl.id: sl for sl in s.scalars(sa.select(Slide).where(Slide.id.in_([sid for sid, _ in ranked])))}
+        for rank, (sid, score) in enumerate(ranked, 1):
+            best: dict[int, float] = {}
+            for q in range(len(xq)):
+                in_slide = np.flatnonzero((slide_of[q] == sid) & np.isfinite(D[q]))
+                if len(in_slide):
+                    j = in_slide[np.argmax(D[q, in_slide])]
+                    best[int(I[q, j])] = max(best.get(int(I[q, j]), -np.inf), float(D[q, j]))
+            regions = []
+            for tid, sim in sorted(best.items(), key=lambda kv: -kv[1])[:MAX_REGIONS]:
+                _, x, y, size = tiles[tid]
+                regions.append(Region(x, y, size, size, sim))
+            sl = meta[sid]
+            info = {"id": sl.id, "path": sl.path, "patient": sl.patient, "site": sl.site, "diagnosis": sl.diagnosis, "label": sl.label}
+            hits.append(SlideHit(rank, info, score, regions))
+        timing["aggregate"] = (time.perf_counter() - t) * 1000
+        return hits
+
+    def _tiles(self, ids: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+        """tile id -> (slide id, x, y, size) of tiles still in the catalog."""
+        out = {}
+        with self.catalog.session() as s:
+            for part in _chunks(int(i) for i in ids):
+                for row in s.execute(sa.select(Tile.id, Tile.slide_id, Tile.x, Tile.y, Tile.size).where(Tile.id.in_(part))):
+                    out[int(row[0])] = (int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        return out
+
+    def _embed(self, tiles: list[Image.Image]) -> np.ndarray:
+        batch = torch.stack([to_uint8_chw(t, self.tile_px) for t in tiles])
+        return l2_normalise(self.encoder.embed(batch))
+
+    @staticmethod
+    def _suggest(hits: list[SlideHit]) -> dict:
+        labels = [h.slide["label"] or h.slide["diagnosis"] for h in hits]
+        labels = [lab for lab in labels if lab]
+        if not labels:
+            return {"label": None, "votes": {}}
+        label, votes = majority_vote(labels)
+        return {"label": label, "votes": votes}
+
+    # -- region queries --------------------------------------------------------------------
+
+    def region_tiles(self, image: Image.Image, mpp: float) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+        """The query tiles of a region image at `mpp` um/px: resampled to the index's mpp,
+        a centred grid of tile_px tiles, those with enough tissue. Returns (tiles, their
+        top-left corners in the resampled image)."""
+        from engine.tissue import tissue_mask_rgb
+
+        scale = mpp / self.index_mpp
+        if not 1 / MPP_RATIO_MAX <= scale <= MPP_RATIO_MAX:
+            raise QueryError(f"the region is at {mpp:g} um/px, the index at {self.index_mpp:g} um/px: more than {MPP_RATIO_MAX:g}x apart; give the region's true mpp or magnification, or export it closer to {self.index_mpp:g} um/px")
+        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        tile = self.tile_px
+        if min(w, h) < tile // 2:
+            raise QueryError(f"at the index's {self.index_mpp:g} um/px the region is {w} x {h} px; at least {tile // 2} x {tile // 2} are needed (select a larger region)")
+        if min(w, h) < tile:
+            # between half a tile and a tile: zoom it up to one tile rather than pad with glass
+            grow = tile / min(w, h)
+            w, h = max(tile, round(w * grow)), max(tile, round(h * grow))
+        region = image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image.convert("RGB")
+        rgb = np.asarray(region)
+        mask = tissue_mask_rgb(rgb)
+        nx, ny = w // tile, h // tile
+        ox, oy = (w - nx * tile) // 2, (h - ny * tile) // 2
+        cands = []
+        for j in range(ny):
+            for i in range(nx):
+                x, y = ox + i * tile, oy + j * tile
+                frac = float(mask[y : y + tile, x : x + tile].mean())
+                if frac >= MIN_TISSUE:
+                    cands.append((frac, x, y))
+        if not cands:
+            raise QueryError(f"the region looks blank: no {tile} px tile of it has {MIN_TISSUE:.0%} tissue; select an area with tissue")
+        cands = sorted(cands, key=lambda c: -c[0])[:MAX_QUERY_TILES]
+        corners = [(x, y) for _, x, y in cands]
+        return [region.crop((x, y, x + tile, y + tile)) for x, y in corners], corners
+
+    def search_region(self, image: Image.Image, *, mpp: float | None = None, magnification: float | None = None, top_k: int = 10, filters: dict | None = None, exclude_slide_id: int | None = None, exclude_patient: str | None = None) -> SearchResult:
+        """Slides most similar to a region image. Its resolution is `mpp` (um/px), else
+        10 / `magnification`, else the index's own."""
+        t0 = time.perf_counter()
+        if mpp is None and magnification is not None:
+            if magnification <= 0:
+                raise ValueError("magnification must be > 0")
+            mpp = 10.0 / magnification
+        mpp = self.index_mpp if mpp is None else float(mpp)
+        if mpp <= 0:
+            raise ValueError("mpp must be > 0")
+        timing: dict[str, float] = {}
+        t = time.perf_counter()
+        tiles, corners = self.region_tiles(image, mpp)
+        xq = self._embed(tiles)
+        timing["embed"] = (time.perf_counter() - t) * 1000
+        with self.catalog.session() as s:
+            exclude = set()
+            if exclude_slide_id is not None:
+                exclude.add(int(exclude_slide_id))
+            if exclude_patient:
+                exclude |= set(s.scalars(sa.select(Slide.id).where(Slide.patient == exclude_patient)))
+            id_filter = self._id_filter(s, filters, exclude)
+        hits = self._rank(xq, top_k, id_filter, "mean", timing)
+        timing["total"] = (time.perf_counter() - t0) * 1000
+        query = {"type": "region", "width": image.width, "height": image.height, "mpp": mpp, "index_mpp": self.index_mpp, "tiles": len(tiles), "top_k": top_k, "filters": filters or {}, "exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient, "index": self.index.kind}
+        return SearchResult(query, hits, self._suggest(hits), timing)
+
+    # -- slide queries ---------------------------------------------------------------------
+
+    def _resolve_slide(self, slide: int | str | Path) -> tuple[int | None, Path | None]:
+        """(catalog id, None) for an indexed slide, (None, path) for a file not in the archive."""
+        from engine.slides import fingerprint
+
+        if isinstance(slide, (int, np.integer)) or (isinstance(slide, str) and slide.isdigit()):
+            sid = int(slide)
+        else:
+            path = Path(slide)
+            if not path.is_file():
+                raise NotFound(f"{path}: no such slide file (give a slide file or the id of an indexed slide)")
+            with self.catalog.session() as s:
+                found = s.scalar(sa.select(Slide.id).where(Slide.fingerprint == fingerprint(path)))
+            if found is None:
+                return None, path
+            sid = found
+        with self.catalog.session() as s:
+            row = s.get(Slide, sid)
+            if row is None:
+                raise NotFound(f"no slide with id {sid} in the catalog (`indexer status` lists them)")
+            if row.status != INDEXED or row.encoder_id != self.encoder_row["id"]:
+                raise QueryError(f"slide {sid} ({Path(row.path).name}) is not indexed with this encoder (status {row.status}); run `indexer build` or search with its file")
+        return sid, None
+
+    def _indexed_mosaic(self, slide_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        from engine.mosaic import select_mosaic
+
+        with self.catalog.session() as s:
+            rows = s.execute(sa.select(Tile.id, Tile.x, Tile.y, Tile.size).where(Tile.slide_id == slide_id).order_by(Tile.id)).all()
+        if not rows:
+            raise QueryError(f"slide {slide_id} has no tissue tiles in the index")
+        ids = np.array([r[0] for r in rows], np.int64)
+        vecs = self.index.vectors(ids)
+        pick = select_mosaic(vecs, np.array([(r[1], r[2]) for r in rows], np.float64))
+        return vecs[pick], [(rows[i][1], rows[i][2], rows[i][3]) for i in pick]
+
+    def _file_mosaic(self, path: Path, default_mpp: float | None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Mosaic of a slide file that is not in the archive: tissue tiles on the index's
+        grid, clustered by colour (so only the mosaic tiles are read and embedded)."""
+        from engine.mosaic import colour_histograms, select_mosaic
+        from engine.slides import describe_slide, open_slide, read_box
+        from engine.tiling import tile_grid
+        from engine.tissue import slide_thumbnail, tissue_mask_rgb
+
+        slide = open_slide(path)
+        try:
+            info = describe_slide(path, slide, default_mpp)
+            thumb, ds = slide_thumbnail(slide)
+            boxes = tile_grid(info, tissue_mask_rgb(thumb), ds, self.index_mpp, self.tile_px, min_tissue=0.5)
+            if not boxes:
+                raise QueryError(f"{path.name}: no tissue tiles found at {self.index_mpp:g} um/px; is it blank or very small?")
+            arr = np.array([(b.x, b.y, b.size) for b in boxes], np.float64)
+            pick = select_mosaic(colour_histograms(thumb, arr, ds), arr[:, :2])
+            chosen = [boxes[i] for i in pick]
+            xq = self._embed([read_box(slide, b.x, b.y, b.size, self.tile_px) for b in chosen])
+        finally:
+            slide.close()
+        return xq, [(b.x, b.y, b.size) for b in chosen]
+
+    def search_slide(self, slide: int | str | Path, *, top_k: int = 10, filters: dict | None = None, exclude_self: bool = True, default_mpp: float | None = None) -> SearchResult:
+        """Slides most similar to a whole slide: an indexed slide (its id, or its file) or a
+        slide file not in the archive (`default_mpp` when the file has no resolution)."""
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
+        slide_id, path = self._resolve_slide(slide)
+        t = time.perf_counter()
+        xq, boxes = self._indexed_mosaic(slide_id) if slide_id is not None else self._file_mosaic(path, default_mpp)
+        timing["mosaic"] = (time.perf_counter() - t) * 1000
+        with self.catalog.session() as s:
+            id_filter = self._id_filter(s, filters, {slide_id} if exclude_self and slide_id is not None else set())
+        hits = self._rank(xq, top_k, id_filter, "median", timing)
+        timing["total"] = (time.perf_counter() - t0) * 1000
+        query = {
+            "type": "slide",
+            "slide_id": slide_id,
+            "path": str(path) if path else None,
+            "mosaic": [{"x": x, "y": y, "w": size, "h": size} for x, y, size in boxes],
+            "top_k": top_k,
+            "filters": filters or {},
+            "exclude_self": exclude_self,
+            "index": self.index.kind,
+        }
+        return SearchResult(query, hits, self._suggest(hits), timing)
