@@ -20,6 +20,7 @@ from tqdm import tqdm
 from engine.catalog.db import Catalog
 from engine.config import Settings
 from engine.encoder import Encoder
+from engine.errors import ConfigError, HistoseekError
 from engine.features import default_workers
 from engine.shards import ShardEncoder
 from indexer import distributed
@@ -72,14 +73,13 @@ def _fingerprint_share(root: Path, paths: list[Path], cache_file: Path, ctx: dis
     """Each rank fingerprints every world_size-th file; everyone gets all, in order."""
     cache = FingerprintCache(cache_file)
     mine = describe_files(root, paths[ctx.rank :: ctx.world_size], cache)
-    gathered = ctx.all_gather((mine, cache.entries if cache.dirty else {}))
+    gathered = ctx.all_gather((mine, cache.new))
     files = [None] * len(paths)
     for r, (part, _) in enumerate(gathered):
         files[r :: ctx.world_size] = part
     if ctx.is_main:
         for _, entries in gathered:
-            cache.entries.update(entries)
-            cache.dirty = cache.dirty or bool(entries)
+            cache.update(entries)
         cache.save()
     return files
 
@@ -90,7 +90,20 @@ def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder,
     paths = ctx.broadcast(find_slide_files(root) if ctx.is_main else None)
     files = _fingerprint_share(root, paths, Path(settings.index_dir) / FINGERPRINT_CACHE, ctx)
     if not ctx.is_main:
-        return ctx.broadcast(None)
+        ok, payload = ctx.broadcast(None)
+        if not ok:
+            raise ConfigError(f"rank 0 stopped the build: {payload}")
+        return payload
+    try:
+        result = _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection)
+    except (HistoseekError, ValueError) as exc:
+        ctx.broadcast((False, str(exc)))  # the other ranks stop with the same message
+        raise
+    ctx.broadcast((True, result))
+    return result
+
+
+def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection):
     notes = []
     meta = {}
     if metadata is not None:
@@ -114,7 +127,7 @@ def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder,
     notes += [f"same content as {first}, not indexed twice: {rel}" for rel, first in found.duplicates]
     if found.missing:
         notes.append(f"{len(found.missing)} catalog slides under {root} are no longer there (drop them with `indexer remove`): {', '.join(found.missing[:5])}")
-    return ctx.broadcast((found, encoder_id, notes))
+    return found, encoder_id, notes
 
 
 def build_archive(

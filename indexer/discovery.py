@@ -94,7 +94,7 @@ class FingerprintCache:
             self.entries: dict[str, list] = json.loads(self.file.read_text())
         except (OSError, ValueError):
             self.entries = {}
-        self.dirty = False
+        self.new: dict[str, list] = {}  # entries computed in this process
 
     def get(self, path: Path) -> tuple[str, int]:
         stat = path.stat()
@@ -103,18 +103,21 @@ class FingerprintCache:
         if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
             return entry[2], stat.st_size
         value = fingerprint(path)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
-        self.dirty = True
+        self.entries[key] = self.new[key] = [stat.st_size, stat.st_mtime_ns, value]
         return value, stat.st_size
 
+    def update(self, entries: dict[str, list]) -> None:
+        self.entries.update(entries)
+        self.new.update(entries)
+
     def save(self) -> None:
-        if not self.dirty:
+        if not self.new:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.file)
-        self.dirty = False
+        self.new = {}
 
 
 def describe_files(root: Path, paths: Iterable[Path], cache: FingerprintCache) -> list[SlideFile]:
