@@ -23,6 +23,7 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -183,6 +184,9 @@ class CCL(nn.Module):
             k_all, k_group_all = concat_all_gather(k), concat_all_gather(k_group)  # W*N x D
             clusters = min(self.num_clusters, max(1, len(k_all) // 2))
             centroids = spherical_kmeans(k_group_all.float(), clusters, self.kmeans_iters, gen)  # C x D
+            if world > 1:
+                # every rank computed the same; rank 0's copy guards against non-deterministic kernels
+                dist.broadcast(centroids, src=0)
             assign = (k_group_all.float() @ centroids.T).argmax(dim=1)[rank * n : (rank + 1) * n]  # N
             queue_assign = (self.queue_group.float() @ centroids.T).argmax(dim=1)  # K
 

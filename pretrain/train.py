@@ -119,7 +119,8 @@ def _resolve_config(cfg: TrainConfig, explicit: set[str], resume: bool) -> tuple
     clashes = sorted(k for k in explicit - RESUME_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
     if clashes:
         raise ConfigError(f"--resume continues the run as it was configured; these flags differ from it: {', '.join(clashes)} (only {', '.join(sorted(RESUME_OVERRIDES))} may change)")
-    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDES}), state
+    # the run folder is where it is now, even if it was moved since
+    return dataclasses.replace(saved, out=cfg.out, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDES}), state
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, explicit: set[str] = frozenset(), progress: bool = True) -> dict[str, Any]:
