@@ -63,9 +63,10 @@ def main() -> None:
     xb, groups, _ = synthetic_features(args.n, args.dim, args.classes, args.slide_size, args.seed)
     make_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     D, I = loo_neighbours(xb, groups, args.k, progress=False)
-    batched_s = time.perf_counter() - t0
+    batched_s, batched_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     rows = np.random.default_rng(args.seed + 1).choice(args.n, min(args.baseline_queries, args.n), replace=False)
     t0 = time.perf_counter()
@@ -81,6 +82,9 @@ def main() -> None:
         "slide_size": args.slide_size,
         "batched_loo_s": round(batched_s, 2),
         "batched_queries_per_s": round(args.n / batched_s, 1),
+        # CPU seconds of this process: what the run costs on an idle machine (the wall time
+        # above grows when other work shares the cores)
+        "batched_loo_cpu_s": round(batched_cpu_s, 1),
         "baseline_per_query_s_extrapolated": round(baseline_s, 1),
         "baseline_sample_queries": len(rows),
         "speedup": round(baseline_s / batched_s, 2),
@@ -89,6 +93,7 @@ def main() -> None:
         "make_features_s": round(make_s, 1),
         "faiss_threads": faiss.omp_get_max_threads(),
         "cpus": os.cpu_count(),
+        "load_average_at_start": round(load_before, 2),
         "machine": platform.processor() or platform.machine(),
     }))
 
