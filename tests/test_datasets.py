@@ -153,6 +153,7 @@ def test_tissuenet_replica_patches_land_on_the_painted_squares(replicas):
     # while the same boxes read without the flip land mostly on plain glass
     reader = ItemImages(ds.items, 64)
     assert not any(is_glass(reader.image(i)) for i in ds.items)
+    assert len(reader._slides) <= 4 < len({i.slide for i in ds.items})  # old slides were closed
     unflipped = [dataclasses.replace(i, box=(i.box[0], height[i.slide] - i.box[1] - i.box[2], i.box[2])) for i in ds.items]
     assert np.mean([is_glass(reader.image(i)) for i in unflipped]) > 0.5
 

@@ -31,6 +31,9 @@ def rescale_centre(img: Image.Image, src_mpp: float, mpp: float, tile_px: int, n
     return img.crop((left, top, left + tile_px, top + tile_px))
 
 
+OPEN_SLIDES = 4
+
+
 class ItemImages(Dataset):
     """Items -> (row, uint8 tensor or None, error or None). Slides stay open per worker
     (each worker holds its own copy of this object, hence its own cache).
@@ -49,11 +52,20 @@ class ItemImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _slide(self, path):
+        """An open slide; only the last OPEN_SLIDES stay open (items come slide by slide, and
+        a thousand open slides per worker would exhaust memory and file handles)."""
+        slide = self._slides.pop(path, None)
+        if slide is None:
+            slide = open_slide(path)
+        self._slides[path] = slide  # most recently used last
+        while len(self._slides) > OPEN_SLIDES:
+            self._slides.pop(next(iter(self._slides))).close()
+        return slide
+
     def image(self, item: Item) -> Image.Image:
         if item.box is not None:
-            slide = self._slides.get(item.path)
-            if slide is None:
-                slide = self._slides[item.path] = open_slide(item.path)
+            slide = self._slide(item.path)
             x, y, size0 = item.box
             return read_box(slide, x, y, size0, self.tile_px)
         img = open_rgb(item.path)
