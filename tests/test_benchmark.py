@@ -41,6 +41,11 @@ def brute_force_report(feats: np.ndarray, labels: list[str], groups: np.ndarray,
         out[f"acc@{k}"] = np.mean(acc)
         out[f"mv@{k}"] = np.mean(mv)
         out[f"mmv@{k}"] = np.mean([np.mean([m for m, lab in zip(mv, labels) if lab == c]) for c in sorted(set(labels))])
+        aps = []
+        for q, r in enumerate(rows):
+            hits = [i for i, lab in enumerate(r[:k]) if lab == labels[q]]
+            aps.append(np.mean([(n + 1) / (i + 1) for n, i in enumerate(hits)]) if hits else 0.0)
+        out[f"map@{k}"] = np.mean(aps)
     return out
 
 
