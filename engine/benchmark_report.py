@@ -34,6 +34,7 @@ def table(report: BenchmarkReport) -> str:
         + (f", {counts['slides']} slides" if counts["slides"] else "")
         + f"; leave-one-out, {report.parameters['exclusion_text']}."
     )
+    lines.extend(f"Note: {note}." for note in report.dataset.notes)
     short = [r.info["name"] for r in report.results if r.metrics["queries_short_of_k"]]
     if short:
         lines.append(f"Some queries had fewer than {kmax} results left after the exclusion ({', '.join(short)}); missing results count as wrong.")

@@ -70,6 +70,7 @@ def test_cli_prints_table_writes_json_and_png_and_records_the_run(patches_run):
     tmp, catalog, result = patches_run
     assert "| Encoder | Acc@1 | Acc@3 | Acc@5 | MV@5 | mMV@5 | mAP@5 | SVM acc |" in result.output
     assert "query's own image are excluded" in result.output
+    assert "Note: 9 rows without a 'label_nct9' value left out." in result.output
     doc = json.loads((tmp / "report.json").read_text())
     enc = doc["encoders"][0]
     assert doc["dataset"]["counts"]["items"] == 66 and doc["parameters"]["exclusion"] == "image"
