@@ -209,7 +209,7 @@ def main() -> None:
             baseline = run_phase(work, 1, args.baseline_duration, args.max_requests, seed=1)
             load = run_phase(work, args.clients, args.duration, args.max_requests, seed=2)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=30)
     report = {
         "bench": "webapp_load",

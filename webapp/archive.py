@@ -81,7 +81,7 @@ def filter_choices(catalog: Catalog) -> dict[str, list[str]]:
     """Distinct site / diagnosis / collection values of indexed slides, for the filter menus."""
     choices = {}
     with catalog.session() as s:
-        for name in ("site", "diagnosis", "collection"):
+        for name in ("site", "diagnosis", "collection", "label"):
             column = getattr(models.Slide, name)
             choices[name] = [v for v in s.scalars(sa.select(column).where(column.is_not(None)).distinct().order_by(column)) if v]
     return choices

@@ -31,7 +31,7 @@ def _str_param(name: str, description: str = "") -> dict:
     return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
 
 
-FILTERS = {"site": {"type": "string"}, "diagnosis": {"type": "string"}, "collection": {"type": "string"}}
+FILTERS = {"site": {"type": "string"}, "diagnosis": {"type": "string"}, "collection": {"type": "string"}, "label": {"type": "string"}}
 
 
 def openapi_document() -> dict:

@@ -26,7 +26,7 @@ MAGIC = (
     (b"MM\x00*", "TIFF"),
     (b"BM", "BMP"),
 )
-FILTER_FIELDS = ("site", "diagnosis", "collection")
+FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
 MAGNIFICATIONS = (40.0, 20.0, 10.0, 5.0)
 
 
