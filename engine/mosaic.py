@@ -11,10 +11,8 @@ kind of tissue is represented, by tiles spread over where it occurs, not by neig
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 # Yottixel: 9 colour clusters, 5-20 % of each cluster's tiles
 N_CLUSTERS = 9
@@ -22,11 +20,34 @@ FRACTION = 0.1
 MAX_TILES = 48
 
 
-def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # duplicate points give fewer distinct clusters; fine here
-        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
-    return km.labels_, km.cluster_centers_
+def _kmeans_labels(x: np.ndarray, k: int, seed: int, iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with k-means++ seeding, in numpy: the inputs are small (one slide's
+    tiles), and a library k-means with its thread pool costs more in start-up than it saves."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    sq = (x**2).sum(axis=1)
+    first = int(rng.integers(n))
+    picks = [first]
+    d2 = np.maximum(sq - 2 * x @ x[first] + sq[first], 0)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        pick = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        picks.append(pick)
+        d2 = np.minimum(d2, np.maximum(sq - 2 * x @ x[pick] + sq[pick], 0))
+    c = x[picks].copy()
+    labels = np.full(n, -1, np.int64)
+    for _ in range(iters):
+        new = (-2 * x @ c.T + (c**2).sum(axis=1)[None, :]).argmin(axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        onehot = np.zeros((k, n), np.float32)
+        onehot[labels, np.arange(n)] = 1
+        counts = onehot.sum(axis=1)
+        filled = counts > 0
+        c[filled] = (onehot @ x)[filled] / counts[filled, None]
+    return labels, c
 
 
 def select_mosaic(descriptors: np.ndarray, coords: np.ndarray, *, n_clusters: int = N_CLUSTERS, fraction: float = FRACTION, max_tiles: int = MAX_TILES, seed: int = 0) -> np.ndarray:

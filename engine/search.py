@@ -107,6 +107,37 @@ def slide_scores(sims: np.ndarray, slide_of: np.ndarray, floor: np.ndarray, rule
     return scores
 
 
+# the 8 symmetries of the square: a region may come rotated or mirrored
+_D8 = [(1, 0, 0, 1), (0, -1, 1, 0), (-1, 0, 0, -1), (0, 1, -1, 0), (-1, 0, 0, 1), (0, 1, 1, 0), (1, 0, 0, -1), (0, -1, -1, 0)]
+
+
+def locate_region(xq: np.ndarray, q_cells: np.ndarray, xs: np.ndarray, s_cells: np.ndarray, anchors_per_tile: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Where a multi-tile region lies in one slide: the placement of the query's tile grid
+    on the slide's tile grid (any of the 8 rotations/mirrorings, any shift) that maximises
+    the mean similarity of query tiles to the slide tiles under them.
+
+    xq: nq x d query tiles, q_cells: nq x 2 their grid cells; xs: n x d slide tiles,
+    s_cells: n x 2 their grid cells. Similarities are taken after removing the slide's mean
+    vector, so what all tiles of the slide share does not drown what tells them apart.
+    Shifts tried: those that put some query tile on one of its `anchors_per_tile` best slide
+    tiles. Returns (slide tile index or -1 per query tile, similarity per query tile)."""
+    mean = xs.mean(axis=0)
+    S = l2_normalise(xq - mean) @ l2_normalise(xs - mean).T  # nq x n
+    lookup = {(int(c[0]), int(c[1])): t for t, c in enumerate(s_cells)}
+    top = np.argsort(-S, axis=1)[:, :anchors_per_tile]
+    best_val, best_pick = -np.inf, None
+    for a, b, c, d in _D8:
+        placed = np.stack([a * q_cells[:, 0] + b * q_cells[:, 1], c * q_cells[:, 0] + d * q_cells[:, 1]], axis=1)
+        shifts = {tuple(s_cells[t] - placed[q]) for q in range(len(xq)) for t in top[q]}
+        for dx, dy in shifts:
+            pick = np.array([lookup.get((int(px + dx), int(py + dy)), -1) for px, py in placed])
+            sims = np.where(pick >= 0, S[np.arange(len(xq)), np.maximum(pick, 0)], -1.0)
+            if sims.mean() > best_val:
+                best_val, best_pick = sims.mean(), pick
+    sims = np.where(best_pick >= 0, S[np.arange(len(xq)), np.maximum(best_pick, 0)], -1.0)
+    return best_pick, sims
+
+
 class SearchEngine:
     """Searches one archive (catalog + shard index) with one encoder.
 
@@ -193,8 +224,11 @@ class SearchEngine:
 
     # -- the shared core -------------------------------------------------------------------
 
-    def _rank(self, xq: np.ndarray, top_k: int, id_filter: IdFilter | None, rule: str, timing: dict) -> list[SlideHit]:
-        """Search the query tiles, group by slide, rank, and describe the top_k slides."""
+    def _rank(self, xq: np.ndarray, top_k: int, id_filter: IdFilter | None, rule: str, timing: dict, q_cells: np.ndarray | None = None) -> list[SlideHit]:
+        """Search the query tiles, group by slide, rank, and describe the top_k slides.
+        With `q_cells` (the grid cells of a region's tiles) each result's regions are the
+        region's best placement in that slide (`locate_region`); otherwise each query
+        tile's best match in it."""
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         t = time.perf_counter()
@@ -221,6 +255,11 @@ class SearchEngine:
         with self.catalog.session() as s:
             meta = {sl.id: sl for sl in s.scalars(sa.select(Slide).where(Slide.id.in_([sid for sid, _ in ranked])))}
         for rank, (sid, score) in enumerate(ranked, 1):
+            sl = meta[sid]
+            info = {"id": sl.id, "path": sl.path, "patient": sl.patient, "site": sl.site, "diagnosis": sl.diagnosis, "label": sl.label}
+            if q_cells is not None and len(xq) > 1:
+                hits.append(SlideHit(rank, info, score, self._placed_regions(sid, xq, q_cells)))
+                continue
             best: dict[int, float] = {}
             for q in range(len(xq)):
                 in_slide = np.flatnonzero((slide_of[q] == sid) & np.isfinite(D[q]))
@@ -231,11 +270,22 @@ class SearchEngine:
             for tid, sim in sorted(best.items(), key=lambda kv: -kv[1])[:MAX_REGIONS]:
                 _, x, y, size = tiles[tid]
                 regions.append(Region(x, y, size, size, sim))
-            sl = meta[sid]
-            info = {"id": sl.id, "path": sl.path, "patient": sl.patient, "site": sl.site, "diagnosis": sl.diagnosis, "label": sl.label}
             hits.append(SlideHit(rank, info, score, regions))
         timing["aggregate"] = (time.perf_counter() - t) * 1000
         return hits
+
+    def _placed_regions(self, slide_id: int, xq: np.ndarray, q_cells: np.ndarray) -> list[Region]:
+        """The region's tiles placed on the slide, as boxes scored by cosine similarity."""
+        with self.catalog.session() as s:
+            rows = s.execute(sa.select(Tile.id, Tile.x, Tile.y, Tile.size).where(Tile.slide_id == slide_id)).all()
+        if not rows:
+            return []
+        boxes = np.array([r[1:] for r in rows], np.int64)
+        xs = self.index.vectors(np.array([r[0] for r in rows], np.int64))
+        cells = np.stack([boxes[:, 0] // boxes[:, 2], boxes[:, 1] // boxes[:, 2]], axis=1)
+        pick, _ = locate_region(xq, q_cells, xs, cells)
+        regions = [Region(int(boxes[t, 0]), int(boxes[t, 1]), int(boxes[t, 2]), int(boxes[t, 2]), float(xq[q] @ xs[t])) for q, t in enumerate(pick) if t >= 0]
+        return sorted(regions, key=lambda r: -r.score)[:MAX_REGIONS]
 
     def _tiles(self, ids: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
         """tile id -> (slide id, x, y, size) of tiles still in the catalog."""
@@ -319,7 +369,7 @@ class SearchEngine:
             if exclude_patient:
                 exclude |= set(s.scalars(sa.select(Slide.id).where(Slide.patient == exclude_patient)))
             id_filter = self._id_filter(s, filters, exclude)
-        hits = self._rank(xq, top_k, id_filter, "mean", timing)
+        hits = self._rank(xq, top_k, id_filter, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px)
         timing["total"] = (time.perf_counter() - t0) * 1000
         query = {"type": "region", "width": image.width, "height": image.height, "mpp": mpp, "index_mpp": self.index_mpp, "tiles": len(tiles), "top_k": top_k, "filters": filters or {}, "exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient, "index": self.index.kind}
         return SearchResult(query, hits, self._suggest(hits), timing)
