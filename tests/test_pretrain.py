@@ -228,3 +228,26 @@ def test_cli_refusals_and_export(tmp_path):
     assert not any(k.startswith(("fc.", "encoder", "module.")) for k in obj["state_dict"])
     model, info = load_backbone(str(out))
     assert info.layout == "histoseek" and not info.dropped_keys
+
+
+def test_accumulation_counts_steps_and_images(tmp_path):
+    data = _tile_folder(tmp_path / "tiles", 8, size=32)
+    summary = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", batch_size=2, accum_steps=2, max_steps=3, crop_px=32, queue_size=4, num_clusters=1, workers=0, log_every=1), progress=False)
+    # 8 tiles = 4 micro-batches of 2 = 2 steps per epoch; step 3 starts epoch 1
+    assert summary["steps"] == 3 and summary["images_seen"] == 12
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 0, 1]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and int(state["model"]["queue_ptr"]) == 0  # 6 enqueues of 2 into 4 slots
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_training_on_cuda(tmp_path):
+    data = _tile_folder(tmp_path / "tiles", 16, size=64)
+    summary = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", batch_size=8, max_steps=3, crop_px=64, queue_size=16, num_clusters=2, workers=0, device="cuda", log_every=1), progress=False)
+    assert summary["amp"] is True and summary["steps"] == 3
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)
