@@ -67,13 +67,14 @@ def write_plot(report: BenchmarkReport, path: Path) -> Path:
     for i, r in enumerate(report.results):
         per_class = r.metrics["per_class"]
         values = [100 * per_class[c][f"mv@{kmax}"] if c in per_class else 0.0 for c in classes]
-        bars.bar(x + (i - (n_enc - 1) / 2) * width, values, width, label=r.info["name"])
+        drawn = bars.bar(x + (i - (n_enc - 1) / 2) * width, values, width, label=r.info["name"])
+        bars.bar_label(drawn, fmt="%.0f", fontsize=7)
         c = r.metrics["curve"]
         line = curve.plot(c["k"], [100 * v for v in c["acc"]], marker="o", label=f"{r.info['name']} Acc@k")[0]
         curve.plot(c["k"], [100 * v for v in c["mv"]], marker="s", linestyle="--", color=line.get_color(), label=f"{r.info['name']} MV@k")
-    bars.set_xticks(x, [c if len(c) <= 14 else c[:13] + "…" for c in classes], rotation=35, ha="right")
+    bars.set_xticks(x, [c if len(c) <= 22 else c[:21] + "…" for c in classes], rotation=35, ha="right")
     bars.set_ylabel(f"MV@{kmax} (%)")
-    bars.set_ylim(0, 100)
+    bars.set_ylim(0, 107)  # room for the value labels above full bars
     bars.set_title(f"MV@{kmax} per class ({report.dataset.kind}, exclude {report.parameters['exclusion']})")
     bars.legend(fontsize="small")
     curve.set_xlabel("k")
