@@ -7,7 +7,9 @@ encoder. Prints one JSON document.
     python bench/indexer.py --slide /tmp/mosaic-20k.tiff --encoder random:resnet50
 
 The encoder-only rate is measured before and after the end-to-end run (other load on the
-machine drifts); efficiency = end-to-end / mean of the two.
+machine drifts); efficiency = end-to-end / mean of the two. encoder_busy_fraction = time
+inside the encoder / wall time of the end-to-end run: free of that drift, it says how much
+the encoder waited for tiles.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main(argv=None) -> None:
         "end_to_end_tiles_per_s": round(summary.tiles_per_s, 2),
         "encoder_only_tiles_per_s": [round(before, 2), round(after, 2)],
         "efficiency": round(summary.tiles_per_s / enc_rate, 3),
+        "encoder_busy_fraction": round(summary.encoder_seconds / summary.seconds, 3),
     }, indent=1))
 
 

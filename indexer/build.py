@@ -36,13 +36,15 @@ LOG = logging.getLogger(__name__)
 @dataclasses.dataclass
 class BuildSummary:
     """What a build did. `failures` are (path, message); `tiles` counts tiles embedded in
-    this run; `seconds` is the embedding phase's wall time."""
+    this run; `seconds` is the embedding phase's wall time, `encoder_seconds` the part of it
+    spent inside the encoder (close to `seconds` when decoding keeps the encoder busy)."""
 
     indexed: int = 0
     skipped: int = 0
     failed: int = 0
     tiles: int = 0
     seconds: float = 0.0
+    encoder_seconds: float = 0.0
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     ranks: list[dict] = dataclasses.field(default_factory=list)  # per rank: slides, tiles, seconds
@@ -66,6 +68,7 @@ class BuildSummary:
         self.failed += other.failed
         self.tiles += other.tiles
         self.seconds = max(self.seconds, other.seconds)
+        self.encoder_seconds = max(self.encoder_seconds, other.encoder_seconds)
         self.failures += other.failures
 
 
@@ -185,7 +188,7 @@ def build_archive(
         summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
         for rank, part in enumerate(ctx.all_gather(local)):
             summary.merge(part)
-            summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2)})
+            summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2), "encoder_seconds": round(part.encoder_seconds, 2)})
         summary.failures.sort()
         return summary
     finally:
@@ -249,7 +252,9 @@ def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, p
             if state is not None and state.error is None:
                 state.error = f"tile read failed: {message}"
         if batch is not None:
+            t0 = time.perf_counter()
             feats = encoder.embed(batch)
+            summary.encoder_seconds += time.perf_counter() - t0
             for (slide_id, index), vec in zip(keys, feats):
                 state = states[slide_id]
                 state.features[index] = vec

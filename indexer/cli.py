@@ -83,8 +83,9 @@ def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, c
         click.echo(f"failed: {path}: {error}", err=True)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=1))
+    busy = f", encoder busy {summary.encoder_seconds / summary.seconds:.0%} of the time" if summary.tiles and summary.seconds else ""
     click.echo(
-        f"indexed {summary.indexed} slides ({summary.tiles} tiles, {summary.tiles_per_s:.1f} tiles/s), "
+        f"indexed {summary.indexed} slides ({summary.tiles} tiles, {summary.tiles_per_s:.1f} tiles/s{busy}), "
         f"skipped {summary.skipped} already indexed, failed {summary.failed}",
         err=as_json,
     )
