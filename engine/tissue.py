@@ -10,13 +10,11 @@ low-blue red of red ink.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import openslide
 from skimage import filters, morphology
 
-LOG = logging.getLogger(__name__)
 
 # Saturation threshold band: glass scans sit below ~0.05, faint eosin rarely below ~0.08.
 SAT_MIN, SAT_MAX = 0.05, 0.15

@@ -171,6 +171,10 @@ def build_archive(
         catalog = catalog or Catalog(settings.catalog_url, upgrade_schema=False)
         try:
             reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx)
+            LOG.info(
+                "%d slides under %s: %d already indexed, %d to index over %d process(es)",
+                len(reg.jobs) + reg.already_indexed, root, reg.already_indexed, len(reg.jobs), ctx.world_size,
+            )
             shares = distributed.split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
             paths = {sid: path for sid, path, _ in reg.jobs}
             mine = [(sid, Path(paths[sid])) for sid in shares[ctx.rank]]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -27,7 +26,6 @@ from engine.slides import SlideInfo, describe_slide, open_slide, read_box, tile_
 from engine.tiling import TileBox, tile_grid
 from engine.tissue import slide_tissue_mask
 
-LOG = logging.getLogger(__name__)
 
 _OPEN_SLIDES_PER_WORKER = 4
 

@@ -6,7 +6,6 @@ replacing changed ones. Runs on rank 0 only, in one transaction.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -19,7 +18,6 @@ from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir
 from indexer.discovery import SlideFile
 from indexer.metadata import CATALOG_COLUMNS
 
-LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

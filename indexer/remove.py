@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -12,7 +11,6 @@ from engine.catalog.models import Slide
 from engine.errors import NotFound
 from indexer.register import drop_slide_vectors
 
-LOG = logging.getLogger(__name__)
 
 
 def _find(session, ref: str) -> Slide | None:

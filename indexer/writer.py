@@ -15,7 +15,6 @@ build gives the same ids as a clean single-process one.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, write_shard
 from engine.slides import SlideInfo
 from engine.tiling import TileBox
 
-LOG = logging.getLogger(__name__)
 
 TILE_ID_STRIDE = 1 << 20  # tiles per slide at most (a 100k x 100k px slide at 0.25 um/px has ~12k)
 

@@ -16,7 +16,7 @@ from engine.catalog.db import Catalog
 from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
 from engine.config import Settings
 from engine.errors import ConfigError, NotFound
-from engine.shards import list_shards, shard_arrays, write_shard
+from engine.shards import shard_arrays, write_shard
 from indexer.build import build_archive
 from indexer.cli import main as indexer_cli
 from indexer.distributed import DistContext
