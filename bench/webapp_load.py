@@ -54,7 +54,8 @@ def cli(*args: str, stdin: str | None = None, env=None) -> str:
 def ensure_demo(demo_dir: Path, encoder: str) -> None:
     if (demo_dir / "catalog.sqlite").exists():
         return
-    subprocess.run([sys.executable, "-m", "webapp.demo", "--no-serve", "--dir", str(demo_dir), "--encoder", encoder, "--device", "cpu"], check=True, cwd=REPO)
+    # Its messages go to stderr: stdout carries only this script's JSON.
+    subprocess.run([sys.executable, "-m", "webapp.demo", "--no-serve", "--dir", str(demo_dir), "--encoder", encoder, "--device", "cpu"], check=True, cwd=REPO, stdout=sys.stderr)
 
 
 def start_server(settings_args: list[str], port: int, workers: int, threads: int, env, log_path: Path) -> subprocess.Popen:

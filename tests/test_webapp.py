@@ -141,6 +141,17 @@ def test_login_logout_and_audit(app):
     assert actions[-3:] == ["login_failed", "login", "logout"]
 
 
+def test_repeated_failed_logins_are_throttled(app):
+    catalog = app.extensions["histoseek"].catalog
+    users.create_user(catalog, "target", PASSWORD)
+    client = app.test_client()
+    limit = app.config["LOGIN_MAX_FAILURES"]
+    for _ in range(limit):
+        assert login(client, "target", "guess guess").status_code == 401
+    assert login(client, "target", PASSWORD).status_code == 429  # even the right password, for now
+    assert login(client, "path").status_code == 302  # other users are not locked out
+
+
 def test_login_follows_only_local_next(app):
     client = app.test_client()
     for target, expected in (("/archive?page=2", "/archive?page=2"), ("//evil.example/x", "/"), ("https://evil.example/", "/")):

@@ -24,6 +24,8 @@ DEFAULTS = {
     # Smallest accepted region edge, in pixels, and least tissue in it.
     "MIN_REGION_PX": 32,
     "MIN_TISSUE_FRACTION": 0.05,
+    # Failed logins of one user name within 5 minutes before further tries get 429.
+    "LOGIN_MAX_FAILURES": 10,
     "DEFAULT_TOP_K": 10,
     "MAX_TOP_K": 100,
     "SLIDES_PER_PAGE": 50,

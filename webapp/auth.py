@@ -3,9 +3,10 @@ and API route except the login page requires one of them."""
 
 from __future__ import annotations
 
+import datetime as dt
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 
 from webapp import users
 from webapp.csrf import check_csrf
@@ -15,6 +16,8 @@ bp = Blueprint("auth", __name__)
 
 # Endpoints reachable without logging in. Static files are the app's own CSS/JS only.
 PUBLIC_ENDPOINTS = {"auth.login", "static"}
+# Failed logins of one user name within this window before further tries are refused (429).
+LOGIN_WINDOW = dt.timedelta(minutes=5)
 
 
 def safe_next(target: str | None) -> str:
@@ -82,10 +85,15 @@ def security_headers(response):
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     if request.method == "POST":
-        username = request.form.get("username", "").strip()
+        username = request.form.get("username", "").strip()[:100]
+        limit = int(current_app.config["LOGIN_MAX_FAILURES"])
+        if users.recent_failed_logins(state().catalog, username, LOGIN_WINDOW) >= limit:
+            users.record(state().catalog, None, "login_throttled", {"username": username, "ip": request.remote_addr})
+            flash(f"Too many failed logins for this user name; wait {LOGIN_WINDOW.seconds // 60} minutes and try again.", "error")
+            return render_template("login.html", username=username), 429
         user = users.authenticate(state().catalog, username, request.form.get("password", ""))
         if user is None:
-            users.record(state().catalog, None, "login_failed", {"username": username[:100], "ip": request.remote_addr})
+            users.record(state().catalog, None, "login_failed", {"username": username, "ip": request.remote_addr})
             flash("Unknown user name or wrong password.", "error")
             return render_template("login.html", username=username), 401
         session.clear()

@@ -7,6 +7,7 @@ database look it up by its hash).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import secrets
@@ -86,6 +87,20 @@ def get_user(catalog: Catalog, user_id: int) -> models.User | None:
 def list_users(catalog: Catalog) -> list[models.User]:
     with catalog.session() as s:
         return list(s.scalars(sa.select(models.User).order_by(models.User.username)))
+
+
+def recent_failed_logins(catalog: Catalog, username: str, window: dt.timedelta) -> int:
+    """Failed logins for `username` within the last `window`, from the audit log (shared
+    by all workers, unlike a counter in memory)."""
+    since = dt.datetime.now(dt.timezone.utc) - window
+    with catalog.session() as s:
+        details = s.scalars(
+            sa.select(models.AuditEvent.detail)
+            .where(models.AuditEvent.action == "login_failed", models.AuditEvent.created_at >= since)
+            .order_by(models.AuditEvent.id.desc())
+            .limit(1000)
+        ).all()
+    return sum(1 for d in details if (d or {}).get("username") == username)
 
 
 def record(catalog: Catalog, user_id: int | None, action: str, detail: dict | None = None) -> None:
