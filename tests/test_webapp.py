@@ -21,6 +21,7 @@ from tests.conftest import _reset_postgres as reset_postgres, postgres_url
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
 from webapp.cli import main as web_cli
+from webapp.slide_cache import TileBytes
 
 PASSWORD = "correct horse"
 # The layout `engine benchmark` stores (overall, per-class, curve, svm).
@@ -218,6 +219,9 @@ def test_slide_detail_dzi_tiles_and_regions(app, client):
     tile = Image.open(io.BytesIO(client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data))
     assert tile.size == (255, 255)  # 254 + 1 px overlap on the right/bottom
     assert Image.open(io.BytesIO(client.get(f"/tiles/{slide}_files/{top}/6_4.png").data)).size[0] > 0
+    again = client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data
+    assert again == client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data
+    assert any(key[0] == slide and key[2:] == (top, 0, 0, "JPEG") for key in app.extensions["histoseek"].slides.tile_bytes._items)
     assert client.get(f"/tiles/{slide}_files/{top}/99_0.jpeg").status_code == 404
     assert client.get(f"/tiles/{slide}_files/40/0_0.jpeg").status_code == 404
     assert client.get(f"/tiles/{slide}_files/{top}/0_0.gif").status_code == 404
@@ -231,6 +235,17 @@ def test_slide_detail_dzi_tiles_and_regions(app, client):
         assert response.status_code == 404 and response.json["error"] == "not_found"
     response = client.get(f"/tiles/{missing}.dzi")
     assert response.status_code == 422 and "no such file" in response.json["message"]
+
+
+def test_tile_cache_is_bounded_in_bytes():
+    cache = TileBytes(max_bytes=100)
+    for i in range(3):
+        cache.put(("k", i), bytes(40))
+    assert cache.get(("k", 0)) is None and cache.get(("k", 1)) is not None
+    cache.put(("k", 3), bytes(40))  # ("k", 1) was used last, so ("k", 2) goes
+    assert cache.get(("k", 2)) is None and cache.get(("k", 1)) is not None
+    cache.put(("big",), bytes(101))
+    assert cache.get(("big",)) is None
 
 
 def test_viewer_page(app, client):

@@ -31,6 +31,8 @@ DEFAULTS = {
     "SLIDES_PER_PAGE": 50,
     # Open slides kept per worker for deep-zoom tiles.
     "SLIDE_CACHE_SIZE": 16,
+    # Encoded deep-zoom tiles kept per worker (0 = none).
+    "TILE_CACHE_MB": 64,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
     "PERMANENT_SESSION_LIFETIME": dt.timedelta(hours=8),

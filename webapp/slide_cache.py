@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import threading
 from pathlib import Path
 
@@ -29,12 +30,44 @@ class OpenedSlide:
     deepzoom: DeepZoomGenerator
 
 
+class TileBytes:
+    """Encoded deep-zoom tiles, least recently used dropped first, bounded in bytes. Viewers
+    of one slide ask for the same few hundred tiles again and again; decoding and
+    re-encoding them is most of a tile request's cost."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 class SlideCache:
-    def __init__(self, catalog: Catalog, capacity: int = 16):
+    def __init__(self, catalog: Catalog, capacity: int = 16, tile_cache_bytes: int = 0):
         self.catalog = catalog
         self.capacity = max(1, capacity)
         self._open: collections.OrderedDict[int, OpenedSlide] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.tile_bytes = TileBytes(tile_cache_bytes)
 
     def get(self, slide_id: int) -> OpenedSlide:
         with self._lock:
@@ -62,6 +95,18 @@ class SlideCache:
                 # garbage collector closes it once nothing refers to it.
                 self._open.popitem(last=False)
         return opened
+
+    def encoded_tile(self, slide_id: int, level: int, col: int, row: int, pil_format: str) -> bytes:
+        """A deep-zoom tile encoded as JPEG or PNG, from the tile cache when there.
+        The key holds the slide's path, so a re-used id never serves another slide's tile."""
+        key = (slide_id, str(self.get(slide_id).path), level, col, row, pil_format)
+        data = self.tile_bytes.get(key)
+        if data is None:
+            buf = io.BytesIO()
+            self.tile(slide_id, level, col, row).save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
+            data = buf.getvalue()
+            self.tile_bytes.put(key, data)
+        return data
 
     def tile(self, slide_id: int, level: int, col: int, row: int) -> Image.Image:
         dz = self.get(slide_id).deepzoom

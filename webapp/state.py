@@ -17,7 +17,7 @@ class AppState:
     def __init__(self, config, settings: Settings):
         self.settings = settings
         self.catalog = Catalog(settings.catalog_url)
-        self.slides = SlideCache(self.catalog, capacity=int(config["SLIDE_CACHE_SIZE"]))
+        self.slides = SlideCache(self.catalog, capacity=int(config["SLIDE_CACHE_SIZE"]), tile_cache_bytes=int(config["TILE_CACHE_MB"]) * 1024 * 1024)
         self._engine = None
         self._engine_lock = threading.Lock()
         self._index_stamp = None

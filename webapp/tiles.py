@@ -7,9 +7,7 @@ from the URL; the slide's file path comes from the catalog.
 
 from __future__ import annotations
 
-import io
-
-from flask import Blueprint, Response, abort, send_file
+from flask import Blueprint, Response, abort
 
 from webapp.state import state
 
@@ -30,11 +28,7 @@ def dzi(slide_id: int):
 def tile(slide_id: int, level: int, col: int, row: int, fmt: str):
     if fmt not in FORMATS:
         abort(404, description=f"tile format must be one of {', '.join(FORMATS)}")
-    image = state().slides.tile(slide_id, level, col, row)
     pil_format, mimetype = FORMATS[fmt]
-    buf = io.BytesIO()
-    image.save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
-    buf.seek(0)
-    response = send_file(buf, mimetype=mimetype)
+    response = Response(state().slides.encoded_tile(slide_id, level, col, row, pil_format), mimetype=mimetype)
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response
