@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -273,5 +274,13 @@ def _one_thread(active: bool):
         torch.set_num_threads(threads)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C and SIGTERM (torchrun signals the whole process group) are for the training
+    # process, which stops cleanly after the step; a worker dying on them would break the
+    # batch stream first. Workers still exit when the training process goes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: TwoViewBatches, workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers else None, worker_init_fn=_ignore_stop_signals if workers else None)

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,12 +130,48 @@ def train(cfg: TrainConfig, *, resume: bool = False, explicit: set[str] = frozen
     cfg.validate()
     ctx = D.init_distributed(cfg.device)
     try:
-        return _train(cfg, ctx, resume, set(explicit), progress)
+        with StopRequest() as stop:
+            return _train(cfg, ctx, resume, set(explicit), progress, stop)
     finally:
         D.shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str], progress: bool) -> dict[str, Any]:
+class StopRequest:
+    """SIGTERM (a scheduler preempting the job, torchrun shutting down) or Ctrl-C asks the
+    run to stop after the current step with a checkpoint, so `--resume` loses nothing. A
+    second Ctrl-C stops at once. Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.asked = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+        LOG.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (every rank must call this at the same step)."""
+        if D.dist_info()[1] == 1:
+            return self.asked
+        flag = torch.tensor([int(self.asked)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str], progress: bool, stop: StopRequest) -> dict[str, Any]:
     run_dir = Path(cfg.out)
     cfg, state = D.on_main(_resolve_config, cfg, explicit, resume)
     amp = ctx.device.type == "cuda" if cfg.amp is None else cfg.amp
@@ -195,7 +233,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
     sums: dict[str, float] = {}
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     throughput: list[float] = []
-    while step < total_steps:
+    stopping = False
+    while step < total_steps and not stopping:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         dataset = TwoViewBatches(source, epoch=epoch, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size, num_batches=steps_per_epoch * cfg.accum_steps, skip_batches=in_epoch * cfg.accum_steps, augment=augment, shuffle_block=cfg.shuffle_block)
         model.train()
@@ -241,18 +280,22 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
                     with open(metrics_path, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
+            stopping = stop.agreed(ctx.device)
+            if stopping or step % cfg.checkpoint_every == 0 or step == total_steps:
                 _save(cfg, ctx, run_dir, model, optimizer, scaler, step, steps_per_epoch, images_seen, n_items)
-            if step >= total_steps or step % steps_per_epoch == 0:
+            if stopping or step >= total_steps or step % steps_per_epoch == 0:
                 break
     bar.close()
     # the first window includes start-up (workers, first allocations); leave it out when there are more
     steady = throughput[1:] or throughput
-    summary = {"run_dir": str(run_dir), "arch": cfg.arch, "steps": step, "images_seen": images_seen, "world_size": world, "device": str(ctx.device), "amp": amp, "global_batch": global_batch, "img_per_s": sum(steady) / len(steady) if steady else None}
+    summary = {"run_dir": str(run_dir), "arch": cfg.arch, "steps": step, "stopped_early": stopping, "images_seen": images_seen, "world_size": world, "device": str(ctx.device), "amp": amp, "global_batch": global_batch, "img_per_s": sum(steady) / len(steady) if steady else None}
     if ctx.is_main:
         summary["img_per_s_per_rank"] = summary["img_per_s"] / world if summary["img_per_s"] else None
         (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
-        LOG.info("done: %d steps, %d images; checkpoint %s, loss curve %s", step, images_seen, checkpoint_path(run_dir), run_dir / "loss.png")
+        if stopping:
+            LOG.warning("stopped at step %d of %d on request; continue with the same command plus --resume", step, total_steps)
+        else:
+            LOG.info("done: %d steps, %d images; checkpoint %s, loss curve %s", step, images_seen, checkpoint_path(run_dir), run_dir / "loss.png")
     return summary
 
 

@@ -241,6 +241,32 @@ def test_accumulation_counts_steps_and_images(tmp_path):
     assert state["step"] == 3 and int(state["model"]["queue_ptr"]) == 0  # 6 enqueues of 2 into 4 slots
 
 
+def test_sigterm_stops_with_a_checkpoint(tmp_path):
+    """A preempted run (SIGTERM) finishes its step, writes a checkpoint and says how to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _tile_folder(tmp_path / "tiles", 16, size=32)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain", "train", "--data", str(data), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--crop-px", "32", "--queue-size", "8", "--num-clusters", "2", "--workers", "1", "--max-steps", "200", "--checkpoint-every", "1000", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "--resume" in err and json.loads(out)["stopped_early"] is True
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= state["step"] < 200 and logged[-1] == state["step"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_training_on_cuda(tmp_path):
