@@ -91,6 +91,12 @@ class TrainConfig:
             raise ConfigError("--lr must be > 0")
         if not 0 < self.min_crop_scale <= 1 or self.jitter < 0:
             raise ConfigError("--min-crop-scale must be in (0, 1] and --jitter >= 0")
+        if not 0 <= self.same_cluster_weight <= 1:
+            raise ConfigError("--same-cluster-weight must be in [0, 1]")
+        if min(self.queue_size, self.num_clusters, self.proj_dim) < 1 or self.kmeans_iters < 0:
+            raise ConfigError("--queue-size, --num-clusters and --proj-dim must be at least 1, --kmeans-iters at least 0")
+        if min(self.temperature, self.group_temperature) <= 0 or not 0 <= self.key_momentum < 1:
+            raise ConfigError("temperatures must be > 0 and --key-momentum in [0, 1)")
 
 
 def _normalise(views: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -190,18 +196,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     global_batch = world * cfg.batch_size * cfg.accum_steps
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = CCL(cfg.arch, cfg.proj_dim, cfg.queue_size, cfg.key_momentum, cfg.temperature, cfg.num_clusters, cfg.kmeans_iters, cfg.group_temperature, cfg.group_weight, cfg.same_cluster_weight)
     if cfg.queue_size < world * cfg.batch_size:
         raise ConfigError(f"--queue-size {cfg.queue_size} is smaller than one global batch ({world * cfg.batch_size}); raise it")
-    if cfg.sync_bn:
-        model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
-        model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
-    model.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    model, optimizer, scaler = _build(cfg, ctx.device, amp)
     step, images_seen = 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -297,6 +294,19 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
         else:
             LOG.info("done: %d steps, %d images; checkpoint %s, loss curve %s", step, images_seen, checkpoint_path(run_dir), run_dir / "loss.png")
     return summary
+
+
+def _build(cfg: TrainConfig, device: torch.device, amp: bool) -> tuple[CCL, torch.optim.Optimizer, torch.amp.GradScaler]:
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = CCL(cfg.arch, cfg.proj_dim, cfg.queue_size, cfg.key_momentum, cfg.temperature, cfg.num_clusters, cfg.kmeans_iters, cfg.group_temperature, cfg.group_weight, cfg.same_cluster_weight)
+    if cfg.sync_bn:
+        model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+        model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    return model, optimizer, torch.amp.GradScaler("cuda", enabled=amp)
 
 
 def _reduce_stats(sums: dict[str, float], device: torch.device, steps: int) -> dict[str, float]:
