@@ -42,12 +42,12 @@ MANIFEST_FILE = "manifest.json"
 
 
 def default_nlist(n: int) -> int:
-    """About 2 sqrt(n) inverted lists, a power of two in [16, 65536] (1 M vectors: 2048)."""
-    return int(min(65536, max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))))
+    """About sqrt(n) inverted lists, a power of two in [16, 65536] (1 M vectors: 1024)."""
+    return int(min(65536, max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))))
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: 1/32 of them, at least 16 (1 M vectors: 64 of 2048)."""
+    """Lists scanned per query: 1/32 of them, at least 16 (1 M vectors: 32 of 1024)."""
     return int(min(nlist, max(16, nlist // 32)))
 
 
@@ -119,11 +119,15 @@ class CompressedIndex:
         ivf.cp.seed = ivf.pq.cp.seed = seed
         ivf.cp.niter = ivf.pq.cp.niter = 10
         index.train(sample)
+        pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        manifest_extra = {"pca_energy": float(np.sum(faiss.vector_to_array(pca.eigenvalues)[:pca_dim]) / max(1e-12, np.sum(faiss.vector_to_array(pca.eigenvalues))))}
+        # the full dim x dim eigenvector matrix is only needed for training (2048-d: 16 MB)
+        pca.PCAMat.clear()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in (INDEX_FILE, VECTORS_FILE, ROWS_FILE, MANIFEST_FILE):
             (folder / name).unlink(missing_ok=True)
-        manifest = {"dim": dim, "factory": factory, "nlist": nlist, "trained_n": len(sample), "n_rows": 0, "shards": {}, "nprobe": default_nprobe(nlist), "shortlist": 100, "exact_max": 20000}
+        manifest = {"dim": dim, "factory": factory, "nlist": nlist, "trained_n": len(sample), "n_rows": 0, "shards": {}, "nprobe": default_nprobe(nlist), "shortlist": 100, "exact_max": 20000, **manifest_extra}
         out = cls(folder, index, VectorStore(folder / VECTORS_FILE, dim), np.zeros(0, np.int64), manifest)
         out.save()
         return out

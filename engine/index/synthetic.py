@@ -9,7 +9,11 @@ mimics that, so recall measured on it means something: a vector is
 with tiles grouped into slides of `tiles_per_slide` consecutive ids, each slide of one of
 `n_classes` classes, each tile showing one of the class's `n_patterns` morphological patterns
 (gland, stroma, necrosis, ...), `z` a `rank`-dimensional Gaussian (the variation within a
-pattern), and a small isotropic noise. Chunks
+pattern), and a small isotropic noise. Pattern offsets and slide offsets (stain, scanner) lie
+in subspaces of `pattern_rank` and `slide_rank` dimensions: CNN embeddings of tissue have a
+low intrinsic dimension (a few hundred principal components hold most of their variance),
+which is what makes PCA + product quantisation work on them. `explained_variance(k)` reports
+how much of the generated variance k principal directions hold, to compare with real features. Chunks
 are reproducible from (seed, start), so a 1 M x 2048 archive (8 GB as float32) can be streamed
 and regenerated for exact ground truth without ever being held in memory.
 """
@@ -30,6 +34,8 @@ class ClusteredVectors:
     n_patterns: int = 40
     tiles_per_slide: int = 1000
     rank: int = 16
+    pattern_rank: int = 96
+    slide_rank: int = 16
     seed: int = 0
     pattern_scale: float = 0.8
     slide_scale: float = 0.3
@@ -39,7 +45,9 @@ class ClusteredVectors:
     def __post_init__(self):
         rng = np.random.default_rng(self.seed)
         self.centres = _unit(rng.standard_normal((self.n_classes, self.dim)).astype(np.float32))
-        self.patterns = _unit(rng.standard_normal((self.n_classes * self.n_patterns, self.dim)).astype(np.float32)) * self.pattern_scale
+        pattern_basis = _unit(rng.standard_normal((self.pattern_rank, self.dim)).astype(np.float32))
+        self.patterns = _unit(rng.standard_normal((self.n_classes * self.n_patterns, self.pattern_rank)).astype(np.float32) @ pattern_basis) * self.pattern_scale
+        self.slide_basis = _unit(rng.standard_normal((self.slide_rank, self.dim)).astype(np.float32))
         self.basis = (rng.standard_normal((self.dim, self.rank)) / np.sqrt(self.dim)).astype(np.float32)
 
     def slide_of(self, ids: np.ndarray) -> np.ndarray:
@@ -51,7 +59,7 @@ class ClusteredVectors:
     def _slide_offsets(self, slides: np.ndarray) -> np.ndarray:
         out = np.empty((len(slides), self.dim), np.float32)
         for i, s in enumerate(slides):
-            out[i] = np.random.default_rng((self.seed, 1, int(s))).standard_normal(self.dim, dtype=np.float32)
+            out[i] = np.random.default_rng((self.seed, 1, int(s))).standard_normal(self.slide_rank, dtype=np.float32) @ self.slide_basis
         return _unit(out) * self.slide_scale
 
     def _block(self, b: int) -> np.ndarray:

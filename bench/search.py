@@ -1,0 +1,200 @@
+"""Search speed and quality at archive scale, on synthetic clustered 2048-d embeddings
+(engine.index.synthetic) streamed in chunks, so 1 M tiles (8 GB as float32) never sit in RAM.
+
+For each archive size: the compressed index (PCA-rotation + IVF-PQ + exact float16
+re-ranking) is trained on a sample and filled chunk by chunk; the exact reference is computed
+on the same stream (brute force). Measured: p50/p99 latency of a region query (4 query tiles,
+a 2 x 2-tile region) and of a slide query (a 32-tile mosaic), each = index search + grouping of
+the hits into slides; recall@10 of single tiles against exact search; RAM bytes per tile of
+the index; build time. Baseline in the same run: the exact flat index of shards (one shard per
+slide, as `indexer build` writes them) where it fits in RAM (default up to 100 k tiles).
+
+    python bench/search.py --sizes 10000 100000 1000000 --plot docs/search_latency.png
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from engine.index import CompressedIndex, FlatShardIndex, default_nlist, merge_topk, recall_at_k
+from engine.index.common import topk_rows
+from engine.index.compressed import train_sample_size
+from engine.index.synthetic import BLOCK, ClusteredVectors
+from engine.search import slide_scores
+
+LOG = logging.getLogger("bench.search")
+K_TILES = 64  # neighbours per query tile, as SearchEngine asks for with top_k = 8
+
+
+def percentiles(ms: list[float]) -> dict:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
+
+
+def region_queries(gen: ClusteredVectors, n_tiles: int, count: int, tiles: int, seed: int) -> list[np.ndarray]:
+    """`count` queries of `tiles` vectors each, near `tiles` consecutive tiles of one slide."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        start = int(rng.integers(0, n_tiles - tiles))
+        _, xb = gen.chunk(start, start + tiles)
+        noise = rng.standard_normal(xb.shape).astype(np.float32) * (0.3 / np.sqrt(gen.dim))
+        q = xb + noise
+        out.append((q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32))
+    return out
+
+
+def timed_query(index, xq: np.ndarray, slide_of_id, rule: str) -> float:
+    t = time.perf_counter()
+    D, I = index.search(xq, K_TILES)
+    ok = I >= 0
+    slides = np.where(ok, slide_of_id(np.maximum(I, 0)), -1)
+    floor = np.where(ok, D, np.inf).min(axis=1)
+    slide_scores(np.where(ok, D, -np.inf), slides, floor, rule)
+    return (time.perf_counter() - t) * 1000
+
+
+def run_size(n: int, args, folder: Path) -> dict:
+    gen = ClusteredVectors(dim=args.dim, tiles_per_slide=1000, seed=args.seed)
+    slide_of_id = gen.slide_of
+    out: dict = {"tiles": n, "dim": args.dim}
+    region_qs = region_queries(gen, n, args.region_queries, 4, seed=1)
+    slide_qs = region_queries(gen, n, args.slide_queries, 32, seed=2)
+    xq_recall = np.concatenate(region_qs)[: args.recall_queries]
+
+    # -- train on a sample of whole blocks drawn over the archive ------------------------------
+    t = time.perf_counter()
+    nlist = default_nlist(n)
+    want = min(n, train_sample_size(nlist))
+    rng = np.random.default_rng(args.seed)
+    blocks = rng.choice(max(1, n // BLOCK), size=max(1, min(n // BLOCK, -(-want // BLOCK))), replace=False)
+    sample = np.concatenate([gen.chunk(int(b) * BLOCK, min(n, (int(b) + 1) * BLOCK))[1] for b in blocks])[:want]
+    index = CompressedIndex.train(folder, sample, nlist=nlist)
+    del sample
+    out["train_s"] = round(time.perf_counter() - t, 1)
+
+    # -- stream: add to the compressed index, exact reference, flat baseline ------------------
+    flat = FlatShardIndex(args.dim) if n <= args.flat_max else None
+    D_ex = I_ex = None
+    add_s = 0.0
+    for start in range(0, n, args.chunk):
+        ids, xb = gen.chunk(start, min(n, start + args.chunk))
+        t = time.perf_counter()
+        index.add(ids, xb)
+        add_s += time.perf_counter() - t
+        Dc, Ic = topk_rows(xq_recall @ xb.T, ids, 10)
+        D_ex, I_ex = (Dc, Ic) if D_ex is None else merge_topk([D_ex, Dc], [I_ex, Ic], 10)
+        if flat is not None:
+            for s in np.unique(gen.slide_of(ids)):
+                sel = gen.slide_of(ids) == s
+                flat.add_arrays(f"slide-{s}", ids[sel], xb[sel])
+        LOG.info("%d / %d tiles", min(n, start + args.chunk), n)
+    t = time.perf_counter()
+    index.save()
+    out["add_s"] = round(add_s + time.perf_counter() - t, 1)
+    out["index"] = {"factory": index.manifest["factory"], "nlist": index.manifest["nlist"], "nprobe": index.nprobe, "shortlist": index.shortlist, "pca_energy": round(index.manifest["pca_energy"], 4)}
+
+    # -- quality and size --------------------------------------------------------------------
+    _, I_c = index.search(xq_recall, 10)
+    out["recall_at_10"] = round(recall_at_k(I_c, I_ex, 10), 4)
+    out["ram_bytes_per_tile"] = round(index.ram_bytes() / n, 1)
+    out["disk_bytes_per_tile"] = round(index.store.nbytes / n, 1)
+
+    # -- latency: warm up, then time each query ----------------------------------------------
+    for q in region_qs[:5]:
+        index.search(q, K_TILES)
+    out["compressed"] = {
+        "region_query": percentiles([timed_query(index, q, slide_of_id, "mean") for q in region_qs]),
+        "slide_query": percentiles([timed_query(index, q, slide_of_id, "median") for q in slide_qs]),
+    }
+    if flat is not None:
+        _, I_f = flat.search(xq_recall, 10)
+        out["flat_recall_at_10"] = round(recall_at_k(I_f, I_ex, 10), 4)
+        out["flat_ram_bytes_per_tile"] = round(flat.ram_bytes() / n, 1)
+        flat.search(region_qs[0], K_TILES)
+        out["flat"] = {
+            "region_query": percentiles([timed_query(flat, q, slide_of_id, "mean") for q in region_qs]),
+            "slide_query": percentiles([timed_query(flat, q, slide_of_id, "median") for q in slide_qs]),
+        }
+    out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    sizes = [r["tiles"] for r in results]
+    for kind, style in (("compressed", "-o"), ("flat", "--s")):
+        for query, colour in (("region_query", "tab:blue"), ("slide_query", "tab:orange")):
+            pts = [(r["tiles"], r[kind][query]["p50_ms"]) for r in results if kind in r]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colour, label=f"{kind}, {query.replace('_', ' ')} (p50)")
+    ax.axhline(50, color="tab:blue", lw=0.8, ls=":")
+    ax.axhline(100, color="tab:orange", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
+    ax.set_xlabel("archive size (tiles, 2048-d)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Search latency vs archive size (targets dotted)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="archive sizes in tiles")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--region-queries", type=int, default=200)
+    parser.add_argument("--slide-queries", type=int, default=50)
+    parser.add_argument("--recall-queries", type=int, default=400, help="single tiles whose recall@10 is measured")
+    parser.add_argument("--flat-max", type=int, default=100_000, help="largest size with the exact flat baseline (RAM: 8 kB per tile)")
+    parser.add_argument("--chunk", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n in args.sizes:
+            LOG.info("archive of %d tiles (load average %.1f)", n, os.getloadavg()[0])
+            results.append(run_size(n, args, Path(tmp) / f"n{n}"))
+            print(json.dumps(results[-1]), file=sys.stderr)
+    doc = {
+        "bench": "search",
+        "command": "python bench/search.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": faiss.omp_get_max_threads(), "platform": platform.platform(), "faiss": faiss.__version__},
+        "results": results,
+    }
+    if args.plot:
+        plot(results, args.plot)
+        doc["plot"] = str(args.plot)
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
