@@ -1,7 +1,7 @@
 """Exact search over all shard files of one encoder, searched as one index.
 
 Each shard is an `IndexIDMap2(IndexFlatIP)` whose ids are tile ids; they are combined in an
-`IndexShards(d, threaded, successive_ids=False)` so each shard keeps its own ids and the
+`IndexShards(d, threaded=False, successive_ids=False)` so each shard keeps its own ids and the
 merged top-k is exactly what one unsharded flat index over the same vectors returns. Shards
 are added and removed one by one (no rebuild when slides come and go). On a machine with
 faiss-gpu and CUDA the shards are also copied to the GPU for unfiltered searches (same
@@ -66,7 +66,9 @@ class FlatShardIndex:
 
     def _index(self):
         if self._combined is None:
-            combined = faiss.IndexShards(self.dim, True, False)
+            # not threaded: `indexer build` writes one shard per slide, so there may be
+            # hundreds of small shards, and a thread per shard costs more than it saves
+            combined = faiss.IndexShards(self.dim, False, False)
             for index in self._shards.values():
                 if index.ntotal:
                     combined.add_shard(index)
