@@ -120,3 +120,36 @@ def test_refresh_adds_and_removes_without_retraining(synthetic_archive, encoder)
     assert engine.index.ntotal == before
     hits = engine.search_slide(slide_ids[0], top_k=N_SLIDES).results
     assert new_id not in [h.slide["id"] for h in hits] and len(hits) == N_SLIDES - 1
+
+
+@pytest.mark.postgres
+def test_search_and_refresh_on_postgres(tmp_path, encoder):
+    """The engine's SQL (filters, tile lookups, refresh) on a PostgreSQL catalog."""
+    from tests.conftest import _reset_postgres, postgres_url
+
+    url = postgres_url()
+    _reset_postgres(url)
+    settings = Settings.load(env={}, catalog_url=url, index_dir=str(tmp_path / "index"), encoder="random:resnet18", device="cpu")
+    catalog = Catalog(url)
+    info = encoder.info
+    with catalog.session() as s:
+        row = EncoderRow(name=info.name, architecture=info.architecture, checkpoint_sha256=info.checkpoint_sha256, dim=info.dim, target_mpp=1.0, tile_px=224, normalisation=info.normalisation, is_random=True)
+        s.add(row)
+        s.flush()
+        encoder_id = row.id
+    shard_enc = ShardEncoder(info.name, info.checkpoint_sha256, info.dim, 1.0, 224)
+    gen = ClusteredVectors(dim=info.dim, tiles_per_slide=TILES_PER_SLIDE, n_classes=3, n_patterns=8, seed=11)
+    ids = [add_slide(catalog, settings, shard_enc, encoder_id, gen, n) for n in range(3)]
+    try:
+        engine = SearchEngine(settings, catalog=catalog, encoder=encoder)
+        assert engine.index.kind == "flat"
+        res = engine.search_slide(ids[0], top_k=5, filters={"site": "synthetic"})
+        assert sorted(h.slide["id"] for h in res.results) == sorted(ids[1:])
+        with catalog.session() as s:
+            s.execute(sa.delete(Tile).where(Tile.slide_id == ids[2]))
+            s.execute(sa.delete(Shard).where(Shard.path.like("%slide-000000002.faiss")))
+            s.delete(s.get(Slide, ids[2]))
+        engine.refresh()
+        assert [h.slide["id"] for h in engine.search_slide(ids[0], top_k=5).results] == [ids[1]]
+    finally:
+        catalog.dispose()
