@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
-from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, flash, g, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from engine.errors import ImageError, NotFound, QueryError
@@ -55,7 +55,7 @@ def _query_thumbnail(storage) -> str | None:
         image.thumbnail((192, 192))
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=80)
-    except Exception:  # the search already accepted it; a thumbnail is a nicety
+    except (OSError, ValueError):  # the search accepted the image; a missing thumbnail is no error
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
