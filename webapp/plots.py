@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METRIC_AT_K = re.compile(r"^(?P<name>[A-Za-z_]+)@(?P<k>\d+)$")
 
@@ -76,6 +77,7 @@ def metrics_plot_png(title: str, metrics: dict) -> bytes | None:
     ax = axes[0][0]
     for name, points in sorted(lines.items()):
         ax.plot([k for k, _ in points], [percent(v) for _, v in points], marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("k (results considered)")
     ax.set_ylabel("%")
     ax.set_title(title)
