@@ -88,9 +88,10 @@ def server(archive):
     yield base
     os.killpg(proc.pid, signal.SIGINT)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # a worker still busy: nothing of it is needed any more
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     log.close()
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from gunicorn.app.base import BaseApplication
 
 from engine.config import Settings
+from engine.errors import HistoseekError
+
+LOG = logging.getLogger(__name__)
 
 
 class HistoseekServer(BaseApplication):
@@ -24,7 +30,18 @@ class HistoseekServer(BaseApplication):
     def load(self):
         from webapp import create_app
 
-        return create_app({"SETTINGS": self.settings, **self.app_config})
+        app = create_app({"SETTINGS": self.settings, **self.app_config})
+        threading.Thread(target=warm_search_engine, args=(app,), name="warm-search", daemon=True).start()
+        return app
+
+
+def warm_search_engine(app) -> None:
+    """Load the encoder and the index while the worker already serves pages, so the first
+    search does not wait seconds for them."""
+    try:
+        app.extensions["histoseek"].search_engine()
+    except HistoseekError as exc:  # e.g. nothing indexed yet: searches will say so
+        LOG.info("search engine not loaded at start: %s", exc)
 
 
 def gunicorn_options(host: str, port: int, workers: int, threads: int, timeout: int, access_log: bool) -> dict:
