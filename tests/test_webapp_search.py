@@ -102,6 +102,8 @@ def test_api_slide_search_leaves_the_query_out(app, client):
     assert missing.status_code == 404 and missing.json["error"] == "not_found"
     bad = client.post("/api/v1/search/slide", json={"slide_id": "x"}, headers={"X-CSRF-Token": csrf(client)})
     assert bad.status_code == 400
+    not_object = client.post("/api/v1/search/slide", json=[slide.id], headers={"X-CSRF-Token": csrf(client)})
+    assert not_object.status_code == 400 and "JSON object" in not_object.json["message"]
 
 
 def test_results_page_and_viewer_link(app, client):

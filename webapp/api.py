@@ -45,10 +45,12 @@ def search_region():
 
 @bp.post("/search/slide")
 def search_slide():
-    values = request.get_json(silent=True) if request.is_json else request.form
-    if not isinstance(values, dict) and not hasattr(values, "get"):
-        abort(400, description="send a JSON object such as {\"slide_id\": 3, \"top_k\": 10}")
-    return jsonify(slide_search(values or {}))
+    if not request.is_json:
+        return jsonify(slide_search(request.form))
+    values = request.get_json(silent=True)
+    if not isinstance(values, dict):
+        abort(400, description='send a JSON object such as {"slide_id": 3, "top_k": 10}')
+    return jsonify(slide_search(values))
 
 
 @bp.get("/slides")
