@@ -162,3 +162,25 @@ def remove(slides, settings: Settings) -> None:
         catalog.dispose()
     for path in removed:
         click.echo(f"removed {path}")
+
+
+@main.command()
+@click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Microns per pixel of the tiles.")
+@click.option("--tile-px", type=click.IntRange(min=16), default=224, show_default=True, help="Tile edge in pixels at --target-mpp.")
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Smallest tissue fraction of a kept tile.")
+@click.option("--default-mpp", type=click.FloatRange(min=0.01, max=100), default=None, help="Microns per level-0 pixel when the slide carries none.")
+@click.option("--max-px", type=click.IntRange(min=64), default=1600, show_default=True, help="Longest side of the picture.")
+@handle_errors
+def preview(slide, out, target_mpp, tile_px, min_tissue, default_mpp, max_px) -> None:
+    """Draw what `indexer build` would embed of SLIDE: its thumbnail, the tissue mask
+    (tinted blue) and the kept tiles (green squares). Use it to pick --min-tissue."""
+    from indexer.preview import preview_slide
+
+    result = preview_slide(slide, target_mpp=target_mpp, tile_px=tile_px, min_tissue=min_tissue, default_mpp=default_mpp, max_px=max_px)
+    result.image.save(out)
+    click.echo(
+        f"{len(result.tiles)} tiles of {tile_px} px at {target_mpp:g} um/px; tissue covers {result.tissue_fraction:.1%} "
+        f"of the slide (mpp {result.mpp:g} from {result.mpp_source}); wrote {out}"
+    )

@@ -301,3 +301,21 @@ def test_build_on_sqlite_and_postgres(tmp_path, archive, catalog_url):
     cat = Catalog(catalog_url)
     assert verify_index(cat, settings.index_dir).ok
     cat.dispose()
+
+
+def test_preview_draws_the_tiles_build_would_embed(tmp_path, archive):
+    from PIL import Image
+
+    from indexer.pipeline import plan_slide
+
+    out = tmp_path / "preview.png"
+    result = CliRunner().invoke(indexer_cli, ["preview", str(archive / "a.tiff"), "--out", str(out), "--max-px", "700"])
+    assert result.exit_code == 0, result.output
+    plan = plan_slide(1, archive / "a.tiff", default_mpp=None, target_mpp=1.0, tile_px=224, min_tissue=0.5)
+    assert result.output.startswith(f"{len(plan.boxes)} tiles of 224 px")
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert max(img.shape[:2]) == 700
+    green = (img[..., 1] == 200) & (img[..., 0] == 0) & (img[..., 2] == 0)
+    assert green.sum() > 0
+    nompp = CliRunner().invoke(indexer_cli, ["preview", str(archive / "nompp.tiff"), "--out", str(out)])
+    assert nompp.exit_code == 1 and "--default-mpp" in nompp.output
