@@ -24,7 +24,7 @@ from engine.errors import ConfigError, HistoseekError
 from engine.features import default_workers
 from engine.shards import ShardEncoder
 from indexer import distributed
-from indexer.discovery import FINGERPRINT_CACHE, FingerprintCache, describe_files, find_slide_files
+from indexer.discovery import FINGERPRINT_CACHE, SLIDE_EXTENSIONS, FingerprintCache, describe_files, find_slide_files
 from indexer.metadata import match_metadata
 from indexer.pipeline import PlanSampler, SlidePlan, iter_plans, plan_slide, tile_batches
 from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
@@ -107,7 +107,7 @@ def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder,
 
 
 def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection):
-    notes = []
+    notes = [] if files else [f"no slide files under {root} (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"]
     meta = {}
     if metadata is not None:
         match = match_metadata(metadata, [f.relpath for f in files])
@@ -158,6 +158,10 @@ def build_archive(
         raise ValueError(f"--min-tissue must be within 0..1, got {min_tissue}")
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    try:
+        Path(settings.index_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the index folder {settings.index_dir} ({exc.strerror}); pass --index-dir to a writable folder") from None
     ctx = distributed.context_from_env() if ctx is None else ctx
     distributed.check_catalog_for(ctx, settings.catalog_url)
     distributed.init(ctx)
