@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -25,6 +26,8 @@ from engine.errors import SlideError
 from engine.slides import SlideInfo, describe_slide, open_slide, read_box, tile_size0
 from engine.tiling import TileBox, tile_grid
 from engine.tissue import slide_tissue_mask
+
+LOG = logging.getLogger(__name__)
 
 
 _OPEN_SLIDES_PER_WORKER = 4
@@ -60,7 +63,16 @@ def explain_unopenable(path: Path, openslide_message: str) -> str:
 
 def plan_slide(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float) -> SlidePlan:
     """Open the slide, find its tissue and its tile grid. Never raises for a bad slide:
-    the plan carries the error instead."""
+    the plan carries the error instead, also for errors no one foresaw (a malformed file
+    can break a reader in any way; one slide must not stop a days-long run)."""
+    try:
+        return _plan(slide_id, path, default_mpp=default_mpp, target_mpp=target_mpp, tile_px=tile_px, min_tissue=min_tissue)
+    except Exception as exc:  # noqa: BLE001 - recorded as the slide's failure, with a traceback in the log
+        LOG.warning("%s: unexpected error while reading it", path, exc_info=True)
+        return SlidePlan(slide_id, Path(path), error=f"unexpected error while reading the slide: {type(exc).__name__}: {exc}")
+
+
+def _plan(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float) -> SlidePlan:
     plan = SlidePlan(slide_id, Path(path))
     try:
         slide = open_slide(path)
@@ -137,6 +149,8 @@ class TileReader(Dataset):
             img = read_box(self._slide(path), x, y, size0, out_px)
         except SlideError as exc:
             return slide_id, index, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a broken tile fails its slide, not the run
+            return slide_id, index, None, f"unexpected error: {type(exc).__name__}: {exc}"
         tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
         return slide_id, index, tensor, None
 
