@@ -319,3 +319,20 @@ def test_preview_draws_the_tiles_build_would_embed(tmp_path, archive):
     assert green.sum() > 0
     nompp = CliRunner().invoke(indexer_cli, ["preview", str(archive / "nompp.tiff"), "--out", str(out)])
     assert nompp.exit_code == 1 and "--default-mpp" in nompp.output
+
+
+def test_an_unforeseen_reader_error_fails_only_its_slide(tmp_path, archive, monkeypatch):
+    import indexer.pipeline
+
+    real = indexer.pipeline.slide_tissue_mask
+
+    def breaks_on_b(slide):
+        if slide.dimensions == (900, 900):  # b.tiff
+            raise RuntimeError("decoder exploded")
+        return real(slide)
+
+    monkeypatch.setattr(indexer.pipeline, "slide_tissue_mask", breaks_on_b)
+    summary = _build(_settings(tmp_path), archive)
+    assert summary.indexed == 2
+    failures = dict((Path(p).name, e) for p, e in summary.failures)
+    assert "RuntimeError: decoder exploded" in failures["b.tiff"]
