@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from engine.pyramid_tiff import write_pyramidal_tiff
 
-from tests.synthetic_slides import write_pyramidal_tiff  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PATCH_PX = 224
 PATCH_SETS = ("nct-crc-he-100k", "crc-val-he-7k")

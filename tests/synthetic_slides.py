@@ -1,59 +1,14 @@
-"""Synthetic pyramidal TIFF slides that OpenSlide reads as "generic-tiff", made from any RGB
-array: tiled, deflate-compressed, with 2x sub-resolution levels as further pages and
-resolution tags from which OpenSlide takes the microns per pixel.
-
-Deflate rather than JPEG because tifffile writes it without the optional imagecodecs package.
-"""
+"""Synthetic slides for tests: slide-like RGB arrays (`tissue_blobs`), written as pyramidal
+TIFFs by `engine.pyramid_tiff.write_pyramidal_tiff` (re-exported here for the tests)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import tifffile
 from PIL import Image
 
+from engine.pyramid_tiff import write_pyramidal_tiff
 
-def _halve(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    img = Image.fromarray(rgb).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BOX)
-    return np.asarray(img)
-
-
-def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, tile: int = 256, min_level_px: int = 512) -> Path:
-    """Write `rgb` (H x W x 3 uint8) as a tiled pyramidal TIFF at `path`.
-
-    mpp:          microns per level-0 pixel written into the resolution tags (None: no tags,
-                  so OpenSlide reports no mpp, like a slide without metadata)
-    tile:         tile edge in pixels (multiple of 16, as TIFF requires)
-    min_level_px: levels are halved until the longer side is below this
-    """
-    rgb = np.ascontiguousarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"need an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
-    if tile % 16:
-        raise ValueError("tile must be a multiple of 16")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) >= 2 * min_level_px:
-        levels.append(_halve(levels[-1]))
-    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tif:
-        for i, level in enumerate(levels):
-            kwargs = {}
-            if mpp is not None:
-                px_per_cm = 1e4 / (mpp * 2**i)
-                kwargs = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
-            tif.write(
-                level,
-                photometric="rgb",
-                tile=(tile, tile),
-                compression="zlib",
-                subfiletype=1 if i else 0,
-                metadata=None,
-                **kwargs,
-            )
-    return path
+__all__ = ["tissue_blobs", "write_pyramidal_tiff"]
 
 
 def tissue_blobs(height: int, width: int, seed: int = 0, n_blobs: int = 3, radius: tuple[float, float] = (0.12, 0.25)) -> np.ndarray:

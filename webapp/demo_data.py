@@ -18,10 +18,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from engine.errors import HistoseekError
+from engine.pyramid_tiff import halve, write_pyramidal_tiff
 from engine.slides import open_slide, slide_mpp
 
 LOG = logging.getLogger(__name__)
@@ -50,27 +50,6 @@ def fetch_cmu_small_region(cache_dir: Path) -> Path:
             shutil.copyfileobj(src, dst)
     target.with_suffix(".part").replace(target)
     return target
-
-
-def _halve(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    return np.asarray(Image.fromarray(rgb).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BOX))
-
-
-def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, tile: int = 256) -> Path:
-    """rgb (H x W x 3 uint8) as a tiled, deflate-compressed pyramidal TIFF with 2x levels
-    down to < 512 px and resolution tags (OpenSlide's generic-tiff reads mpp from them)."""
-    levels = [np.ascontiguousarray(rgb)]
-    while max(levels[-1].shape[:2]) >= 1024:
-        levels.append(_halve(levels[-1]))
-    tmp = path.with_suffix(".part")
-    with tifffile.TiffWriter(tmp) as tif:
-        for i, level in enumerate(levels):
-            px_per_cm = 1e4 / (mpp * 2**i)
-            tif.write(level, photometric="rgb", tile=(tile, tile), compression="zlib", subfiletype=1 if i else 0,
-                      resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER", metadata=None)
-    tmp.replace(path)
-    return path
 
 
 def stain_shift(rgb: np.ndarray, scale=(1.25, 0.8, 1.0)) -> np.ndarray:
@@ -107,14 +86,14 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
         "cmu1-stain-shifted.tiff": (lambda: stain_shift(rgb), mpp, "stain-shifted copy"),
         "cmu1-top-half.tiff": (lambda: rgb[: h // 2], mpp, "top half"),
         "cmu1-bottom-half.tiff": (lambda: rgb[h // 2 :], mpp, "bottom half"),
-        "cmu1-half-resolution.tiff": (lambda: _halve(rgb), mpp * 2, "scanned at half resolution"),
+        "cmu1-half-resolution.tiff": (lambda: halve(rgb), mpp * 2, "scanned at half resolution"),
     }
     rows = [{"slide": original.name, "patient": "CMU-1", "site": "demo site A", "diagnosis": "demo: original scan", "label": "original", "collection": "demo"}]
     for name, (make, variant_mpp, what) in variants.items():
         path = archive / name
         if not path.exists():
             LOG.info("writing demo variant %s (%s)", name, what)
-            write_pyramid(path, make(), variant_mpp)
+            write_pyramidal_tiff(path, make(), variant_mpp)
         rows.append({"slide": name, "patient": "CMU-1", "site": "demo site B" if "half" in name and "resolution" not in name else "demo site A",
                      "diagnosis": f"demo: {what}", "label": "crop" if name.endswith("half.tiff") else "copy", "collection": "demo"})
     metadata = archive.parent / "metadata.csv"
