@@ -105,7 +105,7 @@ def run_size(n: int, args, folder: Path) -> dict:
     t = time.perf_counter()
     index.save()
     out["add_s"] = round(add_s + time.perf_counter() - t, 1)
-    out["index"] = {"factory": index.manifest["factory"], "nlist": index.manifest["nlist"], "nprobe": index.nprobe, "shortlist": index.shortlist, "pca_energy": round(index.manifest["pca_energy"], 4)}
+    out["index"] = {"factory": index.manifest["factory"], "nlist": index.manifest["nlist"], "nprobe": index.nprobe, "shortlist": index.shortlist}
 
     # -- quality and size --------------------------------------------------------------------
     _, I_c = index.search(xq_recall, 10)
@@ -129,6 +129,18 @@ def run_size(n: int, args, folder: Path) -> dict:
             "region_query": percentiles([timed_query(flat, q, slide_of_id, "mean") for q in region_qs]),
             "slide_query": percentiles([timed_query(flat, q, slide_of_id, "median") for q in slide_qs]),
         }
+    if args.sweep and n == max(args.sizes):
+        # recall and region latency of other probe depths / short lists, for choosing defaults
+        out["sweep"] = []
+        for nprobe in (16, 32, 64):
+            for shortlist in (100, 200):
+                _, I_s = index.search(xq_recall, 10, nprobe=nprobe, shortlist=shortlist)
+                ms = []
+                for q in region_qs[:50]:
+                    t = time.perf_counter()
+                    index.search(q, K_TILES, nprobe=nprobe, shortlist=shortlist)
+                    ms.append((time.perf_counter() - t) * 1000)
+                out["sweep"].append({"nprobe": nprobe, "shortlist": shortlist, "recall_at_10": round(recall_at_k(I_s, I_ex, 10), 4), "region_p50_ms": round(float(np.median(ms)), 2)})
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine
     return out
@@ -172,6 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", action="store_true", help="at the largest size, also measure other nprobe / shortlist settings")
     parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -187,7 +200,7 @@ def main(argv=None) -> None:
     doc = {
         "bench": "search",
         "command": "python bench/search.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpus": faiss.omp_get_max_threads(), "platform": platform.platform(), "faiss": faiss.__version__},
+        "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "platform": platform.platform(), "faiss": faiss.__version__},
         "results": results,
     }
     if args.plot:

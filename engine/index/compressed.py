@@ -120,14 +120,13 @@ class CompressedIndex:
         ivf.cp.niter = ivf.pq.cp.niter = 10
         index.train(sample)
         pca = faiss.downcast_VectorTransform(index.chain.at(0))
-        manifest_extra = {"pca_energy": float(np.sum(faiss.vector_to_array(pca.eigenvalues)[:pca_dim]) / max(1e-12, np.sum(faiss.vector_to_array(pca.eigenvalues))))}
         # the full dim x dim eigenvector matrix is only needed for training (2048-d: 16 MB)
         pca.PCAMat.clear()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in (INDEX_FILE, VECTORS_FILE, ROWS_FILE, MANIFEST_FILE):
             (folder / name).unlink(missing_ok=True)
-        manifest = {"dim": dim, "factory": factory, "nlist": nlist, "trained_n": len(sample), "n_rows": 0, "shards": {}, "nprobe": default_nprobe(nlist), "shortlist": 100, "exact_max": 20000, **manifest_extra}
+        manifest = {"dim": dim, "factory": factory, "nlist": nlist, "trained_n": len(sample), "n_rows": 0, "shards": {}, "nprobe": default_nprobe(nlist), "shortlist": 100, "exact_max": 20000}
         out = cls(folder, index, VectorStore(folder / VECTORS_FILE, dim), np.zeros(0, np.int64), manifest)
         out.save()
         return out
