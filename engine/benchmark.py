@@ -14,7 +14,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.benchmark_knn import loo_neighbours
+from engine.files import atomic_output
 from engine.config import Settings
 from engine.datasets import LabelledSet
 from engine.datasets.reading import ItemImages, collate
@@ -87,11 +87,9 @@ def cached_features(settings: Settings, dataset: LabelledSet, encoder: Encoder, 
             return feats, True
         LOG.warning("cache %s has shape %s, expected %s: recomputing", path, feats.shape, (len(dataset.items), encoder.dim))
     feats = embed_items(encoder, dataset, tile_px=settings.tile_px, mpp=opts.mpp, batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, feats)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, feats)
     return feats, False
 
 

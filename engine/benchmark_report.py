@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from engine.benchmark import BenchmarkReport
+from engine.files import atomic_output, atomic_write_text
 
 
 def table(report: BenchmarkReport) -> str:
@@ -43,10 +43,7 @@ def table(report: BenchmarkReport) -> str:
 
 def write_json(report: BenchmarkReport, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report.to_json(), indent=1))
     return path
 
 
@@ -85,9 +82,7 @@ def write_plot(report: BenchmarkReport, path: Path) -> Path:
     curve.legend(fontsize="x-small")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 from engine.errors import EncoderError
+from engine.files import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -84,14 +85,6 @@ def build_backbone(arch: str = "resnet50") -> nn.Module:
     model = getattr(torchvision.models, arch)(weights=None)
     model.fc = nn.Identity()
     return model
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def infer_architecture(state: Mapping[str, Any]) -> str:

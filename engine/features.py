@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from engine.encoder import INPUT_PX, Encoder
 from engine.errors import ImageError
+from engine.files import atomic_output, atomic_write_text
 from engine.images import open_rgb, to_uint8_chw
 
 LOG = logging.getLogger(__name__)
@@ -111,9 +112,6 @@ def write_features(result: FeatureResult, out: Path, encoder: Encoder) -> Path:
     if out.suffix != ".npy":
         out = out.with_suffix(out.suffix + ".npy") if out.suffix else out.with_suffix(".npy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, result.features)
     sidecar = sidecar_path(out)
     info = encoder.info
     doc = {
@@ -125,10 +123,10 @@ def write_features(result: FeatureResult, out: Path, encoder: Encoder) -> Path:
         "paths": [str(p) for p in result.paths],
         "skipped": [{"path": str(p), "error": e} for p, e in result.skipped],
     }
-    tmp_side = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_side.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
-    os.replace(tmp_side, sidecar)
+    with atomic_output(out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, result.features)
+    atomic_write_text(sidecar, json.dumps(doc, indent=1))
     return out
 
 

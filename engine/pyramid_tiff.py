@@ -8,12 +8,13 @@ Deflate rather than JPEG because tifffile writes it without the optional imageco
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+from engine.files import atomic_output
 
 
 def halve(rgb: np.ndarray) -> np.ndarray:
@@ -42,8 +43,7 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
     while max(levels[-1].shape[:2]) >= 2 * min_level_px:
         levels.append(halve(levels[-1]))
     # temp + rename: a reader (or an interrupted run) never sees half a slide
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
         for i, level in enumerate(levels):
             kwargs = {}
             if mpp is not None:
@@ -58,5 +58,4 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
                 metadata=None,
                 **kwargs,
             )
-    os.replace(tmp, path)
     return path

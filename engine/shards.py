@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from engine.errors import ShardError
+from engine.files import atomic_write_bytes, file_sha256  # noqa: F401  (file_sha256: part of the shard API)
 
 SHARD_SUFFIX = ".faiss"
 
@@ -48,23 +48,6 @@ def sidecar_of(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path: str | Path, ids: np.ndarray, xb: np.ndarray, encoder: ShardEncoder) -> str:
     """Write vectors `xb` (n x dim, L2-normalised) with int64 `ids` as a shard file,
     atomically; returns the file's sha256. The sidecar is written first: a shard file never
@@ -81,8 +64,8 @@ def write_shard(path: str | Path, ids: np.ndarray, xb: np.ndarray, encoder: Shar
     path.parent.mkdir(parents=True, exist_ok=True)
     sha = hashlib.sha256(data).hexdigest()
     meta = {"encoder": dataclasses.asdict(encoder), "count": int(len(ids)), "sha256": sha}
-    _atomic_write_bytes(sidecar_of(path), json.dumps(meta, indent=1).encode())
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(sidecar_of(path), json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(path, data)
     return sha
 
 

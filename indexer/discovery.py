@@ -20,6 +20,7 @@ from typing import Iterable
 import openslide
 
 from engine.slides import fingerprint
+from engine.files import atomic_write_text
 
 LOG = logging.getLogger(__name__)
 
@@ -113,10 +114,7 @@ class FingerprintCache:
     def save(self) -> None:
         if not self.new:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries))
-        os.replace(tmp, self.file)
+        atomic_write_text(self.file, json.dumps(self.entries))
         self.new = {}
 
 

@@ -8,7 +8,6 @@ temporary file, flushed, then `os.replace`d, so a kill never leaves half a check
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.encoder import ARCH_DIMS, file_sha256
+from engine.files import atomic_output
 from engine.errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -31,14 +31,8 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:

@@ -172,7 +172,7 @@ def make_tissuenet_replica(root: Path, shared: Path, *, slides: tuple[str, ...] 
         for row in (r for r in tables["annotations"][1] if r["filename"] == name):
             values = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", row["geometry"])]
             x0, x1 = int(round(min(values[0::2]))), int(round(max(values[0::2])))
-            top, bottom = height - int(round(max(values[1::2]))), height - int(round(min(values[1::2])))
+            top = height - int(round(max(values[1::2])))  # the CSV's y axis points up from the bottom
             sources = source_patches(shared, TISSUENET_SOURCE[row["annotation_class"]])
             patch = variant(sources[counter % len(sources)], counter, x1 - x0)
             counter += 1

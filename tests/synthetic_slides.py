@@ -4,7 +4,6 @@ TIFFs by `engine.pyramid_tiff.write_pyramidal_tiff` (re-exported here for the te
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from engine.pyramid_tiff import write_pyramidal_tiff
 
