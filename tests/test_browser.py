@@ -139,13 +139,13 @@ def test_search_and_view_in_chromium(server, archive, region_file, test_output):
             page.screenshot(path=str(test_output / "1-search.png"), full_page=True)
             page.get_by_role("button", name="Search by region").click()
             page.wait_for_selector("#results li.result", timeout=60_000)
-            page.screenshot(path=str(test_output / "2-results.png"), full_page=True)
 
             first = page.locator("#results li.result").first
             assert first.locator(".rank").inner_text() == "#1"
             assert first.locator(".slide-link").inner_text() == REAL_SLIDE
             assert first.locator(".regions img").count() >= 1
             page.wait_for_function("() => [...document.querySelectorAll('.regions img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(test_output / "2-results.png"), full_page=True)  # after the thumbnails loaded
             # majority vote over all three slides: two synthetic ones outvote the real one
             votes = dict(zip(page.locator("table.votes th").all_inner_texts(), page.locator("table.votes td.n").all_inner_texts()))
             assert votes == {"synthetic": "2", "real": "1"}
