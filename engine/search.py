@@ -96,15 +96,21 @@ def _chunks(values, size: int = _SQL_CHUNK):
 def slide_scores(sims: np.ndarray, slide_of: np.ndarray, floor: np.ndarray, rule: str) -> dict[int, float]:
     """Aggregate per-query-tile best similarities into one score per slide.
 
-    sims: nq x n similarities of candidate tiles (-inf: none), slide_of: their slides (n,),
-    floor: per query tile, the similarity a slide gets when the tile retrieved none of it;
-    rule: 'mean' (region queries) or 'median' (slide queries)."""
-    scores = {}
-    for s in np.unique(slide_of):
-        best = np.where(slide_of == s, sims, -np.inf).max(axis=1)
-        best = np.where(np.isfinite(best), best, floor)
-        scores[int(s)] = float(np.mean(best) if rule == "mean" else np.median(best))
-    return scores
+    sims: nq x n similarities of candidate tiles (-inf: none), slide_of: their slides (same
+    shape, -1: none), floor: per query tile, the similarity a slide gets when the tile
+    retrieved none of it; rule: 'mean' (region queries) or 'median' (slide queries)."""
+    ok = (slide_of >= 0) & np.isfinite(sims)
+    if not ok.any():
+        return {}
+    q = np.nonzero(ok)[0]
+    slides, col = np.unique(slide_of[ok], return_inverse=True)
+    best = np.repeat(floor.astype(np.float64)[:, None], len(slides), axis=1)  # nq x n_slides
+    vals = sims[ok].astype(np.float64)
+    # best similarity per (query tile, slide): sort by value, the last write wins
+    order = np.argsort(vals, kind="stable")
+    best[q[order], col[order]] = vals[order]
+    score = best.mean(axis=0) if rule == "mean" else np.median(best, axis=0)
+    return {int(s): float(v) for s, v in zip(slides, score)}
 
 
 # the 8 symmetries of the square: a region may come rotated or mirrored

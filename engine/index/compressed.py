@@ -47,8 +47,10 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: 1/32 of them, at least 16 (1 M vectors: 32 of 1024)."""
-    return int(min(nlist, max(16, nlist // 32)))
+    """Lists scanned per query: 1/16 of them, at least 16 (1 M vectors: 64 of 1024). At 1 M
+    tiles recall@10 was 0.85 / 0.94 / 0.985 with 16 / 32 / 64 lists, and a longer short list
+    added < 0.01 (bench/search.py --sweep, docs/benchmarks.md)."""
+    return int(min(nlist, max(16, nlist // 16)))
 
 
 def train_sample_size(nlist: int) -> int:
