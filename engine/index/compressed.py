@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from engine.errors import ShardError
+from engine.files import atomic_output, atomic_write_text
 from engine.index.common import IdFilter, empty_result, exact_search, gpu_available, topk_rows
 from engine.index.vectorstore import VectorStore
 
@@ -64,12 +64,6 @@ def _pq_m(pca_dim: int, m: int) -> int:
     while pca_dim % m:
         m -= 1
     return m
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class CompressedIndex:
@@ -152,15 +146,12 @@ class CompressedIndex:
     def save(self) -> None:
         """Write index, row map and manifest atomically (the vector file is append-only and
         already on disk); the manifest goes last, so a crash leaves the previous state."""
-        _atomic(self.folder / INDEX_FILE, lambda p: faiss.write_index(self.index, str(p)))
-
-        def write_rows(p: Path) -> None:
-            with open(p, "wb") as fh:
-                np.save(fh, self.rows)
-
-        _atomic(self.folder / ROWS_FILE, write_rows)
+        with atomic_output(self.folder / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        with atomic_output(self.folder / ROWS_FILE) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, self.rows)
         self.manifest["n_rows"] = int(len(self.rows))
-        _atomic(self.folder / MANIFEST_FILE, lambda p: p.write_text(json.dumps(self.manifest, indent=1)))
+        atomic_write_text(self.folder / MANIFEST_FILE, json.dumps(self.manifest, indent=1))
 
     # -- updating --------------------------------------------------------------------------
 
