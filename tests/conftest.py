@@ -64,6 +64,18 @@ def catalog_url(request, tmp_path) -> str:
     return url
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS on one thread for a module: the test machine's cores are shared, and OpenMP
+    spinning on busy cores makes small searches much slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'catalog.sqlite'}"

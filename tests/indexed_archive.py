@@ -41,6 +41,19 @@ def link_into(archive: Path, slides: Sequence[Path]) -> list[Path]:
     return out
 
 
+def archive_settings(tmp_path: Path, encoder: str, **extra) -> Settings:
+    """Settings of a test archive under tmp_path: SQLite catalog, index and data dir there, CPU."""
+    return Settings.load(
+        env={},
+        data_dir=str(tmp_path / "data"),
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        index_dir=str(tmp_path / "index"),
+        encoder=encoder,
+        device="cpu",
+        **extra,
+    )
+
+
 def make_indexed_archive(
     tmp_path: Path,
     slides: Sequence[Path],
@@ -59,14 +72,7 @@ def make_indexed_archive(
     archive = tmp_path / "archive"
     link_into(archive, slides)
     metadata = write_metadata_csv(tmp_path / "metadata.csv", metadata_rows) if metadata_rows else None
-    settings = Settings.load(
-        env={},
-        data_dir=str(tmp_path / "data"),
-        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
-        index_dir=str(tmp_path / "index"),
-        encoder=encoder,
-        device="cpu",
-    )
+    settings = archive_settings(tmp_path, encoder)
     summary = build_archive(
         settings,
         archive,

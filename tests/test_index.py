@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -19,13 +18,7 @@ DIM = 128
 N = 12_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    # the test machine's cores are shared; OpenMP spinning on busy cores is much slower
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,22 +23,14 @@ from indexer.distributed import DistContext
 from indexer.remove import remove_slides
 from indexer.verify import verify_index
 from indexer.writer import TILE_ID_STRIDE
-from tests.indexed_archive import write_metadata_csv
+from tests.indexed_archive import archive_settings, write_metadata_csv
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 
 ENCODER = "random:resnet18"
 
 
 def _settings(tmp_path: Path, encoder: str = ENCODER, **extra) -> Settings:
-    return Settings.load(
-        env={},
-        data_dir=str(tmp_path / "data"),
-        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
-        index_dir=str(tmp_path / "index"),
-        encoder=encoder,
-        device="cpu",
-        **extra,
-    )
+    return archive_settings(tmp_path, encoder, **extra)
 
 
 def _build(settings, archive, **kwargs):

@@ -5,7 +5,6 @@ are picked up by `refresh()` without retraining."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -23,12 +22,7 @@ TILES_PER_SLIDE = 1500
 N_SLIDES = 8  # 12,000 tiles: enough to train the compressed index
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
