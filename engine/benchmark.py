@@ -26,10 +26,10 @@ from engine.benchmark_knn import loo_neighbours
 from engine.files import atomic_output
 from engine.config import Settings
 from engine.datasets import LabelledSet
-from engine.datasets.reading import ItemImages, collate
+from engine.datasets.reading import ItemImages
 from engine.encoder import Encoder, l2_normalise
 from engine.errors import DatasetError
-from engine.features import default_workers
+from engine.features import collate_rows, default_workers
 from engine.metrics import encode_labels, hits_at_k, majority_at_k, retrieval_metrics
 
 LOG = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def embed_items(encoder: Encoder, dataset: LabelledSet, *, tile_px: int, mpp: fl
     """Raw features (N x D float32) of every item, in item order. An unreadable item stops the
     run with its name: a benchmark on silently fewer items would mislead."""
     workers = default_workers() if workers is None else workers
-    loader = DataLoader(ItemImages(dataset.items, tile_px, mpp), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(ItemImages(dataset.items, tile_px, mpp), batch_size=batch_size, num_workers=workers, collate_fn=collate_rows)
     feats = np.zeros((len(dataset.items), encoder.dim), np.float32)
     with tqdm(total=len(dataset.items), unit="patch", desc=f"embed {encoder.info.name}", disable=not progress) as bar:
         for rows, batch, errors in loader:

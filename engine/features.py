@@ -40,7 +40,9 @@ class ImageFiles(Dataset):
             return row, None, str(exc)
 
 
-def _collate(items):
+def collate_rows(items):
+    """DataLoader collate of (row, tensor or None, error or None) items: the rows that decoded,
+    their uint8 batch (empty when none did), and (row, message) of those that did not."""
     rows = [r for r, t, _ in items if t is not None]
     tensors = [t for _, t, _ in items if t is not None]
     errors = [(r, e) for r, t, e in items if t is None]
@@ -58,7 +60,7 @@ def iter_batches(paths: Sequence[Path], batch_size: int, workers: int) -> Iterat
         ImageFiles(paths),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_rows,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
         persistent_workers=False,

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from engine.benchmark import embed_items
 from engine.datasets import LabelledSet
-from engine.datasets.reading import ItemImages, collate
+from engine.datasets.reading import ItemImages
+from engine.features import collate_rows
 from engine.encoder import Encoder
 from engine.errors import DatasetError
 
@@ -143,7 +144,7 @@ def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val
     with tqdm(total=steps, unit="step", desc="fine-tune", disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(train_items), generator=gen).tolist()
-            loader = DataLoader(ItemImages([train_items[i] for i in order], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate)
+            loader = DataLoader(ItemImages([train_items[i] for i in order], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_rows)
             model.train()
             for rows, batch, errors in loader:
                 if errors:
@@ -161,7 +162,7 @@ def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val
     model.eval()
     val = dataset.items
     preds = []
-    loader = DataLoader(ItemImages([val[i] for i in val_idx], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(ItemImages([val[i] for i in val_idx], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_rows)
     with torch.no_grad():
         for rows, batch, errors in loader:
             if errors:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -79,9 +78,3 @@ class ItemImages(Dataset):
         except HistoseekError as exc:
             return row, None, str(exc)
 
-
-def collate(batch):
-    rows = [r for r, t, _ in batch if t is not None]
-    tensors = [t for _, t, _ in batch if t is not None]
-    errors = [(r, e) for r, t, e in batch if t is None]
-    return rows, (torch.stack(tensors) if tensors else None), errors
