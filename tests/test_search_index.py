@@ -48,10 +48,9 @@ def add_slide(catalog: Catalog, settings: Settings, shard_enc: ShardEncoder, enc
         return slide.id
 
 
-@pytest.fixture(scope="module")
-def synthetic_archive(tmp_path_factory, encoder):
-    tmp = tmp_path_factory.mktemp("synthetic")
-    settings = Settings.load(env={}, catalog_url=f"sqlite:///{tmp / 'catalog.sqlite'}", index_dir=str(tmp / "index"), encoder="random:resnet18", device="cpu")
+def fill_archive(settings: Settings, encoder, n_slides: int):
+    """A catalog at settings.catalog_url with the encoder's row and n_slides synthetic slides
+    (shard files + rows): (catalog, slide ids, (shard encoder, encoder id, vector generator))."""
     catalog = Catalog(settings.catalog_url)
     info = encoder.info
     with catalog.session() as s:
@@ -61,7 +60,15 @@ def synthetic_archive(tmp_path_factory, encoder):
         encoder_id = row.id
     shard_enc = ShardEncoder(info.name, info.checkpoint_sha256, info.dim, 1.0, 224)
     gen = ClusteredVectors(dim=info.dim, tiles_per_slide=TILES_PER_SLIDE, n_classes=3, n_patterns=8, seed=11)
-    slide_ids = [add_slide(catalog, settings, shard_enc, encoder_id, gen, n) for n in range(N_SLIDES)]
+    slide_ids = [add_slide(catalog, settings, shard_enc, encoder_id, gen, n) for n in range(n_slides)]
+    return catalog, slide_ids, (shard_enc, encoder_id, gen)
+
+
+@pytest.fixture(scope="module")
+def synthetic_archive(tmp_path_factory, encoder):
+    tmp = tmp_path_factory.mktemp("synthetic")
+    settings = Settings.load(env={}, catalog_url=f"sqlite:///{tmp / 'catalog.sqlite'}", index_dir=str(tmp / "index"), encoder="random:resnet18", device="cpu")
+    catalog, slide_ids, (shard_enc, encoder_id, gen) = fill_archive(settings, encoder, N_SLIDES)
     # Train the compressed index here, small (training is the slow part on a busy CPU); the
     # engines below find it in its folder, fill it from the shards and keep it in step.
     _, sample = gen.chunk(0, N_SLIDES * TILES_PER_SLIDE)
@@ -124,16 +131,7 @@ def test_search_and_refresh_on_postgres(tmp_path, encoder):
     url = postgres_url()
     _reset_postgres(url)
     settings = Settings.load(env={}, catalog_url=url, index_dir=str(tmp_path / "index"), encoder="random:resnet18", device="cpu")
-    catalog = Catalog(url)
-    info = encoder.info
-    with catalog.session() as s:
-        row = EncoderRow(name=info.name, architecture=info.architecture, checkpoint_sha256=info.checkpoint_sha256, dim=info.dim, target_mpp=1.0, tile_px=224, normalisation=info.normalisation, is_random=True)
-        s.add(row)
-        s.flush()
-        encoder_id = row.id
-    shard_enc = ShardEncoder(info.name, info.checkpoint_sha256, info.dim, 1.0, 224)
-    gen = ClusteredVectors(dim=info.dim, tiles_per_slide=TILES_PER_SLIDE, n_classes=3, n_patterns=8, seed=11)
-    ids = [add_slide(catalog, settings, shard_enc, encoder_id, gen, n) for n in range(3)]
+    catalog, ids, _ = fill_archive(settings, encoder, 3)
     try:
         engine = SearchEngine(settings, catalog=catalog, encoder=encoder)
         assert engine.index.kind == "flat"

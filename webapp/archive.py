@@ -64,12 +64,17 @@ def list_slides(catalog: Catalog, *, status=None, q=None, site=None, diagnosis=N
     return Page(items=list(rows), total=total or 0, page=page, per_page=per_page)
 
 
-def get_slide(catalog: Catalog, slide_id: int) -> models.Slide:
+def _get(catalog: Catalog, model, row_id: int, missing: str):
+    """The row of `model` with this id, or NotFound(missing) (a 404 at the edge)."""
     with catalog.session() as s:
-        row = s.get(models.Slide, slide_id)
+        row = s.get(model, row_id)
     if row is None:
-        raise NotFound(f"no slide with id {slide_id} in the archive")
+        raise NotFound(missing)
     return row
+
+
+def get_slide(catalog: Catalog, slide_id: int) -> models.Slide:
+    return _get(catalog, models.Slide, slide_id, f"no slide with id {slide_id} in the archive")
 
 
 def indexed_slides(catalog: Catalog) -> list[models.Slide]:
@@ -112,11 +117,7 @@ def list_benchmarks(catalog: Catalog) -> list[models.BenchmarkRun]:
 
 
 def get_benchmark(catalog: Catalog, run_id: int) -> models.BenchmarkRun:
-    with catalog.session() as s:
-        row = s.get(models.BenchmarkRun, run_id)
-    if row is None:
-        raise NotFound(f"no benchmark run with id {run_id}")
-    return row
+    return _get(catalog, models.BenchmarkRun, run_id, f"no benchmark run with id {run_id}")
 
 
 def audit_events(catalog: Catalog, limit: int = 200) -> list[tuple[models.AuditEvent, str | None]]:
