@@ -3,9 +3,17 @@ one image per batch, decoded and normalised in the main process) against the eng
 (`engine.features.compute_features`: DataLoader workers, channels_last, frozen graph), on the
 same images, same machine, same run. Prints JSON.
 
-    python bench/embed.py --images 96 --arch resnet50 --repeats 2
+    python bench/embed.py --images 96 --arch resnet50 --repeats 2 [--int8-probe]
 
 Rounds alternate naive/engine so that load from other processes hits both alike.
+
+Also measured in the same run, to say how far a CPU can go at all: the fp32 roofline, i.e.
+the img/s the model would reach if every one of its floating-point operations ran at the
+speed of a large fp32 matrix product on this machine (no convolution does better), and
+whether the requested speed-up lies above it. `--int8-probe` measures the one path that can
+pass that roofline on a CPU without bf16/fp16 units, post-training int8 quantisation (FX
+graph mode, x86 backend, calibrated on the probe tiles): its img/s and its cosine to fp32.
+The engine does not use it: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,6 +59,77 @@ def naive_rate(model: torch.nn.Module, paths: list[Path], batch_size: int) -> fl
     return len(paths) / (time.perf_counter() - start)
 
 
+def fp32_roofline(model: torch.nn.Module, device: str) -> dict:
+    """GFLOP per image of `model` at 224 px and the fp32 GFLOP/s of a 4096^3 matrix product."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 224, 224, device=device))
+    gflop = counter.get_total_flops() / 1e9
+    a = torch.randn(4096, 4096, device=device)
+    b = torch.randn(4096, 4096, device=device)
+    rates = []
+    for _ in range(4):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        rates.append(2 * 4096**3 / (time.perf_counter() - t) / 1e9)
+    gemm = max(rates[1:])  # the first product warms up the BLAS
+    return {"model_gflop_per_img": round(gflop, 3), "gemm_fp32_gflop_per_s": round(gemm, 1), "img_per_s": round(gemm / gflop, 2)}
+
+
+def int8_probe(arch: str, paths: list[Path], batch_size: int, source: str) -> dict:
+    """img/s and cosine to fp32 of a post-training int8 copy of the model (CPU only).
+
+    Random weights give degenerate activations, so the batch-norm statistics are first
+    re-estimated on the probe tiles: the network then scales its activations as a trained
+    one does, which is what quantisation error depends on."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    model = build_backbone(arch)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the pass
+    with torch.no_grad():
+        model.train()(x)
+        model.eval()
+        ref = model(x)
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x[:1],))
+        with torch.no_grad():
+            prepared(x)  # calibration
+        quantised = convert_fx(prepared)
+    with torch.no_grad():
+        out = quantised(x)
+        cos = torch.nn.functional.cosine_similarity(ref, out)
+        quantised(x[:batch_size])
+        start = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            quantised(x[i : i + batch_size])
+        rate = len(x) / (time.perf_counter() - start)
+    return {"batch_size": batch_size, "img_per_s": round(rate, 2), "cosine_to_fp32": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}, "tiles": f"{len(paths)} {source}"}
+
+
+def real_tiles(n: int) -> list[Path]:
+    """Up to n real H&E patches from ../shared/data/patches when present (int8 calibration
+    depends on the image statistics), else none."""
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patches"
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".tif", ".tiff", ".jpg"}) if root.is_dir() else []
+    return found[:n]
+
+
 def engine_rate(encoder: Encoder, paths: list[Path], batch_size: int, workers: int) -> float:
     start = time.perf_counter()
     compute_features(encoder, paths, batch_size=batch_size, workers=workers, progress=False)
@@ -66,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="engine batch size")
     ap.add_argument("--workers", type=int, default=None, help="engine decoding workers [cores - 1]")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--target", type=float, default=2.5, help="speed-up asked for, compared with the fp32 roofline")
+    ap.add_argument("--int8-probe", action="store_true", help="also measure post-training int8 (speed and cosine to fp32; CPU)")
     args = ap.parse_args(argv)
     workers = default_workers() if args.workers is None else args.workers
 
@@ -80,6 +161,11 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             naive.append(naive_rate(naive_model, paths, args.naive_batch_size))
             fast.append(engine_rate(encoder, paths, args.batch_size, workers))
+        roofline = fp32_roofline(naive_model, args.device)
+        probe = None
+        if args.int8_probe:
+            real = real_tiles(args.images)
+            probe = int8_probe(args.arch, real or paths, args.batch_size, "real H&E patches (shared/data/patches)" if real else "synthetic tiles")
 
     result = {
         "bench": "embed",
@@ -90,6 +176,8 @@ def main(argv=None) -> int:
         "naive": {"batch_size": args.naive_batch_size, "img_per_s": round(statistics.median(naive), 2), "rounds": [round(r, 2) for r in naive]},
         "engine": {"batch_size": args.batch_size, "workers": workers, "img_per_s": round(statistics.median(fast), 2), "rounds": [round(r, 2) for r in fast]},
         "speedup": round(statistics.median(fast) / statistics.median(naive), 2),
+        "fp32_roofline": {**roofline, "speedup_over_naive": round(roofline["img_per_s"] / statistics.median(naive), 2), "target_speedup": args.target, "target_above_roofline": args.target * statistics.median(naive) > roofline["img_per_s"]},
+        **({"int8_probe": {**probe, "speedup_over_naive": round(probe["img_per_s"] / statistics.median(naive), 2)}} if probe else {}),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     json.dump(result, sys.stdout, indent=1)

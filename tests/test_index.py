@@ -104,8 +104,11 @@ def test_compressed_ram_per_vector(data, trained, tmp_path):
     index = fresh(trained, tmp_path)
     fixed = index.ram_bytes()  # centroids, PQ codebooks, PCA matrix
     index.add(ids, xb)
-    # per vector: 16-byte code + 8-byte list id + 8-byte row -> tile id
-    assert (index.ram_bytes() - fixed) / len(ids) == pytest.approx(32, abs=0.5)
+    # per vector: 16-byte code + 8-byte list id + 8-byte row -> tile id; fast-scan lists
+    # store codes in blocks of 32 vectors, so each list may carry up to 31 codes of padding
+    per_vector = (index.ram_bytes() - fixed) / len(ids)
+    padding = index._ivf.nlist * 31 * 16 / len(ids)
+    assert 32 <= per_vector <= 32 + padding
 
 
 def test_compressed_filters_give_k_results(data, compressed):
