@@ -11,6 +11,9 @@ slide, as `indexer build` writes them) where it fits in RAM (default up to 100 k
 
     python bench/search.py --sizes 10000 100000 1000000 --plot docs/search_latency.png
 
+`--compare-8bit` also times, in the same run, the same index with 8-bit PQ codes (the
+layout before fast-scan PQ) as a second baseline.
+
 Prints one JSON document.
 """
 
@@ -83,6 +86,8 @@ def run_size(n: int, args, folder: Path) -> dict:
     blocks = rng.choice(max(1, n // BLOCK), size=max(1, min(n // BLOCK, -(-want // BLOCK))), replace=False)
     sample = np.concatenate([gen.chunk(int(b) * BLOCK, min(n, (int(b) + 1) * BLOCK))[1] for b in blocks])[:want]
     index = CompressedIndex.train(folder, sample, nlist=nlist)
+    # baseline in the same run: the same index with 8-bit PQ codes (same bytes per tile)
+    eight = CompressedIndex.train(folder.with_name(folder.name + "-pq8"), sample, nlist=nlist, pq_bits=8) if args.compare_8bit else None
     del sample
     out["train_s"] = round(time.perf_counter() - t, 1)
 
@@ -95,6 +100,8 @@ def run_size(n: int, args, folder: Path) -> dict:
         t = time.perf_counter()
         index.add(ids, xb)
         add_s += time.perf_counter() - t
+        if eight is not None:
+            eight.add(ids, xb)
         Dc, Ic = topk_rows(xq_recall @ xb.T, ids, 10)
         D_ex, I_ex = (Dc, Ic) if D_ex is None else merge_topk([D_ex, Dc], [I_ex, Ic], 10)
         if flat is not None:
@@ -120,6 +127,17 @@ def run_size(n: int, args, folder: Path) -> dict:
         "region_query": percentiles([timed_query(index, q, slide_of_id, "mean") for q in region_qs]),
         "slide_query": percentiles([timed_query(index, q, slide_of_id, "median") for q in slide_qs]),
     }
+    if eight is not None:
+        _, I_8 = eight.search(xq_recall, 10)
+        for q in region_qs[:5]:
+            eight.search(q, K_TILES)
+        out["compressed_pq8"] = {
+            "factory": eight.manifest["factory"],
+            "recall_at_10": round(recall_at_k(I_8, I_ex, 10), 4),
+            "ram_bytes_per_tile": round(eight.ram_bytes() / n, 1),
+            "region_query": percentiles([timed_query(eight, q, slide_of_id, "mean") for q in region_qs]),
+            "slide_query": percentiles([timed_query(eight, q, slide_of_id, "median") for q in slide_qs]),
+        }
     if flat is not None:
         _, I_f = flat.search(xq_recall, 10)
         out["flat_recall_at_10"] = round(recall_at_k(I_f, I_ex, 10), 4)
@@ -154,7 +172,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     sizes = [r["tiles"] for r in results]
-    for kind, style in (("compressed", "-o"), ("flat", "--s")):
+    for kind, style in (("compressed", "-o"), ("compressed_pq8", ":^"), ("flat", "--s")):
         for query, colour in (("region_query", "tab:blue"), ("slide_query", "tab:orange")):
             pts = [(r["tiles"], r[kind][query]["p50_ms"]) for r in results if kind in r]
             if pts:
@@ -184,6 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-8bit", action="store_true", help="also build and time the same index with 8-bit PQ codes (the earlier layout)")
     parser.add_argument("--sweep", action="store_true", help="at the largest size, also measure other nprobe / shortlist settings")
     parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)")

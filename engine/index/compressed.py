@@ -100,17 +100,22 @@ class CompressedIndex:
     # -- building --------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, folder: str | Path, sample: np.ndarray, *, nlist: int | None = None, expected_n: int | None = None, pca_dim: int = 256, m: int = 32, seed: int = 0) -> "CompressedIndex":
+    def train(cls, folder: str | Path, sample: np.ndarray, *, nlist: int | None = None, expected_n: int | None = None, pca_dim: int = 256, m: int = 32, pq_bits: int = 4, seed: int = 0) -> "CompressedIndex":
         """A new, empty index trained on `sample` (n x dim float32, L2-normalised), in
-        `folder` (replacing what was there). nlist defaults to `default_nlist(expected_n)`."""
+        `folder` (replacing what was there). nlist defaults to `default_nlist(expected_n)`;
+        codes are m bytes, as 2m fast-scan 4-bit sub-quantisers (pq_bits 4, the default) or
+        m 8-bit ones (pq_bits 8, the earlier layout, kept for comparison)."""
+        if pq_bits not in (4, 8):
+            raise ValueError("pq_bits must be 4 (fast scan) or 8")
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         dim = sample.shape[1]
         nlist = nlist or default_nlist(expected_n or len(sample))
         nlist = int(max(1, min(nlist, len(sample) // 39)))
         pca_dim = min(pca_dim, dim)
         m = _pq_m(pca_dim, m)
-        # m bytes per code as 2m 4-bit sub-quantisers (fast scan: see the module docstring)
-        factory = f"PCAR{pca_dim},IVF{nlist},PQ{2 * m}x4fs"
+        # m bytes per code as 2m 4-bit sub-quantisers (fast scan: see the module docstring);
+        # 8-bit: np = no polysemous training (the exact re-ranking makes it pointless)
+        factory = f"PCAR{pca_dim},IVF{nlist}," + (f"PQ{2 * m}x4fs" if pq_bits == 4 else f"PQ{m}np")
         LOG.info("training compressed index %s on %d vectors", factory, len(sample))
         index = faiss.index_factory(dim, factory)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
@@ -291,5 +296,9 @@ class CompressedIndex:
 
     def ram_bytes(self) -> int:
         """Bytes this index holds in RAM: the serialised FAISS index (codes, list ids,
-        centroids, PCA matrix) plus the row -> tile id map."""
-        return int(faiss.serialize_index(self.index).nbytes + self.rows.nbytes)
+        centroids, PCA matrix), the row -> tile id map, and for 8-bit PQ the table of
+        centroid-by-codebook terms FAISS precomputes on loading (nlist x m x 256 floats:
+        32 MB at 1 M tiles; fast-scan PQ has none)."""
+        ivf = faiss.downcast_index(self._ivf)
+        table = ivf.precomputed_table.size() * 4 if isinstance(ivf, faiss.IndexIVFPQ) else 0
+        return int(faiss.serialize_index(self.index).nbytes + self.rows.nbytes + table)
