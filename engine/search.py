@@ -19,9 +19,11 @@ k grows until `top_k` slides are found or every allowed tile was retrieved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlalchemy as sa
@@ -39,6 +41,9 @@ from engine.index import FLAT_MAX_TILES, IdFilter, choose_kind, gpu_available, o
 from engine.metrics import majority_vote
 from engine.shards import ShardEncoder, encoder_dir
 
+if TYPE_CHECKING:
+    from engine.localise import RegionQuery
+
 LOG = logging.getLogger(__name__)
 
 FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
@@ -46,18 +51,23 @@ MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is 
 MIN_TISSUE = 0.25  # a query tile needs this much tissue to be searched
 MAX_QUERY_TILES = 64
 MAX_REGIONS = 10  # matched boxes reported per slide
+REFINE_SLIDES = 3  # region queries: the top slides whose box is pinned from pixels (engine.localise)
 _SQL_CHUNK = 900  # bound parameters per IN (...) clause, under SQLite's limits
 
 
 @dataclasses.dataclass
 class Region:
-    """A matched tile, as a level-0 box of the result slide."""
+    """A matched place, as a level-0 box of the result slide. `match` says how it was
+    found: "features" (a tile matched by encoder features; score = cosine similarity) or
+    "pixels" (the region's own pixels registered on the slide, engine.localise; score =
+    the normalised cross-correlation of its texture, accepted from ACCEPT_NCC up)."""
 
     x: int
     y: int
     w: int
     h: int
     score: float
+    match: str = "features"
 
 
 @dataclasses.dataclass
@@ -376,9 +386,56 @@ class SearchEngine:
                 exclude |= set(s.scalars(sa.select(Slide.id).where(Slide.patient == exclude_patient)))
             id_filter = self._id_filter(s, filters, exclude)
         hits = self._rank(xq, top_k, id_filter, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px)
+        t = time.perf_counter()
+        if hits:
+            from engine.localise import RegionQuery
+
+            region = RegionQuery(image, mpp)  # prepared once for all the slides tried
+            for hit in hits[:REFINE_SLIDES]:
+                self._pixel_match(hit, region)
+        timing["refine"] = (time.perf_counter() - t) * 1000
         timing["total"] = (time.perf_counter() - t0) * 1000
         query = {"type": "region", "width": image.width, "height": image.height, "mpp": mpp, "index_mpp": self.index_mpp, "tiles": len(tiles), "top_k": top_k, "filters": filters or {}, "exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient, "index": self.index.kind}
         return SearchResult(query, hits, self._suggest(hits), timing)
+
+    @functools.cached_property
+    def _views(self):
+        """Low-resolution views of recently matched slides (engine.localise): the same
+        slides come back query after query."""
+        from engine.localise import ViewCache
+
+        return ViewCache(maxsize=16)  # views are ~1 Mpx at most (4 MB), often far less
+
+    def _pixel_match(self, hit: SlideHit, region: RegionQuery) -> None:
+        """When the region's pixels are a copy of part of the hit's slide, put that box
+        first in its regions (engine.localise: features find the slide and a coarse place,
+        registration pins the box). A slide that cannot be opened or read is left as it
+        is: search results must not fail because one file is unreachable."""
+        import openslide
+
+        from engine.errors import SlideError
+        from engine.localise import locate_region
+        from engine.slides import open_slide
+
+        path = hit.slide["path"]
+        with self.catalog.session() as s:
+            slide_mpp = s.scalar(sa.select(Slide.mpp).where(Slide.id == hit.slide["id"]))
+        if not slide_mpp:
+            return
+        try:
+            slide = open_slide(path)
+        except SlideError as exc:
+            LOG.debug("no pixel match for slide %s: %s", hit.slide["id"], exc)
+            return
+        try:
+            placed = locate_region(slide, float(slide_mpp), region, views=self._views, path=path)
+        except (openslide.OpenSlideError, OSError) as exc:
+            LOG.debug("no pixel match for slide %s: cannot read %s: %s", hit.slide["id"], path, exc)
+            return
+        finally:
+            slide.close()
+        if placed is not None:
+            hit.regions = [Region(placed.x, placed.y, placed.w, placed.h, placed.ncc, match="pixels"), *hit.regions][:MAX_REGIONS]
 
     # -- slide queries ---------------------------------------------------------------------
 

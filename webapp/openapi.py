@@ -104,7 +104,7 @@ def openapi_document() -> dict:
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
                 "Slide": {"type": "object", "properties": {k: {"type": ["string", "null"]} for k in ("name", "path", "status", "error", "patient", "site", "diagnosis", "label", "collection", "vendor", "mpp_source", "indexed_at")} | {"id": {"type": "integer"}, "mpp": {"type": ["number", "null"]}, "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]}, "tile_count": {"type": "integer"}, "extra": {"type": "object"}}},
-                "Region": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}, "w": {"type": "integer"}, "h": {"type": "integer"}, "score": {"type": "number"}}, "description": "level-0 pixel box of a matched tile"},
+                "Region": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}, "w": {"type": "integer"}, "h": {"type": "integer"}, "score": {"type": "number"}, "match": {"type": "string", "enum": ["features", "pixels"]}}, "description": "level-0 pixel box of a match: 'features' = a tile matched by encoder features (score: cosine similarity); 'pixels' = the query region itself registered on the slide (score: normalised cross-correlation), listed first"},
                 "SearchResult": {"type": "object", "properties": {
                     "query": {"type": "object"},
                     "results": {"type": "array", "items": {"type": "object", "properties": {

@@ -86,18 +86,22 @@ def search_slide():
 
 
 def _boxes() -> list[dict]:
-    """Matched regions passed to the viewer as repeated `box=x,y,w,h[,score]` arguments."""
+    """Matched regions passed to the viewer as repeated `box=x,y,w,h[,score[,match]]`
+    arguments; match is how the box was found, "features" (default) or "pixels" (the
+    query's own pixels registered on the slide: drawn distinctly)."""
     boxes = []
     for raw in request.args.getlist("box")[:100]:
         parts = raw.split(",")
+        bad = f"bad box {raw[:60]!r}: expected x,y,w,h[,score[,match]] in level-0 pixels, match 'features' or 'pixels'"
         try:
             x, y, w, h = (int(float(p)) for p in parts[:4])
-            score = float(parts[4]) if len(parts) > 4 else None
+            score = float(parts[4]) if len(parts) > 4 and parts[4] else None
         except ValueError:
-            abort(400, description=f"bad box {raw[:60]!r}: expected x,y,w,h[,score] in level-0 pixels")
-        if len(parts) < 4 or w <= 0 or h <= 0:
-            abort(400, description=f"bad box {raw[:60]!r}: expected x,y,w,h[,score] in level-0 pixels")
-        boxes.append({"x": x, "y": y, "w": w, "h": h, "score": score})
+            abort(400, description=bad)
+        match = parts[5] if len(parts) > 5 else "features"
+        if len(parts) < 4 or w <= 0 or h <= 0 or match not in ("features", "pixels"):
+            abort(400, description=bad)
+        boxes.append({"x": x, "y": y, "w": w, "h": h, "score": score, "match": match})
     return boxes
 
 
@@ -192,7 +196,7 @@ def account():
 
 @bp.app_template_filter("viewer_url")
 def viewer_url(result: dict) -> str:
-    boxes = [f"{r['x']},{r['y']},{r['w']},{r['h']},{r['score']:.4f}" for r in result.get("regions", [])]
+    boxes = [f"{r['x']},{r['y']},{r['w']},{r['h']},{r['score']:.4f},{r.get('match', 'features')}" for r in result.get("regions", [])]
     return url_for("pages.viewer", slide_id=result["slide"]["id"], box=boxes)
 
 

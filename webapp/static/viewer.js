@@ -1,6 +1,7 @@
 // OpenSeadragon over the slide's deep-zoom tiles; matched regions (level-0 boxes, which
 // are deep-zoom image pixels because the server does not crop to the slide bounds) drawn
-// as overlays. Clicking a region in the side list zooms to it.
+// as overlays, the query's own place (a pixel match) in its own colour. Clicking a region
+// in the side list zooms to it.
 (function () {
   var el = document.getElementById("osd");
   var boxes = JSON.parse(document.getElementById("viewer-boxes").textContent);
@@ -24,9 +25,13 @@
   viewer.addHandler("open", function () {
     boxes.forEach(function (b, i) {
       var div = document.createElement("div");
-      div.className = "match-overlay";
+      // a pixel match is the query itself found on this slide: drawn apart from the
+      // regions that only look alike to the encoder
+      var pixels = b.match === "pixels";
+      div.className = "match-overlay" + (pixels ? " pixel-match" : "");
       div.id = "match-" + i;
-      div.title = "Matched region " + (i + 1) + (b.score !== null ? " (score " + b.score.toFixed(3) + ")" : "");
+      div.title = (pixels ? "The query region itself (pixel match" + (b.score !== null ? ", NCC " + b.score.toFixed(3) : "") + ")"
+                          : "Matched region " + (i + 1) + (b.score !== null ? " (score " + b.score.toFixed(3) + ")" : ""));
       viewer.addOverlay({ element: div, location: rect(b) });
       overlays.push(div);
     });
