@@ -94,7 +94,8 @@ def int8_probe(arch: str, paths: list[Path], batch_size: int, source: str) -> di
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    # the real patches come in several sizes; the engine resizes to 224 px as well
+    x = torch.stack([tf(Image.open(p).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for p in paths])
     model = build_backbone(arch)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

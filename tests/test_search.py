@@ -224,6 +224,12 @@ def test_cli_table_and_json(archive, tmp_path):
     assert doc["results"][0]["slide"]["id"] == ids["tcga-cr-7395-01a-01-ts1.svs"]
     assert set(doc["results"][0]["regions"][0]) == {"x", "y", "w", "h", "score", "match"}
     assert doc["timing_ms"]["refine"] >= 0
+    # the crop is a copy of its slide: the table says its box was pinned from the pixels
+    out = runner.invoke(main, [*common, "--image", str(crop), "--mpp", "0.5", "--top-k", "3"])
+    assert out.exit_code == 0, out.output
+    rows = [line for line in out.stdout.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
+    assert doc["results"][0]["regions"][0]["match"] == "pixels" and "exact" in rows[0]
+    assert not any("exact" in row for row in rows[1:])
     out = runner.invoke(main, [*common, "--slide", str(ids["CMU-1-Small-Region.svs"]), "--top-k", "2"])
     assert out.exit_code == 0, out.output
     assert "CMU-1-Small-Region.generic-pyramid.tiff" in out.stdout and "suggestion" in out.stdout
