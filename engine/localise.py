@@ -395,7 +395,7 @@ class RegionQuery:
         return self._fine[mpp]
 
 
-def locate_region(slide: openslide.OpenSlide, slide_mpp: float, region: Image.Image | RegionQuery, region_mpp: float | None = None, *, views: ViewCache | None = None, path: str | Path | None = None, min_ncc: float = ACCEPT_NCC) -> Placement | None:
+def register_region(slide: openslide.OpenSlide, slide_mpp: float, region: Image.Image | RegionQuery, region_mpp: float | None = None, *, views: ViewCache | None = None, path: str | Path | None = None, min_ncc: float = ACCEPT_NCC) -> Placement | None:
     """Where `region` (an RGB image at `region_mpp` um/px, or a RegionQuery made once for
     several slides) lies in `slide` (level-0 at `slide_mpp` um/px), as a level-0 box over
     the 8 rotations/mirrorings, scored by the fine NCC; None when no placement reaches
@@ -405,7 +405,7 @@ def locate_region(slide: openslide.OpenSlide, slide_mpp: float, region: Image.Im
     if isinstance(region, RegionQuery):
         query = region
     elif region_mpp is None:
-        raise ValueError("locate_region needs the region's um/px (region_mpp) with an image")
+        raise ValueError("register_region needs the region's um/px (region_mpp) with an image")
     else:
         query = RegionQuery(region, region_mpp)
     found = _place(slide, slide_mpp, query, views, path, min_ncc)

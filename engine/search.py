@@ -414,7 +414,7 @@ class SearchEngine:
         import openslide
 
         from engine.errors import SlideError
-        from engine.localise import locate_region
+        from engine.localise import register_region
         from engine.slides import open_slide
 
         path = hit.slide["path"]
@@ -428,7 +428,7 @@ class SearchEngine:
             LOG.debug("no pixel match for slide %s: %s", hit.slide["id"], exc)
             return
         try:
-            placed = locate_region(slide, float(slide_mpp), region, views=self._views, path=path)
+            placed = register_region(slide, float(slide_mpp), region, views=self._views, path=path)
         except (openslide.OpenSlideError, OSError) as exc:
             LOG.debug("no pixel match for slide %s: cannot read %s: %s", hit.slide["id"], path, exc)
             return

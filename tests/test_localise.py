@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.localise import ACCEPT_NCC, ViewCache, _Matcher, _transform, coarse_peaks, locate_region, turn_margins, uniform_margins
+from engine.localise import ACCEPT_NCC, ViewCache, _Matcher, _transform, coarse_peaks, register_region, turn_margins, uniform_margins
 from engine.search import SearchEngine
 from engine.slides import open_slide
 from engine.tissue import tissue_mask_rgb
@@ -133,7 +133,7 @@ def test_synthetic_copy_is_placed_in_each_transform(synthetic, turns, mirrored):
         x, y, w, h = 1133, 757, 700, 500  # off any grid, not square: odd turns swap its sides
         crop = slide.read_region((x, y), 0, (w, h)).convert("RGB")
         assert tissue_mask_rgb(np.asarray(crop)).mean() > 0.5
-        placed = locate_region(slide, 0.5, transformed(crop, turns, mirrored, scale=1.1), 0.5 / 1.1)
+        placed = register_region(slide, 0.5, transformed(crop, turns, mirrored, scale=1.1), 0.5 / 1.1)
     finally:
         slide.close()
     assert placed is not None
@@ -150,19 +150,19 @@ def test_synthetic_refusals_and_edges(synthetic):
         crop_b = slide_b.read_region((900, 800), 0, (600, 600)).convert("RGB")
         assert tissue_mask_rgb(np.asarray(crop_b)).mean() > 0.5
         # a region of another slide: the best wrong place is far below the threshold
-        wrong = locate_region(slide_a, 0.5, transformed(crop_b, 1, False), 0.5, min_ncc=-1.0)
+        wrong = register_region(slide_a, 0.5, transformed(crop_b, 1, False), 0.5, min_ncc=-1.0)
         assert wrong is None or wrong.ncc < ACCEPT_NCC - 0.2
-        assert locate_region(slide_a, 0.5, transformed(crop_b, 1, False), 0.5) is None
-        assert locate_region(slide_b, 0.5, transformed(crop_b, 1, False), 0.5) is not None  # control
+        assert register_region(slide_a, 0.5, transformed(crop_b, 1, False), 0.5) is None
+        assert register_region(slide_b, 0.5, transformed(crop_b, 1, False), 0.5) is not None  # control
         # blank glass has nothing to match
-        assert locate_region(slide_a, 0.5, Image.new("RGB", (500, 500), (240, 240, 240)), 0.5) is None
+        assert register_region(slide_a, 0.5, Image.new("RGB", (500, 500), (240, 240, 240)), 0.5) is None
         # a crop reaching past the slide's bottom edge, where tissue reaches it: OpenSlide
         # gives transparent (black once converted) pixels beyond, a flat band cut off for
         # matching; the box is the crop's, partly outside the slide
         x, y = 1350, slide_a.dimensions[1] - 400
         edge = slide_a.read_region((x, y), 0, (600, 600)).convert("RGB")
         assert tissue_mask_rgb(np.asarray(edge)[:400]).mean() > 0.4 and np.asarray(edge)[400:].max() == 0
-        placed = locate_region(slide_a, 0.5, transformed(edge, 2, True), 0.5)
+        placed = register_region(slide_a, 0.5, transformed(edge, 2, True), 0.5)
         assert placed is not None and abs(placed.x - x) <= 4 and abs(placed.y - y) <= 4 and (placed.w, placed.h) == (600, 600)
     finally:
         slide_a.close()
@@ -188,7 +188,7 @@ def test_real_copy_is_placed_in_each_transform(real_slide, turns, mirrored):
     x, y, w, h = 757, 1211, 898, 600
     crop = slide.read_region((x, y), 0, (w, h)).convert("RGB")
     assert tissue_mask_rgb(np.asarray(crop)).mean() > 0.5
-    placed = locate_region(slide, REAL_MPP, transformed(crop, turns, mirrored, scale=0.9), REAL_MPP / 0.9, views=views, path=path)
+    placed = register_region(slide, REAL_MPP, transformed(crop, turns, mirrored, scale=0.9), REAL_MPP / 0.9, views=views, path=path)
     assert placed is not None
     assert (placed.turns, placed.mirrored) == undoing(turns, mirrored)
     assert abs(placed.x - x) <= 8 and abs(placed.y - y) <= 8  # < 2 % of a tile
@@ -208,9 +208,9 @@ def test_regions_of_other_images_are_refused(real_slide, shared_data):
     for region in (other.crop((100, 200, 900, 800)), frozen):
         assert tissue_mask_rgb(np.asarray(region)).mean() > 0.5
         query = transformed(region, 1, True)
-        best = locate_region(slide, REAL_MPP, query, 0.5, views=views, path=path, min_ncc=-1.0)
+        best = register_region(slide, REAL_MPP, query, 0.5, views=views, path=path, min_ncc=-1.0)
         assert best is None or best.ncc < ACCEPT_NCC - 0.2
-        assert locate_region(slide, REAL_MPP, query, 0.5, views=views, path=path) is None
+        assert register_region(slide, REAL_MPP, query, 0.5, views=views, path=path) is None
 
 
 @pytest.fixture(scope="module")
