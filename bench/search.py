@@ -147,10 +147,10 @@ def run_size(n: int, args, folder: Path) -> dict:
             "region_query": percentiles([timed_query(flat, q, slide_of_id, "mean") for q in region_qs]),
             "slide_query": percentiles([timed_query(flat, q, slide_of_id, "median") for q in slide_qs]),
         }
-    if args.sweep and n == max(args.sizes):
+    if args.sweep:
         # recall and region latency of other probe depths / short lists, for choosing defaults
         out["sweep"] = []
-        for nprobe in (16, 32, 64):
+        for nprobe in sorted({min(p, index.manifest["nlist"]) for p in (16, 32, 64)}):
             for shortlist in (100, 200):
                 _, I_s = index.search(xq_recall, 10, nprobe=nprobe, shortlist=shortlist)
                 ms = []
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-8bit", action="store_true", help="also build and time the same index with 8-bit PQ codes (the earlier layout)")
-    parser.add_argument("--sweep", action="store_true", help="at the largest size, also measure other nprobe / shortlist settings")
+    parser.add_argument("--sweep", action="store_true", help="at each size, also measure other nprobe / shortlist settings")
     parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)")
     args = parser.parse_args(argv)

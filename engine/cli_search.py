@@ -56,7 +56,7 @@ def format_table(result: dict) -> str:
 @click.option("--exclude-slide", type=int, default=None, help="Leave this slide id out of a region search.")
 @click.option("--exclude-patient", default=None, help="Leave this patient's slides out of a region search.")
 @click.option("--include-self", is_flag=True, help="Let a --slide search return the query slide itself.")
-@click.option("--index-kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True, help="auto: exact up to 100k tiles, compressed (IVF-PQ + exact re-ranking) above.")
+@click.option("--index-kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True, help="auto: exact up to 20k tiles, compressed (IVF-PQ + exact re-ranking) above.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (level-0 pixel boxes).")
 @settings_options
 @handle_errors

@@ -22,10 +22,13 @@ from engine.shards import read_shard, shard_arrays
 LOG = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "compressed")
-# Up to this many tiles the exact flat index is used: 100k x 2048-d float32 is 0.8 GB of RAM
-# and about 20 ms per query tile on two cores; above it the compressed index is faster and
-# ~50x smaller.
-FLAT_MAX_TILES = 100_000
+# Up to this many tiles the exact flat index is used. Flat search reads every vector for each
+# batch of query tiles (8 kB per 2048-d tile), so it is bound by memory bandwidth: on the
+# 2-core VM a region query took 33 ms at 25 k tiles and 172 ms at 100 k (slide queries 0.2
+# and 0.9 s), while the compressed index answered in 3 ms / 20 ms with recall@10 0.9998 at
+# 25 k and 0.997 at 100 k (bench/search.py --sweep, docs/benchmarks.md). Below ~20 k tiles
+# there is too little to train the compressed index well, and flat is fast enough.
+FLAT_MAX_TILES = 20_000
 COMPRESSED_FOLDER = "compressed"
 
 
