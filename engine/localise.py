@@ -43,6 +43,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from engine.slides import flatten_rgba
+
 LOG = logging.getLogger(__name__)
 
 VIEW_MPP = 4.0  # um per pixel of the whole-slide view (step 1)
@@ -200,13 +202,6 @@ def turn_margins(margins: tuple[int, int, int, int], turns: int, mirrored: bool)
     return t, r, b, l
 
 
-def _rgba_to_rgb(img: Image.Image) -> Image.Image:
-    """Transparent (outside-scan) pixels become white glass, as in engine.slides.read_box."""
-    rgb = Image.new("RGB", img.size, (255, 255, 255))
-    rgb.paste(img, mask=img.getchannel("A"))
-    return rgb
-
-
 # -- NCC -------------------------------------------------------------------------------------
 
 
@@ -326,7 +321,7 @@ def read_view(slide: openslide.OpenSlide, slide_mpp: float, view_mpp: float) -> 
     for r0 in range(0, out_h, rows_per_band):
         r1 = min(out_h, r0 + rows_per_band)
         y0, y1 = round(r0 * lh / out_h), round(r1 * lh / out_h)  # level rows of this band
-        band = _rgba_to_rgb(slide.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0))))
+        band = flatten_rgba(slide.read_region((0, round(y0 * ds)), level, (lw, max(1, y1 - y0))))
         view[r0:r1] = grey(band.resize((out_w, r1 - r0), Image.Resampling.BOX))
     return SlideView(view, view_mpp, (w0 / out_w, h0 / out_h))
 
@@ -341,7 +336,7 @@ def read_window(slide: openslide.OpenSlide, slide_mpp: float, box0: tuple[int, i
     ds = slide.level_downsamples[level]
     size_level = (max(1, round((x1 - x) / ds)), max(1, round((y1 - y) / ds)))
     out = (max(1, round((x1 - x) * slide_mpp / mpp)), max(1, round((y1 - y) * slide_mpp / mpp)))
-    img = _rgba_to_rgb(slide.read_region((x, y), level, size_level))
+    img = flatten_rgba(slide.read_region((x, y), level, size_level))
     return grey(img.resize(out, Image.Resampling.BOX)), (x, y)
 
 

@@ -250,9 +250,11 @@ class SearchEngine:
         t = time.perf_counter()
         n_allowed = self.index.ntotal if id_filter is None or id_filter.include is None else len(id_filter.include)
         k = min(max(8 * top_k, 64), max(1, self.index.ntotal))
+        tiles: dict[int, tuple[int, int, int, int]] = {}
         while True:
             D, I = self.index.search(xq, k, id_filter)
-            tiles = self._tiles(np.unique(I[I >= 0]))
+            # a wider search returns the earlier hits again: look up only the new ones
+            tiles.update(self._tiles(np.setdiff1d(I[I >= 0], np.fromiter(tiles, np.int64, len(tiles)))))
             if len({tiles[i][0] for i in tiles}) >= top_k or k >= n_allowed or k >= self.index.ntotal:
                 break
             k = min(k * 4, self.index.ntotal)
@@ -261,10 +263,9 @@ class SearchEngine:
         known = np.isin(I, np.fromiter(tiles, np.int64, len(tiles))) & (I >= 0)
         D = np.where(known, D, -np.inf)
         floor = np.array([d[np.isfinite(d)].min() if np.isfinite(d).any() else 0.0 for d in D], np.float32)
-        flat_ids = I[known]
         slide_of = np.full(I.shape, -1, np.int64)
-        slide_of[known] = [tiles[i][0] for i in flat_ids]
-        scores = slide_scores(D.reshape(len(xq), -1), slide_of.reshape(len(xq), -1), floor, rule) if known.any() else {}
+        slide_of[known] = [tiles[i][0] for i in I[known]]
+        scores = slide_scores(D, slide_of, floor, rule) if known.any() else {}
         scores.pop(-1, None)
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
         hits = []
@@ -391,8 +392,12 @@ class SearchEngine:
             from engine.localise import RegionQuery
 
             region = RegionQuery(image, mpp)  # prepared once for all the slides tried
-            for hit in hits[:REFINE_SLIDES]:
-                self._pixel_match(hit, region)
+            tried = hits[:REFINE_SLIDES]
+            with self.catalog.session() as s:
+                mpps = dict(s.execute(sa.select(Slide.id, Slide.mpp).where(Slide.id.in_([h.slide["id"] for h in tried]))).all())
+            for hit in tried:
+                if mpps.get(hit.slide["id"]):
+                    self._pixel_match(hit, region, float(mpps[hit.slide["id"]]))
         timing["refine"] = (time.perf_counter() - t) * 1000
         timing["total"] = (time.perf_counter() - t0) * 1000
         query = {"type": "region", "width": image.width, "height": image.height, "mpp": mpp, "index_mpp": self.index_mpp, "tiles": len(tiles), "top_k": top_k, "filters": filters or {}, "exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient, "index": self.index.kind}
@@ -406,7 +411,7 @@ class SearchEngine:
 
         return ViewCache(maxsize=16)  # views are ~1 Mpx at most (4 MB), often far less
 
-    def _pixel_match(self, hit: SlideHit, region: RegionQuery) -> None:
+    def _pixel_match(self, hit: SlideHit, region: RegionQuery, slide_mpp: float) -> None:
         """When the region's pixels are a copy of part of the hit's slide, put that box
         first in its regions (engine.localise: features find the slide and a coarse place,
         registration pins the box). A slide that cannot be opened or read is left as it
@@ -418,17 +423,13 @@ class SearchEngine:
         from engine.slides import open_slide
 
         path = hit.slide["path"]
-        with self.catalog.session() as s:
-            slide_mpp = s.scalar(sa.select(Slide.mpp).where(Slide.id == hit.slide["id"]))
-        if not slide_mpp:
-            return
         try:
             slide = open_slide(path)
         except SlideError as exc:
             LOG.debug("no pixel match for slide %s: %s", hit.slide["id"], exc)
             return
         try:
-            placed = register_region(slide, float(slide_mpp), region, views=self._views, path=path)
+            placed = register_region(slide, slide_mpp, region, views=self._views, path=path)
         except (openslide.OpenSlideError, OSError) as exc:
             LOG.debug("no pixel match for slide %s: cannot read %s: %s", hit.slide["id"], path, exc)
             return

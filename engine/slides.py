@@ -109,6 +109,14 @@ def describe_slide(path: str | Path, slide: openslide.OpenSlide, default_mpp: fl
     )
 
 
+def flatten_rgba(img: Image.Image) -> Image.Image:
+    """OpenSlide's RGBA as RGB: transparent (outside-scan) pixels become white, as
+    background glass."""
+    rgb = Image.new("RGB", img.size, (255, 255, 255))
+    rgb.paste(img, mask=img.getchannel("A"))
+    return rgb
+
+
 def read_box(slide: openslide.OpenSlide, x: int, y: int, size0: int, out_px: int) -> Image.Image:
     """The level-0 square (x, y, size0) as an RGB image of out_px x out_px, read from the
     coarsest pyramid level that still has at least out_px pixels across, then resized.
@@ -121,8 +129,7 @@ def read_box(slide: openslide.OpenSlide, x: int, y: int, size0: int, out_px: int
         region = slide.read_region((int(x), int(y)), level, (size_level, size_level))
     except openslide.OpenSlideError as exc:
         raise SlideError(f"cannot read region ({x}, {y}, {size0}) of the slide: {exc}") from None
-    rgb = Image.new("RGB", region.size, (255, 255, 255))
-    rgb.paste(region, mask=region.getchannel("A"))
+    rgb = flatten_rgba(region)
     if rgb.size != (out_px, out_px):
         rgb = rgb.resize((out_px, out_px), Image.Resampling.BILINEAR)
     return rgb

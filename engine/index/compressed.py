@@ -90,12 +90,15 @@ class CompressedIndex:
         self.index = index
         self.store = store
         self.rows = rows  # tile id of each row, -1 when removed
+        self._by_id: tuple[np.ndarray, np.ndarray] | None = None  # (sorted tile ids, their rows); see _id_rows
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self.nprobe = int(manifest.get("nprobe", 32))
         self.shortlist = int(manifest.get("shortlist", 100))
         self.exact_max = int(manifest.get("exact_max", 20000))
         self._ivf = faiss.extract_index_ivf(index)
+        # FAISS has no GPU version of fast-scan PQ; those indexes are searched on the CPU
+        self._fast_scan = isinstance(faiss.downcast_index(self._ivf), faiss.IndexIVFFastScan)
         self._gpu = None
         self.use_gpu = False
 
@@ -186,6 +189,7 @@ class CompressedIndex:
         if len(rows):
             self.index.add_with_ids(xb, rows)
         self.rows = np.concatenate([self.rows, ids])
+        self._by_id = None
         if key is not None:
             self.manifest["shards"][key] = [int(rows[0]) if len(rows) else len(self.rows), len(self.rows)]
         self._gpu = None
@@ -196,6 +200,7 @@ class CompressedIndex:
         if len(rows):
             self.index.remove_ids(faiss.IDSelectorBatch(rows))
             self.rows[rows] = -1
+            self._by_id = None
             self._gpu = None
         return len(rows)
 
@@ -217,9 +222,7 @@ class CompressedIndex:
         return faiss.SearchParametersPreTransform(index_params=faiss.SearchParametersIVF(nprobe=int(nprobe), sel=sel))
 
     def _searcher(self, filtered: bool):
-        # FAISS has no GPU version of fast-scan PQ; those indexes are searched on the CPU
-        fast_scan = isinstance(faiss.downcast_index(self._ivf), faiss.IndexIVFFastScan)
-        if self.use_gpu and not filtered and not fast_scan and gpu_available():
+        if self.use_gpu and not filtered and not self._fast_scan and gpu_available():
             if self._gpu is None:
                 options = faiss.GpuClonerOptions()
                 options.useFloat16 = True  # PQ codes over 48 bytes need float16 lookup tables on GPU
@@ -283,15 +286,23 @@ class CompressedIndex:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored (float16-rounded) vectors of tile `ids`; zeros for ids not in the index."""
         ids = np.asarray(ids, dtype=np.int64)
-        alive = np.flatnonzero(self.rows >= 0)
-        order = np.argsort(self.rows[alive], kind="stable")
-        sorted_ids = self.rows[alive][order]
+        sorted_ids, sorted_rows = self._id_rows()
         pos = np.searchsorted(sorted_ids, ids)
         found = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == ids)
         out = np.zeros((len(ids), self.dim), np.float32)
         if found.any():
-            out[found] = self.store.get(alive[order][pos[found]])
+            out[found] = self.store.get(sorted_rows[pos[found]])
         return out
+
+    def _id_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Live tile ids, sorted, and their rows: kept until the next add or removal, since
+        sorting a million ids costs ~0.1 s and every region result and slide mosaic looks
+        up vectors by id."""
+        if self._by_id is None:
+            alive = np.flatnonzero(self.rows >= 0)
+            order = np.argsort(self.rows[alive], kind="stable")
+            self._by_id = (self.rows[alive][order], alive[order])
+        return self._by_id
 
     def all_ids(self) -> np.ndarray:
         return self.rows[self.rows >= 0]
