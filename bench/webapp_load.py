@@ -119,9 +119,9 @@ class Workload:
             return "search_region", "POST", "/api/v1/search/region", body, {"Content-Type": ctype}
         r = (r - self.search_share) / (1 - self.search_share)
         if r < 0.6:
-            level = int(np.ceil(np.log2(max(s["width"], s["height"]))))
-            level -= rng.randint(0, 3)
-            scale = 2 ** (int(np.ceil(np.log2(max(s["width"], s["height"])))) - level)
+            top = int(np.ceil(np.log2(max(s["width"], s["height"]))))  # the full-resolution level
+            level = top - rng.randint(0, 3)
+            scale = 2 ** (top - level)
             cols = max(1, int(np.ceil(s["width"] / scale / 254)))
             rows = max(1, int(np.ceil(s["height"] / scale / 254)))
             return "dz_tile", "GET", f"/tiles/{s['id']}_files/{level}/{rng.randrange(cols)}_{rng.randrange(rows)}.jpeg", None, {}

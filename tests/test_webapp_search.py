@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.catalog import models
-from engine.slides import open_slide, read_box
+from engine.slides import read_tile
 from tests.indexed_archive import make_indexed_archive
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
@@ -57,11 +57,7 @@ def slide_and_tile(app, name):
 
 
 def crop_png(slide, tile) -> bytes:
-    handle = open_slide(slide.path)
-    try:
-        image = read_box(handle, tile.x, tile.y, tile.size, tile.size)
-    finally:
-        handle.close()
+    image = read_tile(slide.path, tile.x, tile.y, tile.size, tile.size)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

@@ -40,7 +40,8 @@ def me():
 
 @bp.post("/search/region")
 def search_region():
-    return jsonify(region_search(request.files.get("image"), request.form))
+    result, _ = region_search(request.files.get("image"), request.form)
+    return jsonify(result)
 
 
 @bp.post("/search/slide")

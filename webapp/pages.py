@@ -45,18 +45,12 @@ def _form_error(exc: Exception):
     return _search_form(status_for(exc))
 
 
-def _query_thumbnail(storage) -> str | None:
-    """The uploaded region as a small inline JPEG for the results page (never stored)."""
-    from PIL import Image
-
-    try:
-        storage.stream.seek(0)
-        image = Image.open(storage.stream).convert("RGB")
-        image.thumbnail((192, 192))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError):  # the search accepted the image; a missing thumbnail is no error
-        return None
+def _query_thumbnail(image) -> str:
+    """The uploaded region, as decoded for the search, as a small inline JPEG for the
+    results page (never stored). Shrinks `image` in place: the search is done with it."""
+    image.thumbnail((192, 192))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -69,10 +63,10 @@ def search():
 def search_region():
     storage = request.files.get("image")
     try:
-        result = region_search(storage, request.form)
+        result, image = region_search(storage, request.form)
     except (HTTPException, *FORM_ERRORS) as exc:
         return _form_error(exc)
-    return render_template("results.html", result=result, query_kind="region", query_image=_query_thumbnail(storage), query_name=storage.filename)
+    return render_template("results.html", result=result, query_kind="region", query_image=_query_thumbnail(image), query_name=storage.filename)
 
 
 @bp.get("/search/slide")

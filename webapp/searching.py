@@ -4,6 +4,7 @@ these two functions so a region search means the same thing in either."""
 from __future__ import annotations
 
 from flask import abort, current_app, g
+from PIL import Image
 
 from webapp import users
 from webapp.queries import read_region_upload, search_params
@@ -15,8 +16,9 @@ def _audit(action: str, detail: dict, result: dict) -> None:
     users.record(state().catalog, g.user.id if g.get("user") else None, action, {**detail, "top_slide_ids": top})
 
 
-def region_search(storage, values) -> dict:
-    """Search with an uploaded region (a werkzeug FileStorage) and form/JSON values."""
+def region_search(storage, values) -> tuple[dict, Image.Image]:
+    """Search with an uploaded region (a werkzeug FileStorage) and form/JSON values; returns
+    the result and the decoded region (for the results page's thumbnail)."""
     config = current_app.config
     params = search_params(values, config, region=True)
     image = read_region_upload(storage, config)
@@ -28,7 +30,7 @@ def region_search(storage, values) -> dict:
         filters=params.filters or None,
     ).to_json()
     _audit("search_region", {"filename": (storage.filename or "")[:200], "size": list(image.size), **params.describe()}, result)
-    return result
+    return result, image
 
 
 def slide_search(values) -> dict:

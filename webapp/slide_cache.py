@@ -13,9 +13,10 @@ import openslide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from engine.catalog import Catalog, models
+from engine.catalog import Catalog
 from engine.errors import NotFound, SlideError
 from engine.slides import open_slide
+from webapp.archive import get_slide
 
 # Deep-zoom tiles of 254 px + 1 px overlap: 256 px images, the layout OpenSeadragon expects.
 DZ_TILE_PX = 254
@@ -75,11 +76,7 @@ class SlideCache:
             if opened is not None:
                 self._open.move_to_end(slide_id)
                 return opened
-        with self.catalog.session() as s:
-            row = s.get(models.Slide, slide_id)
-            if row is None:
-                raise NotFound(f"no slide with id {slide_id} in the archive")
-            path = Path(row.path)
+        path = Path(get_slide(self.catalog, slide_id).path)
         slide = open_slide(path)
         # limit_bounds=False keeps deep-zoom pixel coordinates equal to level-0 coordinates,
         # so matched regions (level-0 boxes) are drawn without an offset.
@@ -99,17 +96,19 @@ class SlideCache:
     def encoded_tile(self, slide_id: int, level: int, col: int, row: int, pil_format: str) -> bytes:
         """A deep-zoom tile encoded as JPEG or PNG, from the tile cache when there.
         The key holds the slide's path, so a re-used id never serves another slide's tile."""
-        key = (slide_id, str(self.get(slide_id).path), level, col, row, pil_format)
+        opened = self.get(slide_id)
+        key = (slide_id, str(opened.path), level, col, row, pil_format)
         data = self.tile_bytes.get(key)
         if data is None:
             buf = io.BytesIO()
-            self.tile(slide_id, level, col, row).save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
+            self._read_tile(opened, level, col, row).save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
             data = buf.getvalue()
             self.tile_bytes.put(key, data)
         return data
 
-    def tile(self, slide_id: int, level: int, col: int, row: int) -> Image.Image:
-        dz = self.get(slide_id).deepzoom
+    @staticmethod
+    def _read_tile(opened: OpenedSlide, level: int, col: int, row: int) -> Image.Image:
+        dz = opened.deepzoom
         if not 0 <= level < dz.level_count:
             raise NotFound(f"deep-zoom level {level} does not exist (0..{dz.level_count - 1})")
         cols, rows = dz.level_tiles[level]
@@ -118,7 +117,7 @@ class SlideCache:
         try:
             return dz.get_tile(level, (col, row)).convert("RGB")
         except openslide.OpenSlideError as exc:
-            raise SlideError(f"cannot read tile of slide {slide_id}: {exc}") from None
+            raise SlideError(f"cannot read tile of slide {opened.slide_id}: {exc}") from None
 
     def region(self, slide_id: int, x: int, y: int, w: int, h: int, max_px: int) -> Image.Image:
         """The level-0 box (x, y, w, h) scaled to fit max_px, from the coarsest pyramid level

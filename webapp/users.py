@@ -93,14 +93,13 @@ def recent_failed_logins(catalog: Catalog, username: str, window: dt.timedelta) 
     """Failed logins for `username` within the last `window`, from the audit log (shared
     by all workers, unlike a counter in memory)."""
     since = dt.datetime.now(dt.timezone.utc) - window
+    event = models.AuditEvent
     with catalog.session() as s:
-        details = s.scalars(
-            sa.select(models.AuditEvent.detail)
-            .where(models.AuditEvent.action == "login_failed", models.AuditEvent.created_at >= since)
-            .order_by(models.AuditEvent.id.desc())
-            .limit(1000)
-        ).all()
-    return sum(1 for d in details if (d or {}).get("username") == username)
+        return s.scalar(
+            sa.select(sa.func.count())
+            .select_from(event)
+            .where(event.action == "login_failed", event.created_at >= since, event.detail["username"].as_string() == username)
+        ) or 0
 
 
 def record(catalog: Catalog, user_id: int | None, action: str, detail: dict | None = None) -> None:
