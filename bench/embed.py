@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_tiles(Path(tmp), args.images)
         naive_model = build_backbone(args.arch).eval().to(args.device)
-        encoder = Encoder(build_backbone(args.arch), _info(args.arch), device=args.device, precision="auto")
+        encoder = Encoder.from_spec(f"random:{args.arch}", device=args.device, precision="auto")
         # warm-up: first calls build the engine's frozen graph and warm caches for both
         naive_rate(naive_model, paths[:4], args.naive_batch_size)
         engine_rate(encoder, paths[: max(4, args.batch_size)], args.batch_size, 0)
@@ -184,12 +184,6 @@ def main(argv=None) -> int:
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
-
-
-def _info(arch: str):
-    from engine.encoder import ARCH_DIMS, EncoderInfo
-
-    return EncoderInfo(name=f"bench-{arch}", architecture=arch, checkpoint_sha256="0" * 64, dim=ARCH_DIMS[arch], layout="random", source="bench", is_random=True)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,6 @@ def write_features(result: FeatureResult, out: Path, encoder: Encoder) -> Path:
     out = Path(out)
     if out.suffix != ".npy":
         out = out.with_suffix(out.suffix + ".npy") if out.suffix else out.with_suffix(".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
     sidecar = sidecar_path(out)
     info = encoder.info
     doc = {

@@ -38,7 +38,6 @@ def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, t
     if tile % 16:
         raise ValueError("tile must be a multiple of 16")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     levels = [rgb]
     while max(levels[-1].shape[:2]) >= 2 * min_level_px:
         levels.append(halve(levels[-1]))

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.encoder import ARCH_DIMS, file_sha256
-from engine.files import atomic_output
+from engine.encoder import ARCH_DIMS
+from engine.files import atomic_output, file_sha256
 from engine.errors import ConfigError
 
 LOG = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from engine.cli_common import handle_errors, settings_options, setup_logging
 from engine.config import Settings
 from engine.encoder import ARCH_DIMS
+from engine.files import atomic_write_text
 
 
 
@@ -149,6 +150,6 @@ def lincls(dataset_spec, label_column, mode, val_fraction, exclusion, epochs, lr
     report = run_probe(encoder, dataset, opts)
     click.echo(format_report(report))
     if out:
-        Path(out).write_text(json.dumps(report, indent=1))
+        atomic_write_text(out, json.dumps(report, indent=1))
     if plot:
         plot_confusion(report, plot)

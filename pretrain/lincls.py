@@ -31,6 +31,8 @@ from engine.datasets.reading import ItemImages
 from engine.features import collate_rows
 from engine.encoder import Encoder
 from engine.errors import DatasetError
+from engine.files import atomic_output
+from engine.metrics import encode_labels
 
 LOG = logging.getLogger(__name__)
 
@@ -174,8 +176,7 @@ def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val
 def run_probe(encoder: Encoder, dataset: LabelledSet, opts: ProbeOptions, progress: bool = True) -> dict[str, Any]:
     """Split, train (linear or fine-tune), predict the validation part; the report."""
     exclusion = opts.exclusion or dataset.strictest_exclusion()
-    classes = dataset.classes
-    codes = np.array([classes.index(label) for label in dataset.labels])
+    codes, classes = encode_labels(dataset.labels)
     train_idx, val_idx = split_train_val(dataset, opts.val_fraction, exclusion, opts.seed)
     probe = linear_probe if opts.mode == "linear" else fine_tune
     preds = probe(encoder, dataset, train_idx, val_idx, codes, len(classes), opts, progress)
@@ -224,5 +225,6 @@ def plot_confusion(report: dict[str, Any], out) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"{report['mode']} probe: accuracy {report['accuracy']:.3f}")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend chosen first: no display on servers)
 
+from engine.files import atomic_output  # noqa: E402
+
 
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
@@ -39,8 +41,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(out)
     return out

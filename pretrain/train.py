@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from engine.encoder import ARCH_DIMS, IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import ConfigError, HistoseekError
+from engine.files import atomic_write_text
 from pretrain import distributed as D
 from pretrain.augment import augment_config
 from pretrain.ccl import CCL
@@ -288,7 +289,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
     summary = {"run_dir": str(run_dir), "arch": cfg.arch, "steps": step, "stopped_early": stopping, "images_seen": images_seen, "world_size": world, "device": str(ctx.device), "amp": amp, "global_batch": global_batch, "img_per_s": sum(steady) / len(steady) if steady else None}
     if ctx.is_main:
         summary["img_per_s_per_rank"] = summary["img_per_s"] / world if summary["img_per_s"] else None
-        (run_dir / "run.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(run_dir / "run.json", json.dumps(summary, indent=1))
         if stopping:
             LOG.warning("stopped at step %d of %d on request; continue with the same command plus --resume", step, total_steps)
         else:
@@ -348,4 +349,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -23,7 +23,8 @@ from engine.catalog.db import Catalog
 from engine.catalog.models import Encoder as CatalogEncoder
 from engine.catalog.models import Slide, Tile
 from engine.cli import main as engine_cli
-from engine.encoder import Encoder, file_sha256, load_backbone
+from engine.encoder import Encoder, load_backbone
+from engine.files import file_sha256
 from engine.images import find_images, open_rgb, to_uint8_chw
 from indexer.cli import main as indexer_cli
 from pretrain.cli import main as pretrain_cli

@@ -3,6 +3,7 @@ boxes of slides) with the slide and patient they come from, for leave-one-out ex
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -87,12 +88,13 @@ class LabelledSet:
         return np.array([codes.setdefault(getattr(item, exclusion), len(codes)) for item in self.items], np.int64)
 
     def counts(self) -> dict:
+        per_class = collections.Counter(self.labels)  # one pass, not one per class
         return {
             "items": len(self.items),
-            "classes": len(self.classes),
+            "classes": len(per_class),
             "slides": len({i.slide for i in self.items if i.slide}),
             "patients": len({i.patient for i in self.items if i.patient}),
-            "per_class": {c: self.labels.count(c) for c in self.classes},
+            "per_class": {c: per_class[c] for c in sorted(per_class)},
         }
 
     def fingerprint(self) -> str:
