@@ -14,10 +14,9 @@ from sqlalchemy.orm import Session
 from engine.catalog.models import FAILED, INDEXED, PENDING, Encoder, Shard, Slide, Tile
 from engine.encoder import EncoderInfo
 from engine.errors import ConfigError
-from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir
+from engine.shards import ShardEncoder, encoder_dir, list_shards, sidecar_of
 from indexer.discovery import SlideFile
 from indexer.metadata import CATALOG_COLUMNS
-
 
 
 @dataclasses.dataclass
@@ -84,7 +83,7 @@ def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path) -> list[
     session.execute(sa.delete(Tile).where(Tile.slide_id == slide.id))
     files = []
     for shard in session.scalars(sa.select(Shard).where(Shard.id.in_([i for i in shard_ids if i is not None]))):
-        files += [index_dir / shard.path, (index_dir / shard.path).with_suffix(".json")]
+        files += [index_dir / shard.path, sidecar_of(index_dir / shard.path)]
         session.delete(shard)
     slide.tile_count = 0
     return files
@@ -95,13 +94,13 @@ def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encod
     killed before the commit), temp files, and catalog shards whose file vanished."""
     folder = encoder_dir(index_dir, shard_encoder)
     known = set(session.scalars(sa.select(Shard.path).where(Shard.encoder_id == encoder.id)))
-    if folder.is_dir():
-        for tmp in folder.glob(".*.tmp"):
-            reg.files_to_delete.append(tmp)
-        for file in folder.glob(f"*{SHARD_SUFFIX}"):
-            if file.relative_to(index_dir).as_posix() not in known:
-                reg.files_to_delete += [file, file.with_suffix(".json")]
-                reg.repaired.append(f"removed shard file {file.name} that no catalog row references")
+    # engine.files.atomic_output's temp files: `.NAME.PID.tmp.faiss` / `.tmp.json` (and the
+    # older `.NAME.faiss.PID.tmp`); only temp files start with a dot there.
+    reg.files_to_delete += folder.glob(".*.tmp*") if folder.is_dir() else []
+    for file in list_shards(index_dir, shard_encoder):
+        if not file.name.startswith(".") and file.relative_to(index_dir).as_posix() not in known:
+            reg.files_to_delete += [file, sidecar_of(file)]
+            reg.repaired.append(f"removed shard file {file.name} that no catalog row references")
     for shard in session.scalars(sa.select(Shard).where(Shard.encoder_id == encoder.id)):
         if not (index_dir / shard.path).is_file():
             slide_ids = session.scalars(sa.select(Tile.slide_id).where(Tile.shard_id == shard.id).distinct()).all()

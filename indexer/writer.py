@@ -2,7 +2,8 @@
 shard row, the tile rows and the slide's status, so a slide is wholly indexed or not at all.
 
 What a kill leaves, and how the next run repairs it:
-- during the shard write: a `.NAME.PID.tmp` file (atomic rename not reached) -> deleted;
+- during the shard write: a `.NAME.PID.tmp.faiss` or `.tmp.json` file (engine.files.atomic_output,
+  rename not reached) -> deleted;
 - after the shard write, before the commit: a shard file that no row references -> deleted,
   the slide is still pending and is indexed again (to the same file name and tile ids);
 - after the commit: nothing to repair.

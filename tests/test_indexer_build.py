@@ -198,12 +198,16 @@ def test_repair_after_kill_between_shard_write_and_commit(tmp_path, archive):
         victim.status = "pending"
     shard_file.write_bytes(shard_bytes)
     (shard_file.parent / ".slide-000000099.faiss.123.tmp").write_bytes(b"half")
+    # ... and the temp files engine.files.atomic_output leaves when killed mid-write.
+    (shard_file.parent / ".slide-000000099.123.tmp.faiss").write_bytes(b"half")
+    (shard_file.parent / ".slide-000000099.123.tmp.json").write_bytes(b"half")
     report = verify_index(cat, settings.index_dir)
     assert not report.ok and any("in no catalog row" in p for p in report.problems)
 
     rerun = _build(settings, archive)
     assert rerun.indexed == 1 and any("no catalog row references" in n for n in rerun.notes)
     assert not list(shard_file.parent.glob(".*.tmp"))
+    assert not list(shard_file.parent.glob(".*.tmp.*"))
     got = _snapshot(settings)
     assert got["slides"] == want["slides"] and got["tiles"] == want["tiles"]
     assert all(np.allclose(got["vectors"][i], want["vectors"][i], atol=1e-5) for i in want["vectors"])
