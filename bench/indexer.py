@@ -34,21 +34,24 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from engine.config import Settings  # noqa: E402
 from engine.encoder import Encoder  # noqa: E402
 from engine.features import default_workers  # noqa: E402
-from engine.slides import describe_slide, open_slide, read_box  # noqa: E402
-from engine.tiling import tile_grid  # noqa: E402
-from engine.tissue import slide_tissue_mask  # noqa: E402
+from engine.slides import open_slide, read_box  # noqa: E402
 from indexer.build import build_archive  # noqa: E402
+from indexer.pipeline import plan_slide  # noqa: E402
 
 
 def sample_tiles(slide_path: Path, settings: Settings, min_tissue: float, n: int) -> tuple[torch.Tensor, int]:
-    """(up to n decoded tiles of the slide's grid as uint8 N x 3 x H x W, grid size)."""
-    slide = open_slide(slide_path)
-    info = describe_slide(slide_path, slide)
-    mask, ds = slide_tissue_mask(slide)
-    boxes = tile_grid(info, mask, ds, settings.target_mpp, settings.tile_px, min_tissue)
+    """(up to n decoded tiles of the slide's grid, the build's own plan, as uint8
+    N x 3 x H x W, grid size)."""
+    plan = plan_slide(0, slide_path, default_mpp=None, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
+    if plan.error:
+        raise SystemExit(f"{slide_path}: {plan.error}")
+    boxes = plan.boxes
     step = max(1, len(boxes) // n)
-    tiles = [np.asarray(read_box(slide, b.x, b.y, b.size, settings.tile_px)) for b in boxes[::step][:n]]
-    slide.close()
+    slide = open_slide(slide_path)
+    try:
+        tiles = [np.asarray(read_box(slide, b.x, b.y, b.size, settings.tile_px)) for b in boxes[::step][:n]]
+    finally:
+        slide.close()
     return torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).copy()), len(boxes)
 
 

@@ -8,6 +8,7 @@ and commits each one as soon as its last tile is embedded (see indexer/writer.py
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -220,33 +221,34 @@ class _SlideState:
 def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, plan_fn, *, workers, batch_size, progress, total_slides) -> BuildSummary:
     summary = BuildSummary()
     states: dict[int, _SlideState] = {}
-    announced: list[SlidePlan] = []
+    announced: collections.deque[SlidePlan] = collections.deque()
     sampler = PlanSampler(iter_plans(jobs, plan_fn), settings.tile_px, announced.append)
     slide_bar = tqdm(total=total_slides, unit="slide", desc="slides", disable=not progress, position=0)
     tile_bar = tqdm(total=0, unit="tile", desc="tiles", disable=not progress, position=1, leave=False)
 
+    def fail(plan: SlidePlan, error: str) -> None:
+        fail_slide(catalog, plan.slide_id, error, plan.info)
+        summary.failed += 1
+        summary.failures.append((str(plan.path), error))
+        slide_bar.update(1)
+
     def finish(slide_id: int, state: _SlideState) -> None:
         plan = state.plan
+        del states[slide_id]
         if state.error:
-            fail_slide(catalog, slide_id, state.error, plan.info)
-            summary.failed += 1
-            summary.failures.append((str(plan.path), state.error))
+            fail(plan, state.error)
         else:
             commit_slide(catalog, Path(settings.index_dir), shard_encoder, encoder_id, slide_id, plan.info, plan.boxes, state.features)
             summary.indexed += 1
             summary.tiles += len(plan.boxes)
-        del states[slide_id]
-        slide_bar.update(1)
+            slide_bar.update(1)
         slide_bar.set_postfix_str(plan.path.name, refresh=False)
 
     def take_announced() -> None:
         while announced:
-            plan = announced.pop(0)
+            plan = announced.popleft()
             if plan.error:
-                fail_slide(catalog, plan.slide_id, plan.error, plan.info)
-                summary.failed += 1
-                summary.failures.append((str(plan.path), plan.error))
-                slide_bar.update(1)
+                fail(plan, plan.error)
             else:
                 states[plan.slide_id] = _SlideState(plan, encoder.dim)
                 tile_bar.total += len(plan.boxes)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from engine.catalog.db import Catalog
 from engine.catalog.models import INDEXED, Encoder, Shard, Slide, Tile
 from engine.errors import ShardError
-from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, file_sha256, read_shard_encoder, shard_arrays
+from engine.shards import ShardEncoder, file_sha256, list_shards, read_shard_encoder, shard_arrays
 
 
 @dataclasses.dataclass
@@ -86,8 +86,7 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
                 report.problems.append(f"slide {slide.id} ({slide.path}) is {slide.status} but has {have} tile rows")
         known = {sh.path for sh in shards}
         for enc in encoders.values():
-            folder = encoder_dir(index_dir, _shard_encoder(enc))
-            for file in sorted(folder.glob(f"*{SHARD_SUFFIX}")) if folder.is_dir() else []:
+            for file in list_shards(index_dir, _shard_encoder(enc)):
                 if file.relative_to(index_dir).as_posix() not in known:
                     report.problems.append(f"shard file {file.relative_to(index_dir)} is in no catalog row (left by an interrupted run; the next `indexer build` removes it)")
     return report
