@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,6 +174,9 @@ class SearchEngine:
         self.progress = progress
         self.use_gpu = settings.device != "cpu" and gpu_available()
         self.index = None
+        # refresh() changes the index in place; a web server's threads search the same
+        # engine, so index reads and the refresh take turns (embedding runs outside)
+        self._index_lock = threading.RLock()
         self.encoder_row: dict | None = None
         self.refresh()
 
@@ -193,22 +197,23 @@ class SearchEngine:
     def refresh(self) -> None:
         """Bring the index in step with the catalog: load new shards, drop removed ones (and
         switch between flat and compressed when the archive crossed the size threshold)."""
-        with self.catalog.session() as s:
-            row = self._find_encoder_row(s)
-            shards = s.execute(sa.select(Shard.path, Shard.sha256, Shard.count).where(Shard.encoder_id == row.id)).all()
-            self.encoder_row = {"id": row.id, "name": row.name, "target_mpp": row.target_mpp, "tile_px": row.tile_px, "dim": row.dim, "sha256": row.checkpoint_sha256}
-        if row.dim != self.encoder.dim:
-            raise EncoderError(f"the index holds {row.dim}-d vectors, the encoder gives {self.encoder.dim}-d")
-        index_dir = Path(self.settings.index_dir)
-        files = {f"{path}:{sha}": index_dir / path for path, sha, _ in shards}
-        kind = choose_kind(sum(c for *_, c in shards), self.index_kind, self.flat_max)
-        if self.index is None or self.index.kind != kind:
-            shard_enc = ShardEncoder(row.name, row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px)
-            folder = encoder_dir(index_dir, shard_enc) / "compressed"
-            self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress)
-        else:
-            sync_index(self.index, files, progress=self.progress)
-        LOG.info("search index: %s, %d tiles in %d shards", kind, self.index.ntotal, len(files))
+        with self._index_lock:
+            with self.catalog.session() as s:
+                row = self._find_encoder_row(s)
+                shards = s.execute(sa.select(Shard.path, Shard.sha256, Shard.count).where(Shard.encoder_id == row.id)).all()
+                self.encoder_row = {"id": row.id, "name": row.name, "target_mpp": row.target_mpp, "tile_px": row.tile_px, "dim": row.dim, "sha256": row.checkpoint_sha256}
+            if row.dim != self.encoder.dim:
+                raise EncoderError(f"the index holds {row.dim}-d vectors, the encoder gives {self.encoder.dim}-d")
+            index_dir = Path(self.settings.index_dir)
+            files = {f"{path}:{sha}": index_dir / path for path, sha, _ in shards}
+            kind = choose_kind(sum(c for *_, c in shards), self.index_kind, self.flat_max)
+            if self.index is None or self.index.kind != kind:
+                shard_enc = ShardEncoder(row.name, row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px)
+                folder = encoder_dir(index_dir, shard_enc) / "compressed"
+                self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress)
+            else:
+                sync_index(self.index, files, progress=self.progress)
+            LOG.info("search index: %s, %d tiles in %d shards", kind, self.index.ntotal, len(files))
 
     @property
     def index_mpp(self) -> float:
@@ -386,7 +391,8 @@ class SearchEngine:
             if exclude_patient:
                 exclude |= set(s.scalars(sa.select(Slide.id).where(Slide.patient == exclude_patient)))
             id_filter = self._id_filter(s, filters, exclude)
-        hits = self._rank(xq, top_k, id_filter, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px)
+        with self._index_lock:
+            hits = self._rank(xq, top_k, id_filter, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px)
         t = time.perf_counter()
         if hits:
             from engine.localise import RegionQuery
@@ -471,7 +477,8 @@ class SearchEngine:
         if not rows:
             raise QueryError(f"slide {slide_id} has no tissue tiles in the index")
         ids = np.array([r[0] for r in rows], np.int64)
-        vecs = self.index.vectors(ids)
+        with self._index_lock:
+            vecs = self.index.vectors(ids)
         pick = select_mosaic(vecs, np.array([(r[1], r[2]) for r in rows], np.float64))
         return vecs[pick], [(rows[i][1], rows[i][2], rows[i][3]) for i in pick]
 
@@ -509,7 +516,8 @@ class SearchEngine:
         timing["mosaic"] = (time.perf_counter() - t) * 1000
         with self.catalog.session() as s:
             id_filter = self._id_filter(s, filters, {slide_id} if exclude_self and slide_id is not None else set())
-        hits = self._rank(xq, top_k, id_filter, "median", timing)
+        with self._index_lock:
+            hits = self._rank(xq, top_k, id_filter, "median", timing)
         timing["total"] = (time.perf_counter() - t0) * 1000
         query = {
             "type": "slide",

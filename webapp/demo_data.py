@@ -18,12 +18,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from engine.errors import HistoseekError
 from engine.files import atomic_output
 from engine.pyramid_tiff import halve, write_pyramidal_tiff
-from engine.slides import open_slide, slide_mpp
+from engine.slides import flatten_rgba, open_slide, slide_mpp
 
 LOG = logging.getLogger(__name__)
 
@@ -67,9 +66,7 @@ def read_level0(path: Path) -> tuple[np.ndarray, float]:
         rgba = slide.read_region((0, 0), 0, slide.dimensions)
     finally:
         slide.close()
-    rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-    rgb.paste(rgba, mask=rgba.getchannel("A"))
-    return np.asarray(rgb), mpp
+    return np.asarray(flatten_rgba(rgba)), mpp
 
 
 def build_demo_archive(source: Path, archive: Path) -> Path:

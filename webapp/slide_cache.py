@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.catalog import Catalog
 from engine.errors import NotFound, SlideError
-from engine.slides import open_slide
+from engine.slides import flatten_rgba, open_slide
 from webapp.archive import get_slide
 
 # Deep-zoom tiles of 254 px + 1 px overlap: 256 px images, the layout OpenSeadragon expects.
@@ -134,8 +134,7 @@ class SlideCache:
             rgba = opened.slide.read_region((x, y), level, size)
         except openslide.OpenSlideError as exc:
             raise SlideError(f"cannot read region of slide {slide_id}: {exc}") from None
-        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        rgb = flatten_rgba(rgba)
         rgb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
         return rgb
 
