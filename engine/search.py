@@ -208,8 +208,7 @@ class SearchEngine:
             files = {f"{path}:{sha}": index_dir / path for path, sha, _ in shards}
             kind = choose_kind(sum(c for *_, c in shards), self.index_kind, self.flat_max)
             if self.index is None or self.index.kind != kind:
-                shard_enc = ShardEncoder(row.name, row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px)
-                folder = encoder_dir(index_dir, shard_enc) / "compressed"
+                folder = encoder_dir(index_dir, ShardEncoder.of(row)) / "compressed"
                 self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress)
             else:
                 sync_index(self.index, files, progress=self.progress)

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from engine.errors import ShardError
-from engine.files import atomic_write_bytes, file_sha256  # noqa: F401  (file_sha256: part of the shard API)
+from engine.files import atomic_write_bytes
 
 SHARD_SUFFIX = ".faiss"
 
@@ -38,6 +38,11 @@ class ShardEncoder:
     def key(self) -> str:
         """Folder name: checkpoint + grid, e.g. `931956f31d3f-1.0mpp-224px`."""
         return f"{self.checkpoint_sha256[:12]}-{self.target_mpp:g}mpp-{self.tile_px}px"
+
+    @classmethod
+    def of(cls, row) -> "ShardEncoder":
+        """The shard encoder of a catalog `encoders` row (or anything with its fields)."""
+        return cls(row.name, row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px)
 
 
 def encoder_dir(index_dir: str | Path, encoder: ShardEncoder) -> Path:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from engine.catalog.db import Catalog
 from engine.catalog.models import INDEXED, Encoder, Shard, Slide, Tile
 from engine.errors import ShardError
-from engine.shards import ShardEncoder, file_sha256, list_shards, read_shard_encoder, shard_arrays
+from engine.files import file_sha256
+from engine.shards import ShardEncoder, list_shards, read_shard_encoder, shard_arrays
 
 
 @dataclasses.dataclass
@@ -34,10 +35,6 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"ok": self.ok}
-
-
-def _shard_encoder(enc: Encoder) -> ShardEncoder:
-    return ShardEncoder(enc.name, enc.checkpoint_sha256, enc.dim, enc.target_mpp, enc.tile_px)
 
 
 def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False) -> VerifyReport:
@@ -56,7 +53,7 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
             if file_sha256(file) != shard.sha256:
                 report.problems.append(f"{where}: sha256 differs from the catalog's (file changed or half-written)")
             try:
-                if read_shard_encoder(file) != _shard_encoder(encoders[shard.encoder_id]):
+                if read_shard_encoder(file) != ShardEncoder.of(encoders[shard.encoder_id]):
                     report.problems.append(f"{where}: its sidecar names another encoder than the catalog")
                 ids, _ = shard_arrays(file)
             except ShardError as exc:
@@ -86,7 +83,7 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
                 report.problems.append(f"slide {slide.id} ({slide.path}) is {slide.status} but has {have} tile rows")
         known = {sh.path for sh in shards}
         for enc in encoders.values():
-            for file in list_shards(index_dir, _shard_encoder(enc)):
+            for file in list_shards(index_dir, ShardEncoder.of(enc)):
                 if file.relative_to(index_dir).as_posix() not in known:
                     report.problems.append(f"shard file {file.relative_to(index_dir)} is in no catalog row (left by an interrupted run; the next `indexer build` removes it)")
     return report
