@@ -30,6 +30,13 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(catalog_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch migrations rebuild SQLite tables (copy, drop, rename); with foreign keys on,
+            # dropping the old `slides` would cascade-delete every tile. The pragma only takes
+            # effect outside a transaction, so it is set and committed first; the engine is
+            # disposed afterwards, so no later connection inherits it.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         # batch mode: SQLite cannot ALTER most things in place
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
         with context.begin_transaction():

@@ -6,13 +6,24 @@ import datetime as dt
 from typing import Any, Optional
 
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from engine.catalog.base import Base, BigId, JsonDoc, utcnow
 
-# Slide.status values
-PENDING, INDEXED, FAILED = "pending", "indexed", "failed"
-SLIDE_STATUSES = (PENDING, INDEXED, FAILED)
+# Slide.status values. MISSING: the file at `path` is gone or no longer has the slide's
+# fingerprint; its vectors are left out of search until `indexer build` settles it.
+PENDING, INDEXED, FAILED, MISSING = "pending", "indexed", "failed", "missing"
+SLIDE_STATUSES = (PENDING, INDEXED, FAILED, MISSING)
+
+# Shard.status values. QUARANTINED: the file failed its checksum or would not load; search
+# answers from the other shards and `indexer build` re-embeds the slides it held.
+SHARD_OK, SHARD_QUARANTINED = "ok", "quarantined"
+
+# Ids of slides and shards are never reused (SQLite AUTOINCREMENT; sequences on PostgreSQL):
+# caches in long-running workers are keyed by them, and a reused id would show one slide's
+# pixels under another's name. Tile ids are derived from the slide id, so they inherit this.
+_NO_ID_REUSE = {"sqlite_autoincrement": True}
 
 
 class Encoder(Base):
@@ -37,6 +48,7 @@ class Slide(Base):
     """A whole-slide image of the archive, identified by the fingerprint of its content."""
 
     __tablename__ = "slides"
+    __table_args__ = _NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text)
@@ -68,12 +80,15 @@ class Shard(Base):
     """A FAISS shard file (relative to the index dir) holding vectors of one encoder."""
 
     __tablename__ = "shards"
+    __table_args__ = _NO_ID_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
     path: Mapped[str] = mapped_column(String(500), unique=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
     sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default=SHARD_OK, server_default=SHARD_OK)
+    error: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -123,6 +138,10 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(300))
     api_token_hash: Mapped[Optional[str]] = mapped_column(String(128), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Bumped by logout, password change and `users revoke`: a session cookie carries the
+    # version it was issued under and is refused once it differs.
+    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -136,3 +155,31 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(50))
     detail: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class BuildLease(Base):
+    """A live `indexer build` on this catalog: its start-up repair and its writes never touch
+    files another live build announced. A lease whose heartbeat is older than its timeout
+    belongs to a build that died; its files are orphans the next build may repair."""
+
+    __tablename__ = "build_leases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), unique=True)  # host:pid:random, also the prefix of its shard files
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    index_dir: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LoginThrottle(Base):
+    """Failed logins per key (a user name at an address, or an address) in the current
+    window, counted with one atomic UPDATE so concurrent tries cannot all slip under the
+    limit; one row per key, however many tries."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column()
+    failures: Mapped[int] = mapped_column(Integer, default=0)
