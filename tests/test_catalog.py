@@ -58,3 +58,51 @@ def test_fingerprint_is_unique(catalog_url):
         with cat.session() as s:
             s.add_all([models.Slide(path="a.svs", fingerprint="x"), models.Slide(path="b.svs", fingerprint="x")])
     cat.dispose()
+
+
+@pytest.mark.parametrize("table", [models.Slide, models.Shard])
+def test_ids_are_never_reused_after_the_highest_row_is_removed(catalog_url, table):
+    """Issue 11.3: SQLite handed a removed slide's id to the next new slide, and the web
+    worker's caches (keyed by id) then showed the removed slide's pixels under the new one's
+    name. AUTOINCREMENT (a sequence on PostgreSQL) makes every id new."""
+    cat = Catalog(catalog_url)
+
+    def add(n: int) -> int:
+        with cat.session() as s:
+            if table is models.Slide:
+                row = models.Slide(path=f"s{n}.svs", fingerprint=f"{n:064d}")
+            else:
+                enc = s.scalar(sa.select(models.Encoder)) or models.Encoder(name="r", architecture="resnet18", checkpoint_sha256="a" * 64, dim=4, target_mpp=1.0, tile_px=224, normalisation={})
+                row = models.Shard(encoder=enc, path=f"s{n}.faiss", sha256="0" * 64)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    first, highest = add(1), add(2)
+    with cat.session() as s:
+        s.delete(s.get(table, highest))
+    assert add(3) > highest > first
+    cat.dispose()
+
+
+def test_upgrade_from_0001_keeps_tiles_and_stops_id_reuse(sqlite_url):
+    """The 0002 rebuild of `slides` on SQLite must not cascade-delete tiles (foreign keys are
+    turned off while migrating) and must seed the sequence from the highest existing id."""
+    command.upgrade(alembic_config(sqlite_url), "0001")
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO encoders VALUES (1,'r','resnet18','" + "a" * 64 + "',4,1.0,224,'{}',0,'2026-01-01')")
+        for sid in (1, 7):
+            conn.exec_driver_sql(f"INSERT INTO slides (id,path,fingerprint,extra,status,tile_count,created_at,updated_at) VALUES ({sid},'s{sid}','{sid:064d}','{{}}','indexed',1,'2026-01-01','2026-01-01')")
+            conn.exec_driver_sql(f"INSERT INTO tiles (id,slide_id,x,y,size,tissue_fraction) VALUES ({sid * 2**20},{sid},0,0,448,1.0)")
+    engine.dispose()
+    cat = Catalog(sqlite_url)  # upgrades to head
+    with cat.session() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(models.Tile)) == 2
+        s.delete(s.get(models.Slide, 7))
+    with cat.session() as s:
+        new = models.Slide(path="n.svs", fingerprint="n" * 64)
+        s.add(new)
+        s.flush()
+        assert new.id == 8
+    cat.dispose()
