@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -221,7 +222,13 @@ class Encoder:
         self.model = model.eval().to(self.device)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
-        self._fast = None  # built lazily on the first batch (tracing needs an input)
+        # The fast path (channels_last model, or a traced + frozen TorchScript graph on CPU)
+        # is built once: by warm_up() before serving, else by the first batch. Building it
+        # changes the model's memory format in place and tracing runs the model, so two
+        # threads doing it at once crash the process (SIGSEGV, issue 11): it happens under
+        # this lock, and _fast is published only when complete.
+        self._fast = None
+        self._fast_lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", precision: str = "auto") -> "Encoder":
@@ -241,26 +248,49 @@ class Encoder:
             x = nn.functional.interpolate(x, size=(INPUT_PX, INPUT_PX), mode="bilinear", antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
+    def _fast_model(self, example: torch.Tensor):
+        """The fast-path model, built on first use under the lock (double-checked, so later
+        calls take no lock)."""
+        fast = self._fast
+        if fast is not None:
+            return fast
+        with self._fast_lock:
+            if self._fast is None:
+                self._fast = self._build_fast(example[:1])
+            return self._fast
+
+    def _build_fast(self, example: torch.Tensor):
+        model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda" or _cpu_has_native_bf16():
+            return model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the fastest CPU path here
+            traced = torch.jit.trace(model, example, check_trace=False)
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        self.model.to(memory_format=torch.contiguous_format)
+        # TorchScript's profiling executor specialises the graph over its first runs; run
+        # them here, under the lock, rather than in concurrent first requests
+        for _ in range(2):
+            fast(example)
+        return fast
+
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
+        fast = self._fast_model(x)
         if self.device.type == "cuda":
-            if self._fast is None:
-                self._fast = self.model.to(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
-                return self._fast(x).float()
+                return fast(x).float()
         if _cpu_has_native_bf16():
-            if self._fast is None:
-                self._fast = self.model.to(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self._fast(x).float()
-        if self._fast is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the fastest CPU path here
-                model = self.model.to(memory_format=torch.channels_last)
-                traced = torch.jit.trace(model, x[:1], check_trace=False)
-                self._fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            self.model.to(memory_format=torch.contiguous_format)
-        return self._fast(x)
+                return fast(x).float()
+        return fast(x)
+
+    def warm_up(self) -> None:
+        """Prepare the fast path now (seconds on CPU) rather than in the first request:
+        servers call this once before serving."""
+        if self.precision != "fp32":
+            with torch.inference_mode():
+                self._fast_model(self.normalise(torch.zeros((1, 3, INPUT_PX, INPUT_PX), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:

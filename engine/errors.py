@@ -58,3 +58,11 @@ class DatasetError(HistoseekError):
 
 class NotFound(HistoseekError):
     code = "not_found"
+
+
+class SlideChanged(SlideError):
+    """An indexed slide whose file is gone, or no longer holds the content it was indexed
+    with (its fingerprint differs): its pixels would not be the slide the catalog describes,
+    so none are served (the web app answers 409) until `indexer build` settles it."""
+
+    code = "slide_changed"

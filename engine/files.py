@@ -8,6 +8,7 @@ flushed to disk, then renamed over it (a rename within one folder is atomic on P
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -45,3 +46,24 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# errno values that mean "this disk or folder cannot take the write", not a bug: the
+# operator can act on them (free space, make the folder writable), so they get one line.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error_advice(exc: BaseException, what: str) -> str | None:
+    """A one-line message for a failed write of `what` (e.g. "the index folder /x") that
+    says what to do, or None when `exc` is not a full or read-only disk. Covers OSError
+    (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) and SQLite's "database or disk is full" /
+    "attempt to write a readonly database" as raised through SQLAlchemy or sqlite3."""
+    code = getattr(exc, "errno", None)
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if code in _FULL or "database or disk is full" in text or "no space left" in text:
+        return f"{what} is full{where}: free space on that disk (or point it elsewhere) and run the command again; nothing half-written was kept"
+    if code in _NOT_WRITABLE or "readonly database" in text or "read-only file system" in text:
+        return f"{what} is not writable{where}: make it writable for this user (or point it elsewhere) and run the command again"
+    return None

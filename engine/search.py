@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, Shard, Slide, Tile
+from engine.catalog.base import utcnow
+from engine.catalog.models import INDEXED, MISSING, SHARD_OK, SHARD_QUARANTINED, Shard, Slide, Tile
 from engine.catalog.models import Encoder as EncoderRow
 from engine.config import Settings
 from engine.encoder import Encoder, l2_normalise
@@ -51,6 +52,16 @@ FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
 MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused
 MIN_TISSUE = 0.25  # a query tile needs this much tissue to be searched
 MAX_QUERY_TILES = 64
+# A region is resampled to the index's mpp before it is tiled, which can multiply its pixels
+# by up to MPP_RATIO_MAX^2 (a 6300 x 6300 upload at 4 um/px became 25200 x 25200, 7 GB with
+# its tissue mask, issue 11): the resampled size is checked against this before anything is
+# allocated. 16 Mpx is a 4 x 4 mm region at 1 um/px, ~300 tiles of 224 px, far more than the
+# MAX_QUERY_TILES searched; about 50 MB as RGB.
+MAX_QUERY_PIXELS = 16_000_000
+MAX_QUERY_ASPECT = 32  # longer side / shorter side: a thinner strip is a selection mistake
+# the tissue mask of the resampled region (~50 bytes per pixel while computed) is taken from a
+# copy reduced to at most this many pixels; tiles stay >= 50 px across in it
+MASK_MAX_PIXELS = 2_000_000
 MAX_REGIONS = 10  # matched boxes reported per slide
 REFINE_SLIDES = 3  # region queries: the top slides whose box is pinned from pixels (engine.localise)
 _SQL_CHUNK = 900  # bound parameters per IN (...) clause, under SQLite's limits
@@ -85,9 +96,13 @@ class SearchResult:
     results: list[SlideHit]
     suggestion: dict
     timing_ms: dict
+    # what the answer left out (quarantined shards, missing slide files); degraded = any
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
+            "degraded": bool(self.warnings),
+            "warnings": list(self.warnings),
             "query": self.query,
             "results": [
                 {"rank": h.rank, "slide": h.slide, "score": round(h.score, 6), "regions": [{**dataclasses.asdict(r), "score": round(r.score, 6)} for r in h.regions]}
@@ -178,6 +193,8 @@ class SearchEngine:
         # engine, so index reads and the refresh take turns (embedding runs outside)
         self._index_lock = threading.RLock()
         self.encoder_row: dict | None = None
+        self._damaged: dict[int, str] = {}  # shard row ids that failed to load -> why
+        self.warnings: list[str] = []  # what search leaves out, shown in every result
         self.refresh()
 
     # -- the index -------------------------------------------------------------------------
@@ -196,23 +213,67 @@ class SearchEngine:
 
     def refresh(self) -> None:
         """Bring the index in step with the catalog: load new shards, drop removed ones (and
-        switch between flat and compressed when the archive crossed the size threshold)."""
+        switch between flat and compressed when the archive crossed the size threshold).
+
+        Only shards whose slides are all indexed are searched: a slide marked missing (its
+        file is gone or changed, see `indexer build`) leaves search with its shard. A shard
+        that fails its checks on loading (sha256 of the catalog, readable, unit vectors) is
+        quarantined in the catalog with the reason and left out, so search answers from the
+        others and says so (`self.warnings`, shown in every result); it is not tried again
+        until the catalog has another version of it (`indexer build` re-embeds its slides)."""
         with self._index_lock:
             with self.catalog.session() as s:
                 row = self._find_encoder_row(s)
-                shards = s.execute(sa.select(Shard.path, Shard.sha256, Shard.count).where(Shard.encoder_id == row.id)).all()
+                shards = s.execute(sa.select(Shard.id, Shard.path, Shard.sha256, Shard.count, Shard.status).where(Shard.encoder_id == row.id)).all()
+                # tiles of slides that are not indexed (missing files): few, and found by the
+                # (slide_id, ...) index, so this stays cheap on an archive of millions of tiles
+                hidden = set(s.scalars(sa.select(Tile.shard_id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status != INDEXED).distinct()))
+                missing = s.scalar(sa.select(sa.func.count(Slide.id)).where(Slide.status == MISSING, Slide.encoder_id == row.id))
                 self.encoder_row = {"id": row.id, "name": row.name, "target_mpp": row.target_mpp, "tile_px": row.tile_px, "dim": row.dim, "sha256": row.checkpoint_sha256}
             if row.dim != self.encoder.dim:
                 raise EncoderError(f"the index holds {row.dim}-d vectors, the encoder gives {self.encoder.dim}-d")
             index_dir = Path(self.settings.index_dir)
-            files = {f"{path}:{sha}": index_dir / path for path, sha, _ in shards}
-            kind = choose_kind(sum(c for *_, c in shards), self.index_kind, self.flat_max)
+            quarantined = [sh for sh in shards if sh.status != SHARD_OK]
+            # damaged shards are remembered by row id (never reused): a rebuilt shard is a new
+            # row, and tried again even when its bytes (and sha256) are the same as before
+            live = [sh for sh in shards if sh.status == SHARD_OK and sh.id not in hidden and sh.id not in self._damaged]
+            files = {f"{sh.path}:{sh.sha256}": index_dir / sh.path for sh in live}
+            checksums = {f"{sh.path}:{sh.sha256}": sh.sha256 for sh in live}
+            damaged: dict[str, str] = {}
+
+            def on_error(key: str, exc: Exception) -> None:
+                LOG.error("search index: leaving out %s", exc)
+                damaged[key] = str(exc)
+
+            kind = choose_kind(sum(sh.count for sh in live), self.index_kind, self.flat_max)
             if self.index is None or self.index.kind != kind:
                 folder = encoder_dir(index_dir, ShardEncoder.of(row)) / "compressed"
-                self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress)
+                self.index = open_index(kind, row.dim, files, folder=folder, use_gpu=self.use_gpu, progress=self.progress, sha256=checksums, on_error=on_error)
             else:
-                sync_index(self.index, files, progress=self.progress)
-            LOG.info("search index: %s, %d tiles in %d shards", kind, self.index.ntotal, len(files))
+                sync_index(self.index, files, progress=self.progress, sha256=checksums, on_error=on_error)
+            row_of = {f"{sh.path}:{sh.sha256}": sh.id for sh in live}
+            self._damaged.update({row_of[key]: why for key, why in damaged.items()})
+            if damaged:
+                self._quarantine(damaged)
+            n_bad = len(quarantined) + len(damaged)
+            self.warnings = []
+            if n_bad:
+                self.warnings.append(f"{n_bad} damaged shard file(s) are quarantined and their slides left out of search; `indexer verify` lists them and `indexer build` re-embeds them")
+            if missing:
+                self.warnings.append(f"{missing} slide(s) are left out of search because their files are missing or changed; `indexer verify` lists them")
+            LOG.info("search index: %s, %d tiles in %d shards%s", kind, self.index.ntotal, len(files) - len(damaged), f" ({n_bad} quarantined)" if n_bad else "")
+
+    def _quarantine(self, damaged: dict[str, str]) -> None:
+        """Mark damaged shards (key "path:sha256" -> reason) quarantined in the catalog, so
+        `indexer verify` and `indexer build` see them. A catalog this process may not write
+        (a read-only database user) only costs the record: they stay left out here."""
+        try:
+            with self.catalog.session() as s:
+                for key, reason in damaged.items():
+                    path, sha = key.rsplit(":", 1)
+                    s.execute(sa.update(Shard).where(Shard.path == path, Shard.sha256 == sha).values(status=SHARD_QUARANTINED, error=reason[:2000], updated_at=utcnow()))
+        except sa.exc.SQLAlchemyError as exc:
+            LOG.warning("could not record quarantined shards in the catalog (%s); they stay out of this process's search", exc)
 
     @property
     def index_mpp(self) -> float:
@@ -335,13 +396,22 @@ class SearchEngine:
     def region_tiles(self, image: Image.Image, mpp: float) -> tuple[list[Image.Image], list[tuple[int, int]]]:
         """The query tiles of a region image at `mpp` um/px: resampled to the index's mpp,
         a centred grid of tile_px tiles, those with enough tissue. Returns (tiles, their
-        top-left corners in the resampled image)."""
+        top-left corners in the resampled image).
+
+        Every size is checked before the pixels are allocated: the resampled region is
+        at most MAX_QUERY_PIXELS, at most MAX_QUERY_ASPECT times longer than wide, and its
+        tissue mask is computed on a copy of at most MASK_MAX_PIXELS."""
         from engine.tissue import tissue_mask_rgb
 
+        if not (np.isfinite(mpp) and mpp > 0):
+            raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
         scale = mpp / self.index_mpp
         if not 1 / MPP_RATIO_MAX <= scale <= MPP_RATIO_MAX:
             raise QueryError(f"the region is at {mpp:g} um/px, the index at {self.index_mpp:g} um/px: more than {MPP_RATIO_MAX:g}x apart; give the region's true mpp or magnification, or export it closer to {self.index_mpp:g} um/px")
-        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        src_w, src_h = image.size
+        if max(src_w, src_h) > MAX_QUERY_ASPECT * min(src_w, src_h):
+            raise QueryError(f"the region is {src_w} x {src_h} px, more than {MAX_QUERY_ASPECT} times longer than wide; select a part of it nearer to a square")
+        w, h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
         tile = self.tile_px
         if min(w, h) < tile // 2:
             raise QueryError(f"at the index's {self.index_mpp:g} um/px the region is {w} x {h} px; at least {tile // 2} x {tile // 2} are needed (select a larger region)")
@@ -349,16 +419,28 @@ class SearchEngine:
             # between half a tile and a tile: zoom it up to one tile rather than pad with glass
             grow = tile / min(w, h)
             w, h = max(tile, round(w * grow)), max(tile, round(h * grow))
+        if w * h > MAX_QUERY_PIXELS:
+            # the largest upload of the same shape that fits, in the upload's own pixels
+            fit = (MAX_QUERY_PIXELS / (w * h)) ** 0.5
+            raise QueryError(
+                f"the region is too large to search: {src_w} x {src_h} px at {mpp:g} um/px covers {src_w * mpp / 1000:.1f} x {src_h * mpp / 1000:.1f} mm, "
+                f"{w} x {h} px at the index's {self.index_mpp:g} um/px, and a search takes at most {MAX_QUERY_PIXELS / 1e6:g} Mpx there; "
+                f"select a smaller area (at most {int(src_w * fit)} x {int(src_h * fit)} px at {mpp:g} um/px), or check that {mpp:g} um/px is the region's true resolution"
+            )
         region = image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image.convert("RGB")
-        rgb = np.asarray(region)
-        mask = tissue_mask_rgb(rgb)
+        # the mask on a reduced copy when the region is large: tissue fractions per tile do
+        # not need every pixel, and the mask's float images cost ~50 bytes per pixel
+        f = 1
+        while (w // f) * (h // f) > MASK_MAX_PIXELS:
+            f += 1
+        mask = tissue_mask_rgb(np.asarray(region.reduce(f) if f > 1 else region))
         nx, ny = w // tile, h // tile
         ox, oy = (w - nx * tile) // 2, (h - ny * tile) // 2
         cands = []
         for j in range(ny):
             for i in range(nx):
                 x, y = ox + i * tile, oy + j * tile
-                frac = float(mask[y : y + tile, x : x + tile].mean())
+                frac = float(mask[y // f : -(-(y + tile) // f), x // f : -(-(x + tile) // f)].mean())
                 if frac >= MIN_TISSUE:
                     cands.append((frac, x, y))
         if not cands:
@@ -406,7 +488,7 @@ class SearchEngine:
         timing["refine"] = (time.perf_counter() - t) * 1000
         timing["total"] = (time.perf_counter() - t0) * 1000
         query = {"type": "region", "width": image.width, "height": image.height, "mpp": mpp, "index_mpp": self.index_mpp, "tiles": len(tiles), "top_k": top_k, "filters": filters or {}, "exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient, "index": self.index.kind}
-        return SearchResult(query, hits, self._suggest(hits), timing)
+        return SearchResult(query, hits, self._suggest(hits), timing, warnings=list(self.warnings))
 
     @functools.cached_property
     def _views(self):
@@ -528,4 +610,4 @@ class SearchEngine:
             "exclude_self": exclude_self,
             "index": self.index.kind,
         }
-        return SearchResult(query, hits, self._suggest(hits), timing)
+        return SearchResult(query, hits, self._suggest(hits), timing, warnings=list(self.warnings))

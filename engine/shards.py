@@ -69,9 +69,31 @@ def write_shard(path: str | Path, ids: np.ndarray, xb: np.ndarray, encoder: Shar
     path.parent.mkdir(parents=True, exist_ok=True)
     sha = hashlib.sha256(data).hexdigest()
     meta = {"encoder": dataclasses.asdict(encoder), "count": int(len(ids)), "sha256": sha}
+    had_shard = path.exists()
     atomic_write_bytes(sidecar_of(path), json.dumps(meta, indent=1).encode())
-    atomic_write_bytes(path, data)
+    try:
+        atomic_write_bytes(path, data)
+    except BaseException:
+        # A full or read-only disk fails the (larger) shard after its sidecar was written:
+        # a sidecar without its shard is an orphan nobody would clean up, so it goes too.
+        if not had_shard:
+            sidecar_of(path).unlink(missing_ok=True)
+        raise
     return sha
+
+
+def shard_file_bytes(count: int, dim: int) -> int:
+    """The exact size of a shard file of `count` vectors of `dim` floats: the serialised
+    IndexIDMap2(IndexFlatIP) is a 90-byte header, the vectors, then the int64 ids. A cheap
+    check (one stat) that catches a truncated or padded file without reading it."""
+    return _SHARD_HEADER_BYTES + int(count) * (4 * int(dim) + 8)
+
+
+_SHARD_HEADER_BYTES = 90
+# Stored vectors are L2-normalised (zero rows stay zero): a squared norm outside this band
+# means the file's bytes are not what the writer wrote (a flipped exponent bit gave a
+# vector of norm 1.6e7 that silently dominated every inner-product search).
+_NORM2_TOLERANCE = 1e-4  # float32 rounding leaves ~1e-6
 
 
 def read_shard_encoder(path: str | Path) -> ShardEncoder:
@@ -83,20 +105,58 @@ def read_shard_encoder(path: str | Path) -> ShardEncoder:
         raise ShardError(f"shard sidecar {side} is missing or unreadable ({exc}); run `indexer verify`") from None
 
 
-def read_shard(path: str | Path) -> faiss.IndexIDMap2:
-    """Load a shard index (ids = tile ids)."""
+def read_shard(path: str | Path, sha256: str | None = None) -> faiss.IndexIDMap2:
+    """Load a shard index (ids = tile ids). With `sha256` (the catalog's), the file's bytes
+    must hash to it; in any case every stored vector must be unit length (or zero), so a
+    damaged file is refused (ShardError) rather than searched.
+
+    The file is read once and hashed from memory: sha256 runs at ~0.7-1.1 GB/s here, about
+    what reading and deserialising cost, so a checked load takes ~2x an unchecked one, and
+    it is paid once per new shard (search keeps loaded shards; the compressed index keeps
+    its own copy). The norm check costs ~3 ms per 32 MB shard."""
     path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"shard {path} is missing; run `indexer verify`")
     try:
-        return faiss.read_index(str(path))  # the Python wrapper returns the concrete IndexIDMap2
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardError(f"shard {path} is missing; run `indexer verify`") from None
+    except OSError as exc:
+        raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); run `indexer verify`") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(f"shard {path} is damaged: its sha256 differs from the catalog's; `indexer build` re-embeds its slides")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise ShardError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); run `indexer verify`") from None
+        raise ShardError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); `indexer build` re-embeds its slides") from None
+    if not isinstance(index, faiss.IndexIDMap2) or not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
+        raise ShardError(f"shard {path} is not an IndexIDMap2(IndexFlatIP) (a {type(index).__name__}); `indexer build` re-embeds its slides")
+    _check_norms(path, index)
+    return index
 
 
-def shard_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, vectors float32 n x dim) stored in a shard."""
-    index = read_shard(path)
+def _stored_vectors(index: faiss.IndexIDMap2) -> np.ndarray:
+    """The vectors of a flat shard as a view of FAISS's own memory (no copy)."""
+    flat = faiss.downcast_index(index.index)
+    if not index.ntotal:
+        return np.zeros((0, index.d), np.float32)
+    return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _check_norms(path: Path, index: faiss.IndexIDMap2) -> None:
+    xb = _stored_vectors(index)
+    norm2 = np.einsum("ij,ij->i", xb, xb)
+    bad = ~((np.abs(norm2 - 1.0) <= _NORM2_TOLERANCE) | (norm2 == 0.0))  # NaN is bad too
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ShardError(f"shard {path} is damaged: {int(bad.sum())} vectors are not unit length (row {row} has norm {float(np.sqrt(norm2[row])):.3g}); `indexer build` re-embeds its slides")
+
+
+def shard_arrays(path: str | Path, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, vectors float32 n x dim) stored in a shard (checked as in read_shard)."""
+    return shard_arrays_of(read_shard(path, sha256))
+
+
+def shard_arrays_of(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, vectors float32 n x dim) of a loaded shard."""
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
     flat = faiss.downcast_index(index.index)
     xb = flat.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
@@ -105,4 +165,20 @@ def shard_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def list_shards(index_dir: str | Path, encoder: ShardEncoder) -> list[Path]:
     folder = encoder_dir(index_dir, encoder)
-    return sorted(folder.glob(f"*{SHARD_SUFFIX}")) if folder.is_dir() else []
+    return sorted(p for p in folder.glob(f"*{SHARD_SUFFIX}") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def list_temp_files(index_dir: str | Path, encoder: ShardEncoder) -> list[Path]:
+    """engine.files.atomic_output's temp files in an encoder folder (`.NAME.PID.tmp.faiss`,
+    `.tmp.json`, the older `.NAME.faiss.PID.tmp`): only temp files start with a dot there."""
+    folder = encoder_dir(index_dir, encoder)
+    return sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []
+
+
+def list_orphan_sidecars(index_dir: str | Path, encoder: ShardEncoder) -> list[Path]:
+    """Sidecars (`slide-N.json`) whose shard file is not there (a write that failed on a
+    full or read-only disk before the fix, or a file deleted by hand)."""
+    folder = encoder_dir(index_dir, encoder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(SHARD_SUFFIX).exists())

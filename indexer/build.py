@@ -12,20 +12,24 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 from tqdm import tqdm
 
 from engine.catalog.db import Catalog
 from engine.config import Settings
 from engine.encoder import Encoder
-from engine.errors import ConfigError, HistoseekError
+from engine.errors import CatalogError, ConfigError, HistoseekError, ShardError
+from engine.files import write_error_advice
 from engine.features import default_workers
 from engine.shards import ShardEncoder
 from indexer import distributed
 from indexer.discovery import FINGERPRINT_CACHE, SLIDE_EXTENSIONS, FingerprintCache, describe_files, find_slide_files
+from indexer.lease import Lease
 from indexer.metadata import match_metadata
 from indexer.pipeline import PlanSampler, SlidePlan, iter_plans, plan_slide, tile_batches
 from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
@@ -88,7 +92,7 @@ def _fingerprint_share(root: Path, paths: list[Path], cache_file: Path, ctx: dis
     return files
 
 
-def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder, shard_encoder: ShardEncoder, metadata, collection, ctx) -> tuple[Registration | None, int | None, list[str]]:
+def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder, shard_encoder: ShardEncoder, metadata, collection, ctx, lease: Lease | None) -> tuple[Registration | None, int | None, list[str]]:
     """Rank 0: list, fingerprint (shared), repair, register. Returns (registration,
     encoder id, notes), broadcast to every rank."""
     paths = ctx.broadcast(find_slide_files(root) if ctx.is_main else None)
@@ -99,7 +103,7 @@ def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder,
             raise ConfigError(f"rank 0 stopped the build: {payload}")
         return payload
     try:
-        result = _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection)
+        result = _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease)
     except (HistoseekError, ValueError) as exc:
         ctx.broadcast((False, str(exc)))  # the other ranks stop with the same message
         raise
@@ -107,7 +111,7 @@ def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder,
     return result
 
 
-def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection):
+def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease):
     notes = [] if files else [f"no slide files under {root} (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"]
     meta = {}
     if metadata is not None:
@@ -118,7 +122,7 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
         enc = encoder_row(s, encoder.info, shard_encoder)
         check_one_encoder(s, enc)
         reg = Registration()
-        repair(s, Path(settings.index_dir), shard_encoder, enc, reg)
+        repair(s, Path(settings.index_dir), shard_encoder, enc, reg, other_builds=lambda: [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()])
         found = register(s, root, files, index_dir=Path(settings.index_dir), metadata=meta, collection=collection)
         found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
         encoder_id = enc.id
@@ -127,10 +131,14 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
         file.unlink(missing_ok=True)
     notes += found.repaired
     notes += [f"moved: {old} -> {new}" for old, new in found.moved]
-    notes += [f"changed since it was indexed, indexing it again: {rel}" for rel in found.replaced]
+    notes += [f"changed since it was indexed, its old tiles and vectors dropped: {rel}" for rel in found.replaced]
     notes += [f"same content as {first}, not indexed twice: {rel}" for rel, first in found.duplicates]
+    notes += [f"back in the archive: {rel}" for rel in found.back]
     if found.missing:
-        notes.append(f"{len(found.missing)} catalog slides under {root} are no longer there (drop them with `indexer remove`): {', '.join(found.missing[:5])}")
+        notes.append(
+            f"{len(found.missing)} catalog slides under {root} are gone or unreadable, marked missing and left out of search "
+            f"(restore the files, or drop them with `indexer remove`): {', '.join(found.missing[:5])}"
+        )
     return found, encoder_id, notes
 
 
@@ -159,10 +167,7 @@ def build_archive(
         raise ValueError(f"--min-tissue must be within 0..1, got {min_tissue}")
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    try:
-        Path(settings.index_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the index folder {settings.index_dir} ({exc.strerror}); pass --index-dir to a writable folder") from None
+    _check_writable(Path(settings.index_dir))
     ctx = distributed.context_from_env() if ctx is None else ctx
     distributed.check_catalog_for(ctx, settings.catalog_url)
     distributed.init(ctx)
@@ -171,37 +176,81 @@ def build_archive(
             encoder = Encoder.from_spec(settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision)
         shard_encoder = ShardEncoder(encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px)
         # Rank 0 migrates the schema alone; concurrent Alembic runs would race.
-        catalog = Catalog(settings.catalog_url) if ctx.is_main else None
+        catalog = _operator_errors(settings, Catalog, settings.catalog_url) if ctx.is_main else None
         ctx.barrier()
         catalog = catalog or Catalog(settings.catalog_url, upgrade_schema=False)
+        # Only rank 0 holds the lease: the files of the other ranks are the same job's.
+        lease = _operator_errors(settings, Lease(catalog, settings.index_dir).acquire) if ctx.is_main else None
         try:
-            reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx)
-            LOG.info(
-                "%d slides under %s: %d already indexed, %d to index over %d process(es)",
-                len(reg.jobs) + reg.already_indexed, root, reg.already_indexed, len(reg.jobs), ctx.world_size,
-            )
-            shares = distributed.split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
-            paths = {sid: path for sid, path, _ in reg.jobs}
-            mine = [(sid, Path(paths[sid])) for sid in shares[ctx.rank]]
-            plan_fn = functools.partial(plan_slide, default_mpp=default_mpp, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
-            local = _embed_slides(
-                catalog, settings, encoder, shard_encoder, encoder_id, mine, plan_fn,
-                workers=default_workers() if workers is None else workers,
-                batch_size=batch_size,
-                progress=progress and ctx.is_main,
-                total_slides=len(reg.jobs),
-            )
-            ctx.barrier()
+            return _operator_errors(settings, _build, catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease, default_mpp, min_tissue, workers, batch_size, progress)
         finally:
+            if lease is not None:
+                lease.release()
             catalog.dispose()
-        summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
-        for rank, part in enumerate(ctx.all_gather(local)):
-            summary.merge(part)
-            summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2), "encoder_seconds": round(part.encoder_seconds, 2)})
-        summary.failures.sort()
-        return summary
     finally:
         distributed.shutdown(ctx)
+
+
+def _build(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease, default_mpp, min_tissue, workers, batch_size, progress) -> BuildSummary:
+    """build_archive's work once the catalog is open and the lease held."""
+    reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease)
+    LOG.info(
+        "%d slides under %s: %d already indexed, %d to index over %d process(es)",
+        len(reg.jobs) + reg.already_indexed, root, reg.already_indexed, len(reg.jobs), ctx.world_size,
+    )
+    shares = distributed.split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
+    paths = {sid: path for sid, path, _ in reg.jobs}
+    mine = [(sid, Path(paths[sid])) for sid in shares[ctx.rank]]
+    plan_fn = functools.partial(plan_slide, default_mpp=default_mpp, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
+    local = _embed_slides(
+        catalog, settings, encoder, shard_encoder, encoder_id, mine, plan_fn,
+        workers=default_workers() if workers is None else workers,
+        batch_size=batch_size,
+        progress=progress and ctx.is_main,
+        total_slides=len(reg.jobs),
+    )
+    ctx.barrier()
+    summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
+    for rank, part in enumerate(ctx.all_gather(local)):
+        summary.merge(part)
+        summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2), "encoder_seconds": round(part.encoder_seconds, 2)})
+    summary.failures.sort()
+    return summary
+
+
+def _check_writable(index_dir: Path) -> None:
+    """Fail before any work (not hours later, at the first shard) when the index folder
+    cannot be created or written."""
+    probe = index_dir / f".write-test.{os.getpid()}.tmp"
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+    except OSError as exc:
+        advice = write_error_advice(exc, f"the index folder {index_dir}")
+        raise ConfigError(advice or f"cannot write to the index folder {index_dir} ({exc.strerror or exc}); pass --index-dir to a writable folder") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _operator_errors(settings: Settings, func, *args):
+    """Run `func`, turning a full or read-only disk (index folder or catalog) into one line
+    that says what to do, instead of a traceback. What was being written is not kept:
+    shard files go when their commit fails (indexer/writer.py), temp files never stay."""
+    try:
+        return func(*args)
+    except sa.exc.OperationalError as exc:
+        advice = write_error_advice(exc, "the catalog database (--catalog)")
+        if advice is None:
+            raise
+        raise CatalogError(advice) from None
+    except OSError as exc:
+        advice = write_error_advice(exc, f"the index folder {settings.index_dir}")
+        if advice is None:
+            raise
+        raise ConfigError(advice) from None
 
 
 class _SlideState:
@@ -238,7 +287,11 @@ def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, p
         if state.error:
             fail(plan, state.error)
         else:
-            commit_slide(catalog, Path(settings.index_dir), shard_encoder, encoder_id, slide_id, plan.info, plan.boxes, state.features)
+            try:
+                commit_slide(catalog, Path(settings.index_dir), shard_encoder, encoder_id, slide_id, plan.info, plan.boxes, state.features)
+            except ShardError as exc:
+                fail(plan, str(exc))
+                return
             summary.indexed += 1
             summary.tiles += len(plan.boxes)
             slide_bar.update(1)

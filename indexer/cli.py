@@ -95,7 +95,7 @@ def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, c
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: counts and every slide.")
-@click.option("--status", "only", type=click.Choice(["indexed", "failed", "pending"]), default=None, help="Only slides with this status.")
+@click.option("--status", "only", type=click.Choice(["indexed", "failed", "pending", "missing"]), default=None, help="Only slides with this status.")
 @settings_options
 @handle_errors
 def status(as_json, only, settings: Settings) -> None:
@@ -116,7 +116,7 @@ def status(as_json, only, settings: Settings) -> None:
     for r in rows:
         line = f"{r['id']:>6}  {r['status']:<8} {r['tiles']:>7}  {r['path']}"
         click.echo(line + (f"\n        error: {r['error']}" if r["error"] else ""))
-    click.echo(f"{counts['indexed']} indexed, {counts['failed']} failed, {counts['pending']} pending; {counts['tiles']} tiles")
+    click.echo(f"{counts['indexed']} indexed, {counts['failed']} failed, {counts['pending']} pending, {counts['missing']} missing; {counts['tiles']} tiles")
 
 
 @main.command()
@@ -124,9 +124,11 @@ def status(as_json, only, settings: Settings) -> None:
 @settings_options
 @handle_errors
 def verify(as_json, settings: Settings) -> None:
-    """Check that the catalog and the shard files agree: each shard's checksum and count,
-    no ids without tile rows or tile rows without vectors, tile counts of slides, and no
-    stray shard files. Exit status 1 when anything disagrees."""
+    """Check that the catalog, the shard files and the slide files agree: each shard's
+    checksum, count and vectors, no ids without tile rows or tile rows without vectors, tile
+    counts of slides, no stray shard, sidecar or temp files, and each slide file still there
+    with the content it was indexed from. Damaged shards are quarantined (search leaves them
+    out, `indexer build` re-embeds them). Exit status 1 when anything disagrees."""
     from engine.catalog.db import Catalog
     from indexer.verify import verify_index
 
@@ -140,7 +142,10 @@ def verify(as_json, settings: Settings) -> None:
     else:
         for problem in report.problems:
             click.echo(f"problem: {problem}")
-        click.echo(f"{report.slides} slides, {report.shards} shards, {report.vectors} vectors: " + ("catalog and shards agree" if report.ok else f"{len(report.problems)} problems (rerun `indexer build` to repair an interrupted run)"))
+        click.echo(
+            f"{report.slides} slides, {report.shards} shards, {report.vectors} vectors: "
+            + ("catalog, shards and slide files agree" if report.ok else f"{len(report.problems)} problems (`indexer build` repairs shard problems; missing or changed slide files need restoring or `indexer remove`)")
+        )
     if not report.ok:
         sys.exit(1)
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from engine.catalog.models import FAILED, INDEXED, PENDING, Encoder, Shard, Slide, Tile
+from engine.catalog.base import utcnow
+from engine.catalog.models import FAILED, INDEXED, MISSING, PENDING, SHARD_QUARANTINED, Encoder, Shard, Slide, Tile
 from engine.encoder import EncoderInfo
 from engine.errors import ConfigError
-from engine.shards import ShardEncoder, encoder_dir, list_shards, sidecar_of
+from engine.shards import ShardEncoder, encoder_dir, list_orphan_sidecars, list_shards, list_temp_files, shard_file_bytes, sidecar_of
 from indexer.discovery import SlideFile
 from indexer.metadata import CATALOG_COLUMNS
 
@@ -29,7 +31,8 @@ class Registration:
     moved: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     replaced: list[str] = dataclasses.field(default_factory=list)
     duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    missing: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)  # marked MISSING in this run
+    back: list[str] = dataclasses.field(default_factory=list)  # MISSING slides whose file is back
     repaired: list[str] = dataclasses.field(default_factory=list)
     files_to_delete: list[Path] = dataclasses.field(default_factory=list)
 
@@ -89,25 +92,55 @@ def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path) -> list[
     return files
 
 
-def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encoder: Encoder, reg: Registration) -> None:
-    """Undo what a killed run may have left: shard files without a catalog row (written, then
-    killed before the commit), temp files, and catalog shards whose file vanished."""
+def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encoder: Encoder, reg: Registration, *, other_builds: Callable[[], list[str]] | None = None) -> None:
+    """Undo what a killed run may have left and what `indexer verify` or a search found
+    damaged: shard files without a catalog row (written, then killed before the commit),
+    temp files and orphan sidecars, and catalog shards whose file vanished, has the wrong
+    size or was quarantined (their slides are embedded again).
+
+    `other_builds()` names the other live builds on this index folder (indexer/lease.py).
+    It is asked after the folder was listed, in a transaction of its own, so a build whose
+    file is in the listing had its lease committed before the question: while any is live,
+    files no row references may be its work in progress and are left alone."""
     folder = encoder_dir(index_dir, shard_encoder)
     known = set(session.scalars(sa.select(Shard.path).where(Shard.encoder_id == encoder.id)))
-    # engine.files.atomic_output's temp files: `.NAME.PID.tmp.faiss` / `.tmp.json` (and the
-    # older `.NAME.faiss.PID.tmp`); only temp files start with a dot there.
-    reg.files_to_delete += folder.glob(".*.tmp*") if folder.is_dir() else []
-    for file in list_shards(index_dir, shard_encoder):
-        if not file.name.startswith(".") and file.relative_to(index_dir).as_posix() not in known:
+    strays = list_temp_files(index_dir, shard_encoder) + list_orphan_sidecars(index_dir, shard_encoder)
+    orphans = [f for f in list_shards(index_dir, shard_encoder) if f.relative_to(index_dir).as_posix() not in known]
+    others = other_builds() if other_builds is not None and (strays or orphans) else []
+    if others:
+        reg.repaired.append(
+            f"{len(orphans)} shard file(s) and {len(strays)} temp/sidecar file(s) in {folder} that no catalog row references are left alone: "
+            f"another build is running on this index ({', '.join(others)}); a later build removes them if they stay unreferenced"
+        )
+    else:
+        reg.files_to_delete += strays
+        for file in orphans:
             reg.files_to_delete += [file, sidecar_of(file)]
             reg.repaired.append(f"removed shard file {file.name} that no catalog row references")
     for shard in session.scalars(sa.select(Shard).where(Shard.encoder_id == encoder.id)):
-        if not (index_dir / shard.path).is_file():
-            slide_ids = session.scalars(sa.select(Tile.slide_id).where(Tile.shard_id == shard.id).distinct()).all()
-            for slide in session.scalars(sa.select(Slide).where(Slide.id.in_(slide_ids))):
-                reg.files_to_delete += drop_slide_vectors(session, slide, index_dir)
+        file = index_dir / shard.path
+        why = None
+        if shard.status == SHARD_QUARANTINED:
+            why = f"its shard file {shard.path} was quarantined ({shard.error or 'damaged'})"
+        elif not file.is_file():
+            why = f"its shard file {shard.path} is gone"
+        elif file.stat().st_size != shard_file_bytes(shard.count, encoder.dim):
+            # one stat per shard: catches truncated or padded files; flipped bytes need the
+            # checksum, which `indexer verify` and search check (and then quarantine)
+            why = f"its shard file {shard.path} has {file.stat().st_size} bytes, {shard_file_bytes(shard.count, encoder.dim)} expected"
+        if why is None:
+            continue
+        slide_ids = session.scalars(sa.select(Tile.slide_id).where(Tile.shard_id == shard.id).distinct()).all()
+        slides = session.scalars(sa.select(Slide).where(Slide.id.in_(slide_ids))).all()
+        for slide in slides:
+            reg.files_to_delete += drop_slide_vectors(session, slide, index_dir)
+            if slide.status != MISSING:
                 slide.status, slide.error = PENDING, None
-                reg.repaired.append(f"{slide.path}: its shard file {shard.path} is gone; indexing it again")
+            reg.repaired.append(f"{slide.path}: {why}; indexing it again")
+        if not slides and shard in session:  # a shard row no tile points to
+            reg.files_to_delete += [file, sidecar_of(file)]
+            session.delete(shard)
+            reg.repaired.append(f"dropped shard row {shard.path} ({why}) that no tile uses")
 
 
 def _apply_metadata(slide: Slide, fields: dict | None, collection: str | None) -> None:
@@ -129,37 +162,64 @@ def register(
     metadata: dict[str, dict],
     collection: str | None,
 ) -> Registration:
-    """Register the archive's slide files; returns the slides to index."""
+    """Register the archive's slide files; returns the slides to index.
+
+    A catalog slide is its content (fingerprint), so for each slide under `root`:
+    - its content is at its path: nothing changes (the same content at other paths too is a
+      duplicate, not a move: the slide stays where it is);
+    - its content is at another path only: a move (the path is updated, vectors kept);
+    - its path holds other content and its own content is nowhere: the file changed; the
+      slide row and its vectors go, the new content is registered like any new file;
+    - its content is nowhere and its path is gone or unreadable: MISSING; it keeps its
+      tiles and vectors (a share that was not mounted must not cost a re-embedding of the
+      archive) but search leaves it out, and it is indexed again when the file is back.
+    So one path never has two slide rows."""
     reg = Registration()
     root_prefix = str(root.absolute()).rstrip("/") + "/"
-    present = {f.fingerprint for f in files}
-    by_fp = {s.fingerprint: s for s in session.scalars(sa.select(Slide).where(Slide.fingerprint.in_(present)))} if present else {}
+    present = {f.fingerprint for f in files if not f.read_error}
+    by_fp = {}
+    for part in _chunks(sorted(present)):
+        by_fp.update({s.fingerprint: s for s in session.scalars(sa.select(Slide).where(Slide.fingerprint.in_(part)))})
     under_root = {s.path: s for s in session.scalars(sa.select(Slide).where(Slide.path.startswith(root_prefix, autoescape=True)))}
-    seen: dict[str, str] = {}
-    chosen: list[tuple[SlideFile, Slide]] = []
-    replaced_paths: set[str] = set()
+    current = {str(f.path): f for f in files}
+    gone_paths: set[str] = set()
+    for path, old in list(under_root.items()):
+        f = current.get(path)
+        if f is None or f.fingerprint == old.fingerprint or old.fingerprint in present:
+            continue  # not here (missing, below), unchanged, or moved/duplicated (by fingerprint, below)
+        if f.read_error:
+            _mark_missing(session, old, f.read_error)
+            reg.missing.append(path)
+        else:
+            # Same path, new content: the old slide is replaced by the file's new content.
+            reg.files_to_delete += drop_slide_vectors(session, old, index_dir)
+            session.delete(old)
+            reg.replaced.append(f.relpath)
+        del under_root[path]
+        gone_paths.add(path)
+    session.flush()
+    groups: dict[str, list[SlideFile]] = {}
     for f in files:
+        if f.read_error and str(f.path) in gone_paths:
+            continue  # an indexed slide's file that cannot be read now: marked missing above
+        groups.setdefault(f.fingerprint, []).append(f)
+    chosen: list[tuple[SlideFile, Slide]] = []
+    for fp, group in groups.items():
+        slide = by_fp.get(fp)
+        # the file at the slide's own path, when it is among them, stays the slide
+        f = next((g for g in group if slide is not None and str(g.path) == slide.path), group[0])
+        reg.duplicates += [(g.relpath, f.relpath) for g in group if g is not f]
         path = str(f.path)
-        if f.fingerprint in seen:
-            reg.duplicates.append((f.relpath, seen[f.fingerprint]))
-            continue
-        seen[f.fingerprint] = f.relpath
-        slide = by_fp.get(f.fingerprint)
         if slide is None:
-            old = under_root.get(path)
-            if old is not None and old.fingerprint not in present:
-                # Same path, new content: the old slide is replaced by the file's new content.
-                reg.files_to_delete += drop_slide_vectors(session, old, index_dir)
-                session.delete(old)
-                session.flush()
-                reg.replaced.append(f.relpath)
-                replaced_paths.add(path)
-            slide = Slide(path=path, fingerprint=f.fingerprint, status=PENDING, tile_count=0, extra={})
+            slide = Slide(path=path, fingerprint=fp, status=PENDING, tile_count=0, extra={})
             session.add(slide)
             reg.new += 1
         elif slide.path != path:
             reg.moved.append((slide.path, path))
             slide.path = path
+        if slide.status == MISSING:
+            reg.files_to_delete += _unmark_missing(session, slide, index_dir)
+            reg.back.append(f.relpath)
         _apply_metadata(slide, metadata.get(f.relpath), collection)
         if f.read_error:
             slide.status, slide.error = FAILED, f.read_error
@@ -168,7 +228,40 @@ def register(
         chosen.append((f, slide))
     session.flush()
     reg.jobs = [(slide.id, str(f.path), f.size_bytes) for f, slide in chosen if slide.status != INDEXED and not f.read_error]
-    current = {str(f.path) for f in files}
     moved_from = {old for old, _ in reg.moved}
-    reg.missing = sorted(p for p in under_root if p not in current and p not in replaced_paths and p not in moved_from)
+    for path, slide in under_root.items():
+        if path not in current and path not in moved_from and slide.status != MISSING:
+            _mark_missing(session, slide, "the file is not in the archive any more")
+            reg.missing.append(path)
+    reg.missing.sort()
     return reg
+
+
+def _touch_shards(session: Session, slide: Slide) -> None:
+    """Bump the updated_at of a slide's shards: its place in search changed (missing or
+    back), and running search servers refresh when the shards' newest updated_at moves."""
+    shard_ids = sa.select(Tile.shard_id).where(Tile.slide_id == slide.id).distinct().scalar_subquery()
+    session.execute(sa.update(Shard).where(Shard.id.in_(shard_ids)).values(updated_at=utcnow()))
+
+
+def _mark_missing(session: Session, slide: Slide, why: str) -> None:
+    """The slide's file is gone or unreadable: out of search (engine/search.py searches only
+    indexed slides), tiles and vectors kept for when it comes back."""
+    slide.status = MISSING
+    slide.error = f"{why} ({slide.path}); restore it or `indexer remove {slide.id}`"
+    _touch_shards(session, slide)
+
+
+def _unmark_missing(session: Session, slide: Slide, index_dir: Path) -> list[Path]:
+    """A missing slide's file is back: indexed again when its vectors were kept, else pending."""
+    has_tiles = session.scalar(sa.select(sa.func.count(Tile.id)).where(Tile.slide_id == slide.id))
+    slide.status, slide.error = (INDEXED, None) if has_tiles and has_tiles == slide.tile_count else (PENDING, None)
+    if slide.status == PENDING:
+        return drop_slide_vectors(session, slide, index_dir)
+    _touch_shards(session, slide)
+    return []
+
+
+def _chunks(values: list, size: int = 900):
+    for i in range(0, len(values), size):
+        yield values[i : i + size]

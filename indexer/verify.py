@@ -1,8 +1,15 @@
 """`indexer verify`: do the catalog and the shard files agree?
 
-Checks every shard row against its file (exists, sha256, vector count, sidecar encoder),
-the file's ids against the catalog's tiles of that shard (no orphan ids either way), each
-indexed slide's tile count, and shard files on disk that no row references.
+Checks every shard row against its file (exists, sha256, vector count, sidecar encoder,
+unit-length vectors), the file's ids against the catalog's tiles of that shard (no orphan ids
+either way), each indexed slide's tile count, shard files, sidecars and temp files on disk
+that no row references, and each slide's file against its fingerprint (still there, same
+content).
+
+A shard found damaged is quarantined in the catalog (unless `quarantine=False`), as search
+does when it cannot load one: `indexer build` then re-embeds its slides, so "rerun `indexer
+build` to repair" holds for everything verify reports except missing or changed slide
+files, which need the operator (restore the file, or `indexer remove`).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, Encoder, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, Encoder, Shard, Slide, Tile
 from engine.errors import ShardError
 from engine.files import file_sha256
-from engine.shards import ShardEncoder, list_shards, read_shard_encoder, shard_arrays
+from engine.shards import ShardEncoder, list_orphan_sidecars, list_shards, list_temp_files, read_shard_encoder, shard_arrays
+from indexer.discovery import FINGERPRINT_CACHE, FingerprintCache
+from indexer.lease import other_live_leases
 
 
 @dataclasses.dataclass
@@ -37,9 +46,10 @@ class VerifyReport:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
-def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False) -> VerifyReport:
+def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False, *, quarantine: bool = True, check_slides: bool = True) -> VerifyReport:
     index_dir = Path(index_dir)
     report = VerifyReport()
+    damaged: dict[int, str] = {}
     with catalog.session() as s:
         encoders = {e.id: e for e in s.scalars(sa.select(Encoder))}
         shards = list(s.scalars(sa.select(Shard).order_by(Shard.id)))
@@ -47,43 +57,88 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
             report.shards += 1
             file = index_dir / shard.path
             where = f"shard {shard.path}"
+            if shard.status == SHARD_QUARANTINED:
+                report.problems.append(f"{where}: quarantined ({shard.error or 'damaged'}); `indexer build` re-embeds its slides")
+                continue
             if not file.is_file():
-                report.problems.append(f"{where}: file is missing")
+                report.problems.append(f"{where}: file is missing; `indexer build` re-embeds its slides")
                 continue
             if file_sha256(file) != shard.sha256:
-                report.problems.append(f"{where}: sha256 differs from the catalog's (file changed or half-written)")
+                damaged[shard.id] = "sha256 differs from the catalog's (file changed or half-written)"
+                report.problems.append(f"{where}: {damaged[shard.id]}")
             try:
                 if read_shard_encoder(file) != ShardEncoder.of(encoders[shard.encoder_id]):
-                    report.problems.append(f"{where}: its sidecar names another encoder than the catalog")
+                    damaged[shard.id] = "its sidecar names another encoder than the catalog"
+                    report.problems.append(f"{where}: {damaged[shard.id]}")
                 ids, _ = shard_arrays(file)
             except ShardError as exc:
+                damaged[shard.id] = str(exc)
                 report.problems.append(str(exc))
                 continue
             report.vectors += len(ids)
+            found = []
             if len(ids) != shard.count:
-                report.problems.append(f"{where}: holds {len(ids)} vectors, the catalog says {shard.count}")
+                found.append(f"holds {len(ids)} vectors, the catalog says {shard.count}")
             if len(np.unique(ids)) != len(ids):
-                report.problems.append(f"{where}: duplicate ids")
+                found.append("duplicate ids")
             rows = set(s.scalars(sa.select(Tile.id).where(Tile.shard_id == shard.id)))
             in_file = set(ids.tolist())
             if in_file - rows:
-                report.problems.append(f"{where}: {len(in_file - rows)} ids with no tile row (orphans), e.g. {min(in_file - rows)}")
+                found.append(f"{len(in_file - rows)} ids with no tile row (orphans), e.g. {min(in_file - rows)}")
             if rows - in_file:
-                report.problems.append(f"{where}: {len(rows - in_file)} tile rows whose vector is not in the file, e.g. {min(rows - in_file)}")
+                found.append(f"{len(rows - in_file)} tile rows whose vector is not in the file, e.g. {min(rows - in_file)}")
+            if found:
+                damaged.setdefault(shard.id, "; ".join(found))
+            report.problems += [f"{where}: {f}" for f in found]
         unsharded = s.scalar(sa.select(sa.func.count(Tile.id)).where(Tile.shard_id.is_(None)))
         if unsharded:
             report.problems.append(f"{unsharded} tile rows belong to no shard")
+        cache = FingerprintCache(index_dir / FINGERPRINT_CACHE)  # read only: verify never saves it
         counts = Counter(dict(s.execute(sa.select(Tile.slide_id, sa.func.count(Tile.id)).group_by(Tile.slide_id)).all()))
         for slide in s.scalars(sa.select(Slide).order_by(Slide.id)):
             report.slides += 1
             have = counts.get(slide.id, 0)
             if slide.status == INDEXED and have != slide.tile_count:
                 report.problems.append(f"slide {slide.id} ({slide.path}): {have} tile rows, tile_count says {slide.tile_count}")
-            if slide.status != INDEXED and have:
+            if slide.status not in (INDEXED, MISSING) and have:
                 report.problems.append(f"slide {slide.id} ({slide.path}) is {slide.status} but has {have} tile rows")
+            if slide.status == MISSING:
+                report.problems.append(f"slide {slide.id} ({slide.path}) is missing, left out of search: {slide.error or 'its file is gone'}")
+            elif check_slides and slide.status == INDEXED:
+                problem = _slide_file_problem(slide, cache)
+                if problem:
+                    report.problems.append(f"slide {slide.id} ({slide.path}): {problem}")
         known = {sh.path for sh in shards}
+        busy = other_live_leases(catalog, index_dir, None)
+        why = "left by an interrupted or failed run; the next `indexer build` removes it" if not busy else f"another build is running ({busy[0].owner}): it may be its work in progress"
         for enc in encoders.values():
-            for file in list_shards(index_dir, ShardEncoder.of(enc)):
+            shard_encoder = ShardEncoder.of(enc)
+            for file in list_shards(index_dir, shard_encoder):
                 if file.relative_to(index_dir).as_posix() not in known:
-                    report.problems.append(f"shard file {file.relative_to(index_dir)} is in no catalog row (left by an interrupted run; the next `indexer build` removes it)")
+                    report.problems.append(f"shard file {file.relative_to(index_dir)} is in no catalog row ({why})")
+            for file in list_orphan_sidecars(index_dir, shard_encoder):
+                report.problems.append(f"sidecar {file.relative_to(index_dir)} has no shard file ({why})")
+            for file in list_temp_files(index_dir, shard_encoder):
+                report.problems.append(f"temp file {file.relative_to(index_dir)} ({why})")
+    if damaged and quarantine:
+        with catalog.session() as s:
+            for shard_id, reason in damaged.items():
+                s.execute(sa.update(Shard).where(Shard.id == shard_id).values(status=SHARD_QUARANTINED, error=f"indexer verify: {reason}"[:2000]))
+        report.problems.append(f"{len(damaged)} damaged shard(s) quarantined: search leaves them out and `indexer build` re-embeds their slides")
     return report
+
+
+def _slide_file_problem(slide: Slide, cache: FingerprintCache) -> str | None:
+    """Is the slide's file still there with the content it was indexed from? Fingerprints
+    come from the build's cache when size and mtime are unchanged (reading ~18 MB of each of
+    30,000 slides again would take hours)."""
+    path = Path(slide.path)
+    if not path.is_file():
+        return "the slide file is missing (restore it, or `indexer remove` the slide; `indexer build` marks it missing)"
+    try:
+        fp, _ = cache.get(path)
+    except OSError as exc:
+        return f"the slide file cannot be read ({exc.strerror or exc})"
+    if fp != slide.fingerprint:
+        return "the slide file changed since it was indexed (another image under its name); `indexer build` indexes the new content and drops the old vectors"
+    return None

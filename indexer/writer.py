@@ -16,6 +16,7 @@ build gives the same ids as a clean single-process one.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,14 @@ import sqlalchemy as sa
 from engine.catalog.db import Catalog
 from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
 from engine.encoder import l2_normalise
-from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, write_shard
+from engine.errors import ShardError
+from engine.files import file_sha256
+from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, sidecar_of, write_shard
 from engine.slides import SlideInfo
 from engine.tiling import TileBox
 
+
+LOG = logging.getLogger(__name__)
 
 TILE_ID_STRIDE = 1 << 20  # tiles per slide at most (a 100k x 100k px slide at 0.25 um/px has ~12k)
 
@@ -52,32 +57,66 @@ def commit_slide(
     boxes: list[TileBox],
     features: np.ndarray,
 ) -> None:
-    """Write the slide's shard (L2-normalised `features`, one row per box) and commit it."""
+    """Write the slide's shard (L2-normalised `features`, one row per box) and commit it.
+
+    The row is committed only while its file is there with the checksum just written
+    (checked inside the transaction, right before the commit): a file deleted or replaced
+    in between (by a repair that did not see this build, or by hand) is written again once,
+    and the slide fails with a message if it goes again. When the commit fails (a full
+    catalog, say), the file goes too: no shard is left that no row references."""
     ids = tile_ids(slide_id, len(boxes))
     path = shard_path_for(index_dir, shard_encoder, slide_id)
-    sha = write_shard(path, ids, l2_normalise(features), shard_encoder)
     rel = path.relative_to(index_dir).as_posix()
-    with catalog.session() as s:
-        slide = s.get(Slide, slide_id)
-        if slide is None:
-            raise ValueError(f"slide {slide_id} vanished from the catalog while it was being indexed (removed by another command?)")
-        s.execute(sa.delete(Tile).where(Tile.slide_id == slide_id))
-        s.execute(sa.delete(Shard).where(Shard.path == rel))
-        shard = Shard(encoder_id=encoder_id, path=rel, count=len(ids), sha256=sha)
-        s.add(shard)
-        s.flush()
-        s.execute(
-            sa.insert(Tile),
-            [
-                {"id": int(i), "slide_id": slide_id, "shard_id": shard.id, "x": b.x, "y": b.y, "size": b.size, "tissue_fraction": b.tissue_fraction}
-                for i, b in zip(ids, boxes)
-            ],
-        )
-        slide.status, slide.error = INDEXED, None
-        slide.tile_count = len(ids)
-        slide.encoder_id = encoder_id
-        slide.indexed_at = dt.datetime.now(dt.timezone.utc)
-        _set_info(slide, info)
+    vectors = l2_normalise(features)
+    for attempt in (1, 2):
+        sha = write_shard(path, ids, vectors, shard_encoder)
+        try:
+            with catalog.session() as s:
+                slide = s.get(Slide, slide_id)
+                if slide is None:
+                    raise ValueError(f"slide {slide_id} vanished from the catalog while it was being indexed (removed by another command?)")
+                s.execute(sa.delete(Tile).where(Tile.slide_id == slide_id))
+                s.execute(sa.delete(Shard).where(Shard.path == rel))
+                shard = Shard(encoder_id=encoder_id, path=rel, count=len(ids), sha256=sha)
+                s.add(shard)
+                s.flush()
+                s.execute(
+                    sa.insert(Tile),
+                    [
+                        {"id": int(i), "slide_id": slide_id, "shard_id": shard.id, "x": b.x, "y": b.y, "size": b.size, "tissue_fraction": b.tissue_fraction}
+                        for i, b in zip(ids, boxes)
+                    ],
+                )
+                slide.status, slide.error = INDEXED, None
+                slide.tile_count = len(ids)
+                slide.encoder_id = encoder_id
+                slide.indexed_at = dt.datetime.now(dt.timezone.utc)
+                _set_info(slide, info)
+                s.flush()
+                if not _file_is(path, sha):
+                    raise _ShardGone(path)
+            return
+        except _ShardGone:
+            if attempt == 2:
+                path.unlink(missing_ok=True)
+                sidecar_of(path).unlink(missing_ok=True)
+                raise ShardError(f"shard {rel} was deleted or replaced twice between its write and its commit; is another program cleaning {index_dir}? run the build again") from None
+            LOG.warning("shard %s was deleted or replaced before its commit; writing it again", rel)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            sidecar_of(path).unlink(missing_ok=True)
+            raise
+
+
+class _ShardGone(Exception):
+    pass
+
+
+def _file_is(path: Path, sha: str) -> bool:
+    try:
+        return file_sha256(path) == sha  # just written: read back from the page cache
+    except OSError:
+        return False
 
 
 def _set_info(slide: Slide, info: SlideInfo | None) -> None:

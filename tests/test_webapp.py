@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine.catalog import models
 from engine.config import Settings
+from engine.slides import fingerprint
 from tests.conftest import _reset_postgres as reset_postgres, postgres_url
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
@@ -56,7 +57,7 @@ def app(request, tmp_path_factory):
     slide_file = write_pyramidal_tiff(tmp_path / "slides" / "blobs.tiff", tissue_blobs(1200, 1600, seed=3), mpp=0.5)
     with catalog.session() as s:
         s.add_all([
-            models.Slide(path=str(slide_file), fingerprint="a" * 64, status="indexed", tile_count=12, width=1600, height=1200, mpp=0.5, mpp_source="metadata", diagnosis="adenocarcinoma", site="colon", label="TUM", patient="P1", collection="demo"),
+            models.Slide(path=str(slide_file), fingerprint=fingerprint(slide_file), status="indexed", tile_count=12, width=1600, height=1200, mpp=0.5, mpp_source="metadata", diagnosis="adenocarcinoma", site="colon", label="TUM", patient="P1", collection="demo"),
             models.Slide(path=str(tmp_path / "slides" / "gone.svs"), fingerprint="b" * 64, status="failed", error="gone.svs: no such file"),
             *[models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status="pending") for i in range(60)],
         ])

@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
 from engine.config import Settings, default_data_dir
 
@@ -24,8 +26,18 @@ DEFAULTS = {
     # Smallest accepted region edge, in pixels, and least tissue in it.
     "MIN_REGION_PX": 32,
     "MIN_TISSUE_FRACTION": 0.05,
-    # Failed logins of one user name within 5 minutes before further tries get 429.
+    # Failed logins of one user name from one address within 5 minutes before further tries
+    # from that address get 429, and of any user names from one address.
     "LOGIN_MAX_FAILURES": 10,
+    "LOGIN_MAX_FAILURES_PER_ADDRESS": 50,
+    # Reverse proxies in front of the app whose X-Forwarded-For/-Proto are trusted (0: none;
+    # 1 behind one nginx). Login throttling counts by the client address this yields.
+    "TRUSTED_PROXIES": 0,
+    # Seconds a request body may take to arrive under gunicorn (slow-body clients otherwise
+    # hold a worker thread for as long as they trickle; webapp.server.BodyDeadline).
+    "REQUEST_BODY_TIMEOUT": 30,
+    # Deepest nesting accepted in a JSON request body (a 5,000-deep body crashed the parser).
+    "MAX_JSON_DEPTH": 32,
     "DEFAULT_TOP_K": 10,
     "MAX_TOP_K": 100,
     "SLIDES_PER_PAGE": 50,
@@ -71,6 +83,26 @@ def persistent_secret_key(folder: Path) -> str:
     return path.read_text().strip()
 
 
+# Largest id a catalog row can have: ids are signed 64-bit integers in SQLite and PostgreSQL.
+MAX_CATALOG_ID = 2**63 - 1
+
+
+class CatalogIdConverter(IntegerConverter):
+    """`<int:...>` in every route of this app: a non-negative integer that fits the
+    database's signed 64-bit ids. A larger number in a URL (2**63, 10**30) is no such slide,
+    run or tile: 404, instead of an overflow in the database driver (500)."""
+
+    def __init__(self, map, fixed_digits=0, min=None, max=None, signed=False):
+        super().__init__(map, fixed_digits, min, MAX_CATALOG_ID if max is None else max, signed)
+
+    def to_python(self, value: str):
+        if len(value.lstrip("-")) > 19:  # > 19 digits cannot fit; skip converting 5,000 digits
+            from werkzeug.routing import ValidationError
+
+            raise ValidationError()
+        return super().to_python(value)
+
+
 def build_settings(config) -> Settings:
     """Engine settings from the app config (instance file / environment / test override)."""
     if config.get("SETTINGS") is not None:
@@ -99,6 +131,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     from webapp import api, auth, csrf, errors, pages, tiles
     from webapp.state import AppState
 
+    # before any blueprint adds its rules: rules bind their converters when added
+    app.url_map.converters["int"] = CatalogIdConverter
+    app.json = api.BoundedJSONProvider(app)
+    if int(app.config["TRUSTED_PROXIES"]) > 0:
+        hops = int(app.config["TRUSTED_PROXIES"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.extensions["histoseek"] = AppState(app.config, build_settings(app.config))
     csrf.init_app(app)
     auth.init_app(app)

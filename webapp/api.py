@@ -4,8 +4,12 @@ Errors are `{"error", "message"}` with a proper status code (see webapp.errors).
 from __future__ import annotations
 
 import io
+import json
+import math
+import re
 
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
+from flask.json.provider import DefaultJSONProvider
 
 from webapp import archive
 from webapp.openapi import openapi_document
@@ -13,6 +17,62 @@ from webapp.searching import region_search, slide_search
 from webapp.state import state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+# A JSON string (with escapes) or a bracket; strings are skipped so brackets inside them do
+# not count. Written without nested alternation so long strings cannot make it backtrack.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays/objects of a JSON text nest (a linear scan, no recursion)."""
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in "]}":
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """The app's JSON parser for request bodies: refuses nesting deeper than MAX_JSON_DEPTH
+    before parsing (Python's parser recurses once per level; 5,000 levels raised
+    RecursionError, a 500) and NaN, Infinity and numbers that overflow to infinity, which
+    are not JSON (RFC 8259) and broke every range check downstream."""
+
+    def loads(self, s, **kwargs):
+        if isinstance(s, (bytes, bytearray)):
+            s = s.decode("utf-8")
+        limit = int(self._app.config.get("MAX_JSON_DEPTH", 32))
+        if json_depth(s) > limit:
+            raise ValueError(f"JSON nested deeper than {limit} levels")
+        kwargs.setdefault("parse_constant", _refuse_constant)
+        kwargs.setdefault("parse_float", _finite_float)
+        return json.loads(s, **kwargs)
+
+
+def json_object() -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        values = current_app.json.loads(request.get_data(cache=True))
+    except ValueError as exc:  # also UnicodeDecodeError and JSONDecodeError
+        abort(400, description=f"the request body is not valid JSON: {exc}")
+    if not isinstance(values, dict):
+        abort(400, description='send a JSON object such as {"slide_id": 3, "top_k": 10}')
+    return values
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -48,10 +108,7 @@ def search_region():
 def search_slide():
     if not request.is_json:
         return jsonify(slide_search(request.form))
-    values = request.get_json(silent=True)
-    if not isinstance(values, dict):
-        abort(400, description='send a JSON object such as {"slide_id": 3, "top_k": 10}')
-    return jsonify(slide_search(values))
+    return jsonify(slide_search(json_object()))
 
 
 @bp.get("/slides")

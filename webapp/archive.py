@@ -46,6 +46,11 @@ def slide_json(row: models.Slide) -> dict:
     }
 
 
+def escape_like(text: str) -> str:
+    """`text` for a LIKE pattern ESCAPE '\\' that matches it literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def list_slides(catalog: Catalog, *, status=None, q=None, site=None, diagnosis=None, collection=None, page=1, per_page=50) -> Page:
     if status is not None and status not in models.SLIDE_STATUSES:
         raise ValueError(f"status must be one of {', '.join(models.SLIDE_STATUSES)}")
@@ -56,8 +61,9 @@ def list_slides(catalog: Catalog, *, status=None, q=None, site=None, diagnosis=N
         if value:
             query = query.where(column == value)
     if q:
-        like = f"%{q.lower()}%"
-        query = query.where(sa.or_(*(sa.func.lower(c).like(like) for c in (models.Slide.path, models.Slide.patient, models.Slide.label, models.Slide.diagnosis))))
+        # q is text to find, not a pattern: % and _ in it are escaped (q=_ matched every slide)
+        like = "%" + escape_like(q.lower()) + "%"
+        query = query.where(sa.or_(*(sa.func.lower(c).like(like, escape="\\") for c in (models.Slide.path, models.Slide.patient, models.Slide.label, models.Slide.diagnosis))))
     with catalog.session() as s:
         total = s.scalar(sa.select(sa.func.count()).select_from(query.subquery()))
         rows = s.scalars(query.order_by(models.Slide.id).offset((page - 1) * per_page).limit(per_page)).all()

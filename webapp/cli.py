@@ -32,15 +32,20 @@ def _catalog(settings: Settings):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes (each loads the encoder and index).")
-@click.option("--threads", default=8, show_default=True, help="Threads per worker (slide tiles are served concurrently).")
+@click.option("--threads", default=16, show_default=True, help="Threads per worker (slide tiles are served concurrently).")
 @click.option("--timeout", default=120, show_default=True, help="Seconds before a silent worker is restarted.")
 @click.option("--access-log/--no-access-log", default=False, help="Log each request to stderr.")
+@click.option("--control-socket", type=click.Path(dir_okay=False), default=None, help="Open gunicorn's control socket (gunicornc) at this path; off by default.")
 @settings_options
 @handle_errors
-def serve(host, port, workers, threads, timeout, access_log, settings: Settings) -> None:
+def serve(host, port, workers, threads, timeout, access_log, control_socket, settings: Settings) -> None:
     """Serve the web app with gunicorn (gthread workers) until interrupted.
 
     Example: histoseek-web serve --catalog sqlite:///archive/catalog.sqlite --index-dir archive/index --port 8000
+
+    Anyone but this machine should reach it through a reverse proxy that terminates TLS and
+    buffers request bodies (docs/webapp.md has an nginx example; then set
+    HISTOSEEK_TRUSTED_PROXIES=1).
     """
     from webapp import instance_dir, persistent_secret_key
     from webapp.server import run_gunicorn
@@ -48,12 +53,12 @@ def serve(host, port, workers, threads, timeout, access_log, settings: Settings)
     _catalog(settings).dispose()  # bring the schema to head once, before workers start
     persistent_secret_key(instance_dir(None))
     click.echo(f"histoseek web app on http://{host}:{port}/  (catalog {settings.catalog_url}, encoder {settings.encoder or 'not set'})", err=True)
-    run_gunicorn(settings, host=host, port=port, workers=workers, threads=threads, timeout=timeout, access_log=access_log)
+    run_gunicorn(settings, host=host, port=port, workers=workers, threads=threads, timeout=timeout, access_log=access_log, control_socket=control_socket)
 
 
 @main.group()
 def users() -> None:
-    """Create users, set passwords, issue API tokens."""
+    """Create users, set passwords, issue API tokens, revoke and disable users."""
 
 
 @users.command("add")
@@ -104,15 +109,55 @@ def users_token(username, settings: Settings) -> None:
     click.echo(u.issue_token(_catalog(settings), username))
 
 
+@users.command("revoke")
+@click.argument("username")
+@settings_options
+@handle_errors
+def users_revoke(username, settings: Settings) -> None:
+    """End every session of USERNAME (all browsers, copied cookies too) and drop its API token.
+
+    The user can log in again with their password; to stop that too, `users disable`.
+    """
+    from webapp import users as u
+
+    u.revoke(_catalog(settings), username)
+    click.echo(f"sessions and API token of {username} revoked")
+
+
+@users.command("disable")
+@click.argument("username")
+@settings_options
+@handle_errors
+def users_disable(username, settings: Settings) -> None:
+    """Disable USERNAME: no login, session or API token of it works until `users enable`."""
+    from webapp import users as u
+
+    u.set_disabled(_catalog(settings), username, True)
+    click.echo(f"{username} disabled")
+
+
+@users.command("enable")
+@click.argument("username")
+@settings_options
+@handle_errors
+def users_enable(username, settings: Settings) -> None:
+    """Enable USERNAME again (it logs in anew: its old sessions stay ended)."""
+    from webapp import users as u
+
+    u.set_disabled(_catalog(settings), username, False)
+    click.echo(f"{username} enabled")
+
+
 @users.command("list")
 @settings_options
 @handle_errors
 def users_list(settings: Settings) -> None:
-    """List users."""
+    """List users: name, role, API token, created, and whether disabled."""
     from webapp import users as u
 
     for user in u.list_users(_catalog(settings)):
-        click.echo(f"{user.username}\t{'admin' if user.is_admin else 'user'}\t{'token' if user.api_token_hash else 'no token'}\t{user.created_at:%Y-%m-%d}")
+        state = "disabled" if user.disabled else "active"
+        click.echo(f"{user.username}\t{'admin' if user.is_admin else 'user'}\t{'token' if user.api_token_hash else 'no token'}\t{user.created_at:%Y-%m-%d}\t{state}")
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -4,6 +4,7 @@ status code for the API and tiles, a friendly page for everything else."""
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
@@ -28,6 +29,19 @@ STATUS = {
 }
 
 
+# " at 0x7f3a2c1d9e50" in reprs of objects, and other long hex addresses.
+_ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
+# An absolute POSIX path (not part of a URL or a relative path): its folders are dropped
+# and its file name kept, which is what a user or operator at the browser can act on.
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"<>:,;()]+/)+")
+
+
+def public_message(message: str) -> str:
+    """An error message fit for the client: memory addresses removed and absolute server
+    paths cut to their file name. The full text goes to the server log (see init_app)."""
+    return _ABS_PATH.sub("", _ADDRESS.sub("", message))
+
+
 def status_for(exc: E.HistoseekError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
@@ -49,14 +63,17 @@ def init_app(app) -> None:
     @app.errorhandler(E.HistoseekError)
     def histoseek_error(exc):
         status = status_for(exc)
+        message = public_message(str(exc))
         if status >= 500:
-            LOG.error("%s: %s", type(exc).__name__, exc)
-        return error_response(status, exc.code, str(exc))
+            LOG.error("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc)
+        elif message != str(exc):
+            LOG.info("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc)
+        return error_response(status, exc.code, message)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
         code = (exc.name or "error").lower().replace(" ", "_")
-        message = exc.description or exc.name
+        message = public_message(exc.description or exc.name)
         if exc.code == 413:
             limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
             message = f"the upload is larger than the {limit_mb:g} MB allowed; crop or export a smaller region"

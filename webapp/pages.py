@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 from flask import Blueprint, Response, abort, current_app, flash, g, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -21,6 +22,10 @@ bp = Blueprint("pages", __name__)
 # Client mistakes that send the user back to the search form with a message, instead of an
 # error page; the form keeps what they entered.
 FORM_ERRORS = (QueryError, ImageError, NotFound)
+# Largest level-0 coordinate a viewer box may have.
+MAX_BOX_COORD = 2**31
+# Largest archive page number (an offset beyond the database's integers was a 500).
+MAX_PAGE = 10**6
 
 
 def _search_form(status: int = 200):
@@ -88,10 +93,16 @@ def _boxes() -> list[dict]:
         parts = raw.split(",")
         bad = f"bad box {raw[:60]!r}: expected x,y,w,h[,score[,match]] in level-0 pixels, match 'features' or 'pixels'"
         try:
-            x, y, w, h = (int(float(p)) for p in parts[:4])
+            numbers = [float(p) for p in parts[:4]]
+            # inf made int() raise OverflowError (a 500); no slide is 2**31 pixels wide
+            if len(numbers) < 4 or not all(math.isfinite(n) and abs(n) < MAX_BOX_COORD for n in numbers):
+                abort(400, description=bad)
+            x, y, w, h = (int(n) for n in numbers)
             score = float(parts[4]) if len(parts) > 4 and parts[4] else None
         except ValueError:
             abort(400, description=bad)
+        if score is not None and not math.isfinite(score):
+            score = None  # the score is only shown; a NaN in the page's JSON stopped the viewer
         match = parts[5] if len(parts) > 5 else "features"
         if len(parts) < 4 or w <= 0 or h <= 0 or match not in ("features", "pixels"):
             abort(400, description=bad)
@@ -109,7 +120,7 @@ def viewer(slide_id: int):
 @bp.get("/archive")
 def archive_page():
     try:
-        page_no = max(1, int(request.args.get("page", 1)))
+        page_no = min(MAX_PAGE, max(1, int(request.args.get("page", 1))))
     except ValueError:
         page_no = 1
     status = request.args.get("status") or None

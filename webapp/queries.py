@@ -27,6 +27,7 @@ MAGIC = (
     (b"BM", "BMP"),
 )
 FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
+CHECK_MAX_PIXELS = 1_000_000  # pixels of the reduced copy the blank-region check looks at
 MAGNIFICATIONS = (40.0, 20.0, 10.0, 5.0)
 
 
@@ -51,21 +52,35 @@ class SearchParams:
 
 
 def _number(values, name: str, cast, low, high):
+    """values[name] as a number of type `cast` within [low, high]; None when absent; a 400
+    for anything else. JSON may hand over floats (1e20, 1e308) and form fields strings
+    ("inf", "nan"): non-finite and (for int) fractional values are refused before they reach
+    int(), which raised OverflowError (500) for infinity, or a database driver (1e20 > 2**63)."""
+    import math  # local: this function is the only user in this module
+
     raw = values.get(name)
     if raw in (None, ""):
         return None
+    bad = f"{name} must be a {'whole ' if cast is int else ''}number between {low} and {high}, not {str(raw)[:40]!r}"
+    if isinstance(raw, bool):  # JSON true/false are ints to Python, not numbers to a user
+        abort(400, description=bad)
     try:
-        value = cast(raw)
-    except (TypeError, ValueError):
-        abort(400, description=f"{name} must be a number, not {str(raw)[:40]!r}")
-    if not low <= value <= high:
-        abort(400, description=f"{name} must be between {low} and {high}")
+        number = float(raw) if isinstance(raw, (int, float)) else None
+        if cast is int:
+            value = int(raw) if isinstance(raw, (int, str)) or (number is not None and number.is_integer()) else None
+        else:
+            value = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        value = None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        abort(400, description=bad)
     return value
 
 
 def search_params(values, config, *, region: bool) -> SearchParams:
     """top_k, filters (site, diagnosis, collection) and, for a region, its mpp or
-    magnification, from a form or a JSON object."""
+    magnification, from a form or a JSON object. For a slide search, slide_id is checked to
+    be a possible catalog id here (its absence is reported by the slide search)."""
     top_k = _number(values, "top_k", int, 1, int(config["MAX_TOP_K"])) or int(config["DEFAULT_TOP_K"])
     raw_filters = values.get("filters") if isinstance(values.get("filters"), dict) else values
     filters = {}
@@ -79,6 +94,8 @@ def search_params(values, config, *, region: bool) -> SearchParams:
         params.magnification = _number(values, "magnification", float, 0.5, 100.0)
         if params.mpp is None and params.magnification is None:
             abort(400, description="say how the region was captured: its microns per pixel (mpp) or its magnification (e.g. 20 for 20x)")
+    else:
+        _number(values, "slide_id", int, 1, 2**63 - 1)  # catalog ids are signed 64-bit
     return params
 
 
@@ -107,7 +124,13 @@ def check_region(image: Image.Image, config) -> None:
     min_px = int(config["MIN_REGION_PX"])
     if min(image.size) < min_px:
         raise QueryError(f"the region is {image.size[0]} x {image.size[1]} pixels; at least {min_px} x {min_px} are needed to compare it with the archive")
-    rgb = np.asarray(image.copy().reduce(max(1, min(image.size) // 256)) if min(image.size) > 512 else image)
+    # The blank check needs no detail: it looks at a copy of at most CHECK_MAX_PIXELS (the
+    # mask costs ~50 bytes per pixel; reducing by the shorter side alone left a 1,250,000 x 32
+    # strip at full size, issue 11). The factor is capped by the shorter side so it stays >= 1 px.
+    factor = 1
+    while (image.width // factor) * (image.height // factor) > CHECK_MAX_PIXELS and factor < min(image.size):
+        factor += 1
+    rgb = np.asarray(image.reduce(factor) if factor > 1 else image)
     fraction = float(tissue_mask_rgb(rgb).mean())
     if fraction < float(config["MIN_TISSUE_FRACTION"]):
         raise QueryError(f"the region looks blank (tissue covers {fraction:.0%} of it); select an area with tissue")

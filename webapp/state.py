@@ -37,7 +37,11 @@ class AppState:
                 if self._engine is None:
                     from engine.search import SearchEngine
 
-                    self._engine = SearchEngine(self.settings, catalog=self.catalog)
+                    engine = SearchEngine(self.settings, catalog=self.catalog)
+                    # the encoder's fast path is prepared here, once and under this lock,
+                    # before any request can embed with it; the engine is published after
+                    engine.encoder.warm_up()
+                    self._engine = engine
                 elif stamp != self._index_stamp:
                     self._engine.refresh()
                 self._index_stamp = stamp

@@ -18,7 +18,7 @@ FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
 
 @bp.get("/<int:slide_id>.dzi")
 def dzi(slide_id: int):
-    xml = state().slides.get(slide_id).deepzoom.get_dzi("jpeg")
+    xml = state().slides.dzi(slide_id)
     response = Response(xml, mimetype="application/xml")
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response

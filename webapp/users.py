@@ -50,16 +50,54 @@ def set_password(catalog: Catalog, username: str, password: str) -> None:
     with catalog.session() as s:
         user = _get(s, username)
         user.password_hash = generate_password_hash(password)
+        # a new password ends every session signed in with the old one (a stolen cookie too)
+        _bump_session_version(s, user.id)
         s.add(models.AuditEvent(user_id=user.id, action="password_set", detail={}))
 
 
 def authenticate(catalog: Catalog, username: str, password: str) -> models.User | None:
+    """The user, if the password is right and the account is not disabled (a disabled
+    account's password is still checked, so the answer takes as long either way)."""
     with catalog.session() as s:
         user = s.scalar(sa.select(models.User).where(models.User.username == username))
         if user is None:
             check_password_hash(_DUMMY_HASH, password or "")
             return None
-        return user if check_password_hash(user.password_hash, password or "") else None
+        ok = check_password_hash(user.password_hash, password or "")
+        return user if ok and not user.disabled else None
+
+
+def _bump_session_version(s, user_id: int) -> None:
+    # one UPDATE, so two concurrent logouts cannot both write the same new version
+    s.execute(sa.update(models.User).where(models.User.id == user_id).values(session_version=models.User.session_version + 1))
+
+
+def end_sessions(catalog: Catalog, user_id: int) -> None:
+    """Invalidate every session cookie of the user, including copies of it (logout)."""
+    with catalog.session() as s:
+        _bump_session_version(s, user_id)
+
+
+def revoke(catalog: Catalog, username: str) -> None:
+    """End all of the user's sessions and drop the API token (`users revoke`)."""
+    with catalog.session() as s:
+        user = _get(s, username)
+        user.api_token_hash = None
+        s.flush()
+        _bump_session_version(s, user.id)
+        s.add(models.AuditEvent(user_id=user.id, action="user_revoked", detail={}))
+
+
+def set_disabled(catalog: Catalog, username: str, disabled: bool) -> None:
+    """Disable (no login, token or session works) or enable the user. Enabling does not bring
+    old sessions back: disabling also ends them."""
+    with catalog.session() as s:
+        user = _get(s, username)
+        user.disabled = disabled
+        s.flush()
+        if disabled:
+            _bump_session_version(s, user.id)
+        s.add(models.AuditEvent(user_id=user.id, action="user_disabled" if disabled else "user_enabled", detail={}))
 
 
 def issue_token(catalog: Catalog, username: str) -> str:
@@ -89,17 +127,60 @@ def list_users(catalog: Catalog) -> list[models.User]:
         return list(s.scalars(sa.select(models.User).order_by(models.User.username)))
 
 
-def recent_failed_logins(catalog: Catalog, username: str, window: dt.timedelta) -> int:
-    """Failed logins for `username` within the last `window`, from the audit log (shared
-    by all workers, unlike a counter in memory)."""
-    since = dt.datetime.now(dt.timezone.utc) - window
-    event = models.AuditEvent
+# -- login throttling --------------------------------------------------------------------
+# Every login try first reserves a slot: one UPDATE adds 1 to its keys' counters and returns
+# the new counts, in one transaction, and only then is the password checked. Concurrent tries
+# therefore cannot all read "9 failures" and all be checked (issue 11: 19 of 60 concurrent
+# tries were checked against a limit of 10). A successful login gives its reservation back.
+
+
+def throttle_keys(username: str, address: str) -> tuple[str, str]:
+    """The two counters a login try counts against: this user name from this address (so a
+    stranger elsewhere cannot lock the user out), and this address for any user name (so one
+    address cannot try 10 passwords for each of many names)."""
+    return f"user:{username}@{address}"[:300], f"addr:{address}"[:300]
+
+
+def count_login_try(catalog: Catalog, keys, window: dt.timedelta) -> list[int]:
+    """Atomically add one try to each key's counter in its current window (a window older than
+    `window` starts over at 1) and return the new counts, in the order of `keys`."""
+    table = models.LoginThrottle
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = table.window_start < now - window
+    for _ in range(5):
+        counts = []
+        try:
+            with catalog.session() as s:
+                for key in keys:
+                    # increment-then-read in the same statement: portable to SQLite (3.35+)
+                    # and PostgreSQL, and atomic on both (the row stays locked until commit)
+                    count = s.execute(
+                        sa.update(table)
+                        .where(table.key == key)
+                        .values(
+                            failures=sa.case((expired, 1), else_=table.failures + 1),
+                            window_start=sa.case((expired, now), else_=table.window_start),
+                        )
+                        .returning(table.failures)
+                    ).scalar()
+                    if count is None:  # first try of this key: two may race to insert it
+                        s.add(table(key=key, window_start=now, failures=1))
+                        s.flush()
+                        count = 1
+                    counts.append(count)
+            return counts
+        except sa.exc.IntegrityError:
+            continue  # another try inserted the key first; its row exists now
+    raise RuntimeError(f"could not count a login try for {keys!r}")
+
+
+def forgive_login_try(catalog: Catalog, user_key: str, address_key: str) -> None:
+    """After a successful login: forget this user's failures from this address and give back
+    the address's reserved slot (an attacker's own account cannot reset the address count)."""
+    table = models.LoginThrottle
     with catalog.session() as s:
-        return s.scalar(
-            sa.select(sa.func.count())
-            .select_from(event)
-            .where(event.action == "login_failed", event.created_at >= since, event.detail["username"].as_string() == username)
-        ) or 0
+        s.execute(sa.delete(table).where(table.key == user_key))
+        s.execute(sa.update(table).where(table.key == address_key, table.failures > 0).values(failures=table.failures - 1))
 
 
 def record(catalog: Catalog, user_id: int | None, action: str, detail: dict | None = None) -> None:

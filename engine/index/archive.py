@@ -4,12 +4,18 @@ small archives, compressed (IVF-PQ + exact re-ranking) for large ones, chosen by
 `sync_index` brings an index to a given set of shards: shards that are new are added, shards
 that are gone (or were rewritten: the key includes the file's sha256) are removed. Neither
 needs a rebuild; only the first compressed index is trained, on a sample of all shards.
+
+Every shard is loaded checked (engine.shards.read_shard: the catalog's sha256 when given,
+unit-length vectors). A shard that fails is handed to `on_error(key, error)` and left out,
+so one damaged file costs its own slides, not the whole search; without `on_error` the
+error is raised as before.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +23,7 @@ from tqdm import tqdm
 from engine.errors import ShardError
 from engine.index.compressed import CompressedIndex, default_nlist, train_sample_size
 from engine.index.flat import FlatShardIndex
-from engine.shards import read_shard, shard_arrays
+from engine.shards import read_shard, shard_arrays, shard_arrays_of
 
 LOG = logging.getLogger(__name__)
 
@@ -40,10 +46,26 @@ def choose_kind(n_tiles: int, requested: str = "auto", flat_max: int = FLAT_MAX_
     return "flat" if n_tiles <= flat_max else "compressed"
 
 
-def _training_sample(shards: dict[str, Path], size: int, seed: int, progress: bool) -> np.ndarray:
+OnError = Callable[[str, ShardError], None]
+
+
+def _loadable(shards: dict[str, Path], sha256: dict[str, str] | None, on_error: OnError | None) -> dict[str, int]:
+    """key -> vector count of the shards that load (checked); the others go to on_error."""
+    counts = {}
+    for key, path in shards.items():
+        try:
+            counts[key] = read_shard(path, (sha256 or {}).get(key)).ntotal
+        except ShardError as exc:
+            if on_error is None:
+                raise
+            on_error(key, exc)
+    return counts
+
+
+def _training_sample(shards: dict[str, Path], counts: dict[str, int], size: int, seed: int, progress: bool) -> np.ndarray:
     """About `size` vectors drawn uniformly from all shards (one shard in memory at a time)."""
     rng = np.random.default_rng(seed)
-    counts = {key: read_shard(path).ntotal for key, path in shards.items()}
+    shards = {key: shards[key] for key in counts}
     total = sum(counts.values())
     frac = min(1.0, size / max(total, 1))
     parts = []
@@ -56,28 +78,40 @@ def _training_sample(shards: dict[str, Path], size: int, seed: int, progress: bo
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def sync_index(index, shards: dict[str, Path], *, progress: bool = False) -> tuple[int, int]:
+def sync_index(index, shards: dict[str, Path], *, progress: bool = False, sha256: dict[str, str] | None = None, on_error: OnError | None = None) -> tuple[int, int]:
     """Make `index` hold exactly the given shards (key -> file); returns (added, removed)
-    shard counts."""
+    shard counts. `sha256`: key -> the checksum each file must have; `on_error`: called
+    with (key, ShardError) for a shard that fails to load, which is then left out (else
+    the error is raised)."""
     current = index.keys
     gone = sorted(current - set(shards))
     new = [key for key in shards if key not in current]
     for key in gone:
         index.remove_shard(key)
+    added = 0
     for key in tqdm(new, desc="loading shards", unit="shard", disable=not progress or len(new) < 2):
+        try:
+            loaded = read_shard(shards[key], (sha256 or {}).get(key))
+        except ShardError as exc:
+            if on_error is None:
+                raise
+            on_error(key, exc)
+            continue
         if isinstance(index, FlatShardIndex):
-            index.add_shard(key, read_shard(shards[key]))
+            index.add_shard(key, loaded)
         else:
-            ids, xb = shard_arrays(shards[key])
+            ids, xb = shard_arrays_of(loaded)
             index.add(ids, xb, key=key)
-    if isinstance(index, CompressedIndex) and (new or gone):
+        added += 1
+    if isinstance(index, CompressedIndex) and (added or gone):
         index.save()
-    return len(new), len(gone)
+    return added, len(gone)
 
 
-def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, use_gpu: bool = False, progress: bool = False, seed: int = 0):
+def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, use_gpu: bool = False, progress: bool = False, seed: int = 0, sha256: dict[str, str] | None = None, on_error: OnError | None = None):
     """An index of `kind` ('flat' or 'compressed') holding `shards`. A compressed index is
-    reopened from `folder` when it is there and of this dimension, and trained when not."""
+    reopened from `folder` when it is there and of this dimension, and trained when not.
+    `sha256` and `on_error` as in sync_index."""
     if kind == "flat":
         index = FlatShardIndex(dim, use_gpu=use_gpu)
     elif kind == "compressed":
@@ -90,14 +124,16 @@ def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, us
             if index is not None and index.dim != dim:
                 index = None
         if index is None:
-            total = sum(read_shard(path).ntotal for path in shards.values())
+            counts = _loadable(shards, sha256, on_error)
+            shards = {key: shards[key] for key in counts}  # damaged ones reported once, here
+            total = sum(counts.values())
             nlist = default_nlist(total)
-            sample = _training_sample(shards, train_sample_size(nlist), seed, progress)
+            sample = _training_sample(shards, counts, train_sample_size(nlist), seed, progress)
             if len(sample) < 40 * 256:
                 raise ShardError(f"the compressed index needs at least {40 * 256} vectors to train, the archive has {total}; use the flat index")
             index = CompressedIndex.train(folder, sample, nlist=nlist, seed=seed)
         index.use_gpu = use_gpu
     else:
         raise ValueError(f"index kind must be 'flat' or 'compressed', not {kind!r}")
-    sync_index(index, shards, progress=progress)
+    sync_index(index, shards, progress=progress, sha256=sha256, on_error=on_error)
     return index
