@@ -8,6 +8,7 @@ and a real `histoseek-web serve` (gunicorn) for the server-level findings."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -469,3 +470,16 @@ def test_slow_bodies_do_not_stall_the_server_and_no_control_socket_is_taken(tmp_
         assert answers == [b"408"] * 10, answers
     finally:
         stop_server(proc, log)
+
+
+def test_login_counter_starts_over_after_its_window(app):
+    catalog = catalog_of(app)
+    keys = users.throttle_keys("s10window", "10.10.4.1")
+    window = dt.timedelta(minutes=5)
+    assert users.count_login_try(catalog, keys, window) == [1, 1]
+    assert users.count_login_try(catalog, keys, window) == [2, 2]
+    with catalog.session() as s:  # as if the last try were six minutes ago
+        six_minutes_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=6)
+        s.execute(sa.update(models.LoginThrottle).where(models.LoginThrottle.key.in_(keys)).values(window_start=six_minutes_ago))
+    assert users.count_login_try(catalog, keys, window) == [1, 1]
+    assert users.count_login_try(catalog, keys, window) == [2, 2]

@@ -18,6 +18,8 @@ LOG = logging.getLogger(__name__)
 # or database is the server's configuration (503: it cannot serve searches right now).
 STATUS = {
     E.NotFound: 404,
+    # the slide file changed or vanished since it was indexed: a conflict with the catalog
+    E.SlideChanged: 409,
     E.ImageError: 400,
     E.QueryError: 422,
     E.SlideError: 422,
