@@ -118,6 +118,7 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
         match = match_metadata(metadata, [f.relpath for f in files])
         meta = match.by_relpath
         notes += match.report_lines()
+    _ensure_encoder_row(catalog, encoder, shard_encoder)
     with catalog.session() as s:
         enc = encoder_row(s, encoder.info, shard_encoder)
         check_one_encoder(s, enc)
@@ -140,6 +141,17 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
             f"(restore the files, or drop them with `indexer remove`): {', '.join(found.missing[:5])}"
         )
     return found, encoder_id, notes
+
+
+def _ensure_encoder_row(catalog: Catalog, encoder: Encoder, shard_encoder: ShardEncoder) -> None:
+    """Create the encoder's row in a transaction of its own: two builds starting together on
+    a new catalog both find none and both insert it; the second one's insert breaks the
+    unique constraint, and then the row is there to use."""
+    try:
+        with catalog.session() as s:
+            encoder_row(s, encoder.info, shard_encoder)
+    except sa.exc.IntegrityError:
+        LOG.info("another build registered the encoder at the same moment; using its row")
 
 
 def build_archive(

@@ -17,6 +17,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from engine.config import Settings, default_data_dir
+from engine.catalog.models import MAX_ROW_ID
 
 DEFAULTS = {
     # Uploads larger than this are refused with 413 before they are read.
@@ -83,17 +84,15 @@ def persistent_secret_key(folder: Path) -> str:
     return path.read_text().strip()
 
 
-# Largest id a catalog row can have: ids are signed 64-bit integers in SQLite and PostgreSQL.
-MAX_CATALOG_ID = 2**63 - 1
 
 
 class CatalogIdConverter(IntegerConverter):
     """`<int:...>` in every route of this app: a non-negative integer that fits the
-    database's signed 64-bit ids. A larger number in a URL (2**63, 10**30) is no such slide,
+    database's integer ids. A larger number in a URL (2**31, 2**63, 10**30) is no such slide,
     run or tile: 404, instead of an overflow in the database driver (500)."""
 
     def __init__(self, map, fixed_digits=0, min=None, max=None, signed=False):
-        super().__init__(map, fixed_digits, min, MAX_CATALOG_ID if max is None else max, signed)
+        super().__init__(map, fixed_digits, min, MAX_ROW_ID if max is None else max, signed)
 
     def to_python(self, value: str):
         if len(value.lstrip("-")) > 19:  # > 19 digits cannot fit; skip converting 5,000 digits

@@ -15,6 +15,7 @@ import numpy as np
 from flask import abort
 from PIL import Image
 
+from engine.catalog.models import MAX_ROW_ID
 from engine.errors import ImageError, QueryError
 from engine.images import open_rgb
 
@@ -95,7 +96,7 @@ def search_params(values, config, *, region: bool) -> SearchParams:
         if params.mpp is None and params.magnification is None:
             abort(400, description="say how the region was captured: its microns per pixel (mpp) or its magnification (e.g. 20 for 20x)")
     else:
-        _number(values, "slide_id", int, 1, 2**63 - 1)  # catalog ids are signed 64-bit
+        _number(values, "slide_id", int, 1, MAX_ROW_ID)
     return params
 
 

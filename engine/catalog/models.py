@@ -24,6 +24,9 @@ SHARD_OK, SHARD_QUARANTINED = "ok", "quarantined"
 # caches in long-running workers are keyed by them, and a reused id would show one slide's
 # pixels under another's name. Tile ids are derived from the slide id, so they inherit this.
 _NO_ID_REUSE = {"sqlite_autoincrement": True}
+# The largest id of an INTEGER key (slides, shards, runs, users: 32-bit on PostgreSQL). Tile
+# ids are BIGINT but are never named in URLs or requests; anything larger names no row.
+MAX_ROW_ID = 2**31 - 1
 
 
 class Encoder(Base):
