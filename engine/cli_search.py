@@ -20,6 +20,8 @@ def format_table(result: dict) -> str:
     else:
         head = f"slide {q['slide_id'] if q['slide_id'] is not None else q['path']} -> mosaic of {len(q['mosaic'])} tiles"
     lines = [head + f" ({q['index']} index)", ""]
+    for warning in result.get("warnings", []):  # quarantined shards, missing slide files
+        lines.insert(1, f"warning: {warning}")
     lines.append(f"{'rank':>4}  {'score':>8}  {'id':>5}  {'label / diagnosis':<24} {'site':<14} {'patient':<16} {'best region (x, y, w, h)':<28} file")
     for r in result["results"]:
         s = r["slide"]

@@ -23,7 +23,7 @@ from engine.catalog.db import Catalog
 from engine.catalog.models import INDEXED, MISSING, SHARD_OK, SHARD_QUARANTINED, BuildLease, Shard, Slide, Tile
 from engine.errors import CatalogError, ConfigError, ShardError
 from engine.search import SearchEngine
-from engine.shards import read_shard, shard_arrays, sidecar_of
+from engine.shards import read_shard, sidecar_of
 from indexer.build import build_archive
 from indexer.lease import Lease, index_key
 from indexer.verify import verify_index

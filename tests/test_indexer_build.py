@@ -268,7 +268,7 @@ def test_cli_build_status_verify_remove(tmp_path, archive):
     status = runner.invoke(indexer_cli, ["status", "--json", *common])
     assert status.exit_code == 0, status.output
     listed = json.loads(status.stdout)
-    assert listed["counts"] == {"indexed": 3, "failed": 2, "pending": 0, "tiles": doc["tiles"]}
+    assert listed["counts"] == {"indexed": 3, "failed": 2, "pending": 0, "missing": 0, "tiles": doc["tiles"]}
     failed = {Path(r["path"]).name: r["error"] for r in listed["slides"] if r["status"] == "failed"}
     assert set(failed) == {"nompp.tiff", "garbage.svs"} and all(failed.values())
     on_disk = sum(len(shard_arrays(p)[0]) for p in sorted((tmp_path / "cli-index").rglob("*.faiss")))

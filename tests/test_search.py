@@ -220,7 +220,7 @@ def test_cli_table_and_json(archive, tmp_path):
     out = runner.invoke(main, [*common, "--image", str(crop), "--mpp", "0.5", "--top-k", "3", "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
-    assert set(doc) == {"query", "results", "suggestion", "timing_ms"}
+    assert set(doc) == {"query", "results", "suggestion", "timing_ms", "degraded", "warnings"}
     assert doc["results"][0]["slide"]["id"] == ids["tcga-cr-7395-01a-01-ts1.svs"]
     assert set(doc["results"][0]["regions"][0]) == {"x", "y", "w", "h", "score", "match"}
     assert doc["timing_ms"]["refine"] >= 0

@@ -114,6 +114,8 @@ def openapi_document() -> dict:
                     }}},
                     "suggestion": {"type": ["object", "null"], "properties": {"label": {"type": ["string", "null"]}, "votes": {"type": "object"}}},
                     "timing_ms": {"type": "object"},
+                    "degraded": {"type": "boolean", "description": "true when some shards are quarantined or slides missing: the results come from the rest of the index"},
+                    "warnings": {"type": "array", "items": {"type": "string"}, "description": "what was left out of this search and what to run about it"},
                 }},
                 "BenchmarkRun": {"type": "object", "properties": {"id": {"type": "integer"}, "dataset_kind": {"type": "string"}, "dataset_path": {"type": "string"}, "encoder_name": {"type": "string"}, "encoder_sha256": {"type": ["string", "null"]}, "parameters": {"type": "object"}, "metrics": {"type": "object"}, "created_at": {"type": "string"}}},
             },
