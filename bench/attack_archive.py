@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from attack_web import PASSWORD, Browser, free_port, stop  # noqa: E402
+from attack_web import PASSWORD, Browser, free_port, launch, stop  # noqa: E402
 
 from engine.pyramid_tiff import write_pyramidal_tiff  # noqa: E402
 
@@ -101,18 +101,7 @@ class Archive:
         env = {**os.environ, "HISTOSEEK_INSTANCE_DIR": str(self.workdir / "instance")}
         cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", str(threads),
                *self.common, "--encoder", ENCODER, "--device", "cpu"]
-        log = open(self.workdir / "server.log", "a")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if Browser(port, timeout=2).request("GET", "/login")[0] == 200:
-                    return proc
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("server did not start:\n" + (self.workdir / "server.log").read_text()[-3000:])
-            time.sleep(0.3)
+        return launch(cmd, env, port, self.workdir / "server.log")
 
 
 def multipart(data: bytes, fields: dict, filename: str = "region.png") -> tuple[bytes, dict]:

@@ -93,9 +93,14 @@ def start(workdir: Path, url: str, port: int, args) -> subprocess.Popen:
     env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"), "HISTOSEEK_INSTANCE_DIR": str(workdir / "instance")}
     cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers), "--threads", str(args.threads),
            "--catalog", url, "--index-dir", str(workdir / "index"), "--encoder", "random:resnet18", "--device", "cpu"]
-    log = open(workdir / f"server-{port}.log", "w")
+    return launch(cmd, env, port, workdir / f"server-{port}.log")
+
+
+def launch(cmd: list[str], env: dict, port: int, log_path: Path, wait_s: float = 120) -> subprocess.Popen:
+    """Start a server command in its own process group and wait until it answers /login."""
+    log = open(log_path, "a")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             if Browser(port, timeout=2).request("GET", "/login")[0] == 200:
@@ -103,7 +108,7 @@ def start(workdir: Path, url: str, port: int, args) -> subprocess.Popen:
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("server did not start:\n" + (workdir / f"server-{port}.log").read_text()[-3000:])
+            raise SystemExit("server did not start:\n" + log_path.read_text()[-3000:])
         time.sleep(0.3)
 
 

@@ -69,6 +69,7 @@ def db_upgrade(settings: Settings) -> None:
 
 from engine.cli_benchmark import benchmark_command; main.add_command(benchmark_command)  # noqa: E402
 from engine.cli_search import search_command; main.add_command(search_command)  # noqa: E402
+from engine.cli_mil import mil_command; main.add_command(mil_command)  # noqa: E402
 
 
 if __name__ == "__main__":
