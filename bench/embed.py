@@ -13,7 +13,13 @@ speed of a large fp32 matrix product on this machine (no convolution does better
 whether the requested speed-up lies above it. `--int8-probe` measures the one path that can
 pass that roofline on a CPU without bf16/fp16 units, post-training int8 quantisation (FX
 graph mode, x86 backend, calibrated on the probe tiles): its img/s and its cosine to fp32.
-The engine does not use it: see docs/benchmarks.md.
+The engine never picks it: `Encoder(precision="int8")` is opt-in, and `--int8-retrieval`
+measures what it does to retrieval on the real labelled patches of ../shared/data/patches
+(labels.csv, label_nct9): top-10 neighbour overlap with fp32, Acc@k and mMV@5 of both, and
+their img/s, with one ResNet (random weights, batch-norm statistics re-estimated on the
+patches, as for the probe) through the engine's Encoder at both precisions:
+
+    python bench/embed.py --int8-retrieval --arch resnet50 --no-throughput
 """
 
 from __future__ import annotations
@@ -123,6 +129,61 @@ def int8_probe(arch: str, paths: list[Path], batch_size: int, source: str) -> di
     return {"batch_size": batch_size, "img_per_s": round(rate, 2), "cosine_to_fp32": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}, "tiles": f"{len(paths)} {source}"}
 
 
+def int8_retrieval(arch: str, batch_size: int, seed: int = 0) -> dict:
+    """Leave-one-out retrieval over the labelled patches with the engine's Encoder at fp32
+    and at int8 (calibrated on its first batch, as in use; the patches are shuffled so that
+    batch mixes the classes)."""
+    import csv
+    import copy
+
+    from engine.encoder import l2_normalise, load_backbone
+    from engine.metrics import MISSING, acc_at_k, encode_labels, mmv_at_k
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patches"
+    if not (root / "labels.csv").is_file():
+        raise SystemExit(f"--int8-retrieval needs {root}/labels.csv (../shared/data)")
+    with open(root / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label_nct9"]]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    imgs = torch.from_numpy(np.stack([np.asarray(Image.open(root / r["path"]).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for r in rows]).transpose(0, 3, 1, 2).copy())
+    model, info = load_backbone(f"random:{arch}")
+    # batch-norm statistics from the patches (see int8_probe): activations scaled as in a
+    # trained network, which is what quantisation error depends on
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    probe = Encoder(model, info, device="cpu", precision="fp32")
+    with torch.no_grad():
+        model.train()(probe.normalise(imgs))
+    model.eval()
+    feats, rates = {}, {}
+    for precision in ("fp32", "int8"):
+        enc = Encoder(copy.deepcopy(model), info, device="cpu", precision=precision)
+        enc.embed(imgs[:batch_size])  # builds (int8: calibrates on this first batch)
+        start = time.perf_counter()
+        feats[precision] = l2_normalise(np.concatenate([enc.embed(imgs[i : i + batch_size]) for i in range(0, len(imgs), batch_size)]))
+        rates[precision] = len(imgs) / (time.perf_counter() - start)
+    codes, classes = encode_labels([r["label_nct9"] for r in rows])
+    k_max = 10
+    out = {"patches": len(rows), "classes": classes, "arch": arch, "weights": "random, BN statistics re-estimated on the patches", "batch_size": batch_size}
+    neighbours = {}
+    for precision, f in feats.items():
+        sim = f @ f.T
+        np.fill_diagonal(sim, -np.inf)  # leave one out
+        neighbours[precision] = np.argsort(-sim, axis=1)[:, :k_max]
+        ranked = codes[neighbours[precision]]
+        out[precision] = {"img_per_s": round(rates[precision], 2), **{f"acc@{k}": round(acc_at_k(codes, ranked, k), 4) for k in (1, 3, 5)}, "mmv@5": round(mmv_at_k(codes, ranked, 5), 4)}
+    overlap = [len(set(a) & set(b)) / k_max for a, b in zip(neighbours["fp32"], neighbours["int8"])]
+    cos = (feats["fp32"] * feats["int8"]).sum(1)
+    out["top10_overlap_with_fp32"] = {"mean": round(float(np.mean(overlap)), 4), "min": round(float(np.min(overlap)), 2)}
+    out["cosine_int8_to_fp32"] = {"min": round(float(cos.min()), 4), "mean": round(float(cos.mean()), 4)}
+    out["int8_speedup_over_fp32_eager"] = round(rates["int8"] / rates["fp32"], 2)
+    assert MISSING not in codes
+    return out
+
+
 def real_tiles(n: int) -> list[Path]:
     """Up to n real H&E patches from ../shared/data/patches when present (int8 calibration
     depends on the image statistics), else none."""
@@ -148,7 +209,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--target", type=float, default=2.5, help="speed-up asked for, compared with the fp32 roofline")
     ap.add_argument("--int8-probe", action="store_true", help="also measure post-training int8 (speed and cosine to fp32; CPU)")
+    ap.add_argument("--int8-retrieval", action="store_true", help="also measure Encoder(precision='int8') against fp32 on retrieval over the labelled patches")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the naive/engine throughput rounds (with --int8-retrieval)")
     args = ap.parse_args(argv)
+    if args.no_throughput:
+        if not args.int8_retrieval:
+            ap.error("--no-throughput only makes sense with --int8-retrieval")
+        json.dump({"bench": "embed", "int8_retrieval": int8_retrieval(args.arch, args.batch_size), "cpu_flags": cpu_flags(), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}}, sys.stdout, indent=1)
+        print()
+        return 0
     workers = default_workers() if args.workers is None else args.workers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,11 +248,22 @@ def main(argv=None) -> int:
         "speedup": round(statistics.median(fast) / statistics.median(naive), 2),
         "fp32_roofline": {**roofline, "speedup_over_naive": round(roofline["img_per_s"] / statistics.median(naive), 2), "target_speedup": args.target, "target_above_roofline": args.target * statistics.median(naive) > roofline["img_per_s"]},
         **({"int8_probe": {**probe, "speedup_over_naive": round(probe["img_per_s"] / statistics.median(naive), 2)}} if probe else {}),
+        **({"int8_retrieval": int8_retrieval(args.arch, args.batch_size)} if args.int8_retrieval else {}),
+        "cpu_flags": cpu_flags(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
+
+
+def cpu_flags() -> list[str]:
+    """SIMD flags that decide the CPU paths (AVX2 / AVX-512 / native bf16 / AMX)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Write a large synthetic whole-slide image made of real H&E patches, for indexer benchmarks.
 
 The slide is a pyramidal tiled TIFF (OpenSlide "generic-tiff", deflate, 0.5 um/px like the
-patches): an elliptical "tissue" area tiled with randomly chosen, flipped and rotated 224 px
+patches, or --mpp 0.25 for a 40x-like slide whose patches are upsampled 2x): an elliptical "tissue" area tiled with randomly chosen, flipped and rotated 224 px
 patches of ../shared/data/patches (NCT-CRC-HE-100K and CRC-VAL-HE-7K, 0.5 um/px), on white
 glass, so that the tissue mask has real work to do.
 
     python bench/make_mosaic_slide.py --size 20000 --out /tmp/mosaic-20k.tiff
+    python bench/make_mosaic_slide.py --size 20000 --mpp 0.25 --out /tmp/mosaic-20k-40x.tiff
+    python bench/make_mosaic_slide.py --size 20000 --level-factor 4 --out /tmp/mosaic-20k-4x.tiff  # levels 1x, 4x, 16x as a 20x SVS
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ PATCH_PX = 224
 PATCH_SETS = ("nct-crc-he-100k", "crc-val-he-7k")
 
 
-def load_patches(patches_dir: Path) -> list[np.ndarray]:
+def load_patches(patches_dir: Path, patch_px: int = PATCH_PX) -> list[np.ndarray]:
+    """The 224 px patches (0.5 um/px) at patch_px (448 for a 0.25 um/px slide: upsampled)."""
     out = []
     for name in PATCH_SETS:
         for path in sorted((patches_dir / name).glob("*")):
@@ -34,6 +37,8 @@ def load_patches(patches_dir: Path) -> list[np.ndarray]:
                 img = Image.open(path).convert("RGB")
                 if img.size != (PATCH_PX, PATCH_PX):
                     img = img.resize((PATCH_PX, PATCH_PX), Image.Resampling.BILINEAR)
+                if patch_px != PATCH_PX:
+                    img = img.resize((patch_px, patch_px), Image.Resampling.BICUBIC)
                 out.append(np.asarray(img))
     if not out:
         raise SystemExit(f"no 224 px patches found under {patches_dir} ({', '.join(PATCH_SETS)})")
@@ -44,7 +49,8 @@ def mosaic(size_px: int, patches: list[np.ndarray], seed: int = 0) -> np.ndarray
     """size x size RGB: an ellipse covering ~60 % of the area tiled with patches, glass around."""
     rng = np.random.default_rng(seed)
     rgb = np.full((size_px, size_px, 3), 242, np.uint8)
-    cells = size_px // PATCH_PX
+    patch_px = patches[0].shape[0]
+    cells = size_px // patch_px
     centre, radius = cells / 2, cells * 0.44
     for cy in tqdm(range(cells), desc="mosaic rows", unit="row"):
         for cx in range(cells):
@@ -53,7 +59,7 @@ def mosaic(size_px: int, patches: list[np.ndarray], seed: int = 0) -> np.ndarray
             patch = np.rot90(patches[rng.integers(len(patches))], k=int(rng.integers(4)))
             if rng.integers(2):
                 patch = patch[:, ::-1]
-            rgb[cy * PATCH_PX : (cy + 1) * PATCH_PX, cx * PATCH_PX : (cx + 1) * PATCH_PX] = patch
+            rgb[cy * patch_px : (cy + 1) * patch_px, cx * patch_px : (cx + 1) * patch_px] = patch
     return rgb
 
 
@@ -63,13 +69,18 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output .tiff path")
     parser.add_argument("--patches", type=Path, default=REPO.parent / "shared" / "data" / "patches", help="folder of the labelled patch sets (default ../shared/data/patches)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel: 0.5 (the patches' own, default) or 0.25 (a 40x-like slide: patches upsampled 2x)")
+    parser.add_argument("--level-factor", type=int, choices=(2, 4), default=2, help="downsample between pyramid levels (4: levels at 1x, 4x, 16x, as a 20x SVS)")
     args = parser.parse_args(argv)
+    scale = 0.5 / args.mpp if args.mpp > 0 else 0.5
+    if abs(scale - round(scale)) > 1e-9 or round(scale) < 1:
+        parser.error("--mpp must be 0.5 divided by a whole number (0.5, 0.25, ...): the patches are 0.5 um/px")
     if args.size < 2 * PATCH_PX:
         parser.error(f"--size must be at least {2 * PATCH_PX}")
-    patches = load_patches(args.patches)
+    patches = load_patches(args.patches, PATCH_PX * int(round(scale)))
     rgb = mosaic(args.size, patches, args.seed)
-    write_pyramidal_tiff(args.out, rgb, mpp=0.5)
-    print(json.dumps({"out": str(args.out), "size_px": args.size, "patches": len(patches), "mpp": 0.5, "bytes": args.out.stat().st_size}))
+    write_pyramidal_tiff(args.out, rgb, mpp=args.mpp, level_factor=args.level_factor)
+    print(json.dumps({"out": str(args.out), "size_px": args.size, "patches": len(patches), "mpp": args.mpp, "level_factor": args.level_factor, "bytes": args.out.stat().st_size}))
 
 
 if __name__ == "__main__":

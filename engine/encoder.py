@@ -204,6 +204,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# "auto" is the default everywhere; "int8" only where a caller asks for it by name.
+PRECISIONS = ("auto", "fp32", "int8")
+
+
 class Encoder:
     """Batched embedding of uint8 RGB tiles into raw (not normalised) features.
 
@@ -211,13 +215,19 @@ class Encoder:
     safe path for the hardware: on CUDA, fp16 autocast + channels_last; on CPU, channels_last
     with a frozen TorchScript graph (conv+BN folded, oneDNN kernels), which keeps > 0.999
     cosine to fp32 (bf16 autocast is used only where the CPU has native bf16).
+    precision="int8" (CPU only, opt-in, never chosen by "auto"): post-training static int8
+    quantisation (FX graph mode, x86 backend), calibrated on the first batch embedded. Faster
+    on CPUs without native bf16 but NOT numerically safe (about 0.96-0.98 cosine to fp32);
+    what it does to retrieval is measured in docs/benchmarks.md (issue 14).
     """
 
     def __init__(self, model: nn.Module, info: EncoderInfo, device: str = "auto", precision: str = "auto"):
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision must be 'auto' or 'fp32', not {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.info = info
         self.device = resolve_device(device)
+        if precision == "int8" and self.device.type != "cpu":
+            raise EncoderError(f"precision 'int8' is a CPU path (x86 quantised kernels); on {self.device.type} use 'auto'")
         self.precision = precision
         self.model = model.eval().to(self.device)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
@@ -256,8 +266,27 @@ class Encoder:
             return fast
         with self._fast_lock:
             if self._fast is None:
-                self._fast = self._build_fast(example[:1])
+                # int8 calibrates its activation ranges on the whole first batch; the others
+                # only trace with one image
+                self._fast = self._build_int8(example) if self.precision == "int8" else self._build_fast(example[:1])
             return self._fast
+
+    def _build_int8(self, calibration: torch.Tensor):
+        """Post-training static int8 copy of the model, activation ranges observed on
+        `calibration` (normalised float tiles). Observing one batch is what makes int8 data
+        dependent: the first batch of a run decides the scales of all later ones."""
+        import copy
+
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        torch.backends.quantized.engine = "x86"
+        example = calibration.contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+            prepared = prepare_fx(copy.deepcopy(self.model).eval(), get_default_qconfig_mapping("x86"), (example[:1],))
+            prepared(example)
+            return convert_fx(prepared)
 
     def _build_fast(self, example: torch.Tensor):
         model = self.model.to(memory_format=torch.channels_last)
@@ -275,6 +304,8 @@ class Encoder:
         return fast
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "int8":
+            return self._fast_model(x)(x.contiguous())
         x = x.contiguous(memory_format=torch.channels_last)
         fast = self._fast_model(x)
         if self.device.type == "cuda":
@@ -288,7 +319,9 @@ class Encoder:
     def warm_up(self) -> None:
         """Prepare the fast path now (seconds on CPU) rather than in the first request:
         servers call this once before serving."""
-        if self.precision != "fp32":
+        # int8 is not built here: calibrating it on a blank image would fix its scales to
+        # nothing; it builds on the first real batch
+        if self.precision == "auto":
             with torch.inference_mode():
                 self._fast_model(self.normalise(torch.zeros((1, 3, INPUT_PX, INPUT_PX), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last))
 

@@ -131,3 +131,37 @@ def test_batch_shape_is_checked():
     with pytest.raises(ValueError):
         enc.embed(torch.zeros((2, 4, 32, 32), dtype=torch.uint8))
     assert enc.embed(torch.zeros((0, 3, 224, 224), dtype=torch.uint8)).shape == (0, 512)
+
+
+# --- int8 (issue 14): opt-in only, CPU only, never what "auto" or the settings pick ---------
+
+
+def test_int8_is_never_the_default_and_refused_unless_asked_for(monkeypatch):
+    from engine.config import Settings
+    from engine.errors import ConfigError
+
+    enc = Encoder.from_spec("random:resnet18", device="cpu")
+    assert enc.precision == "auto"
+    # the settings (flags, HISTOSEEK_PRECISION) of search, indexing and the web app refuse it:
+    # an int8 index queried by fp32 features, or the reverse, would silently lose neighbours
+    with pytest.raises(ConfigError, match="precision"):
+        Settings.load(env={"HISTOSEEK_PRECISION": "int8"})
+    with pytest.raises(ValueError, match="int8"):
+        Encoder.from_spec("random:resnet18", device="cpu", precision="int4")
+    # "auto" on this CPU builds no quantised module
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    enc.embed(x)
+    assert "quantized::" not in str(enc._fast.graph)  # the frozen TorchScript graph: fp32 ops only
+
+
+def test_int8_when_asked_for_is_quantised_and_close_to_fp32():
+    exact = Encoder.from_spec("random:resnet18", device="cpu", precision="fp32")
+    int8 = Encoder.from_spec("random:resnet18", device="cpu", precision="int8")
+    g = torch.Generator().manual_seed(0)
+    # smooth random images (a network's activations on white noise are degenerate)
+    low = torch.randint(0, 256, (8, 3, 14, 14), dtype=torch.uint8, generator=g).float()
+    x = torch.nn.functional.interpolate(low, size=(224, 224), mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+    a, b = exact.embed(x), int8.embed(x)
+    assert any("quantized" in type(m).__module__ for m in int8._fast.modules())
+    assert not np.array_equal(a, b)  # it really is another computation
+    assert cosines(a, b).min() > 0.9
