@@ -234,3 +234,34 @@ def test_demo_mil_run_is_small_and_recorded_once(tmp_path):
         run = s.get(models.BenchmarkRun, first)
     catalog.dispose()
     assert run.dataset_kind == "mil" and run.parameters["label_column"] == "site" and len(run.metrics["folds"]) == 2
+
+
+@pytest.mark.slow
+def test_predicting_a_new_slide_file_embeds_it_like_the_indexer(tmp_path):
+    """`engine mil predict --slide PATH` on a file that is not in the index tiles it on the
+    run's grid and embeds it with the run's encoder: on a file that IS indexed, its tiles and
+    its answer must agree with predicting from the stored vectors. Another encoder is refused."""
+    from engine.mil.predict import predict_file
+    from tests.indexed_archive import make_indexed_archive
+    from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
+
+    slides = [write_pyramidal_tiff(tmp_path / f"s{i}.tiff", tissue_blobs(1536, 1536, seed=i), mpp=0.5) for i in range(4)]
+    rows = [{"slide": p.name, "diagnosis": "a" if i % 2 else "b"} for i, p in enumerate(slides)]
+    settings = make_indexed_archive(tmp_path / "arch", slides, "random:resnet18", rows)
+    bags = load_bags(settings.catalog_url, settings.index_dir, "diagnosis", group="slide")
+    train_run(bags, tmp_path / "run", MilOptions(folds=2, group="slide", device="cpu", progress=False, train=TrainOptions(hidden=16, attention=8, max_epochs=3, patience=2)))
+    run = load_run(tmp_path / "run")
+    catalog = Catalog(settings.catalog_url)
+    with catalog.session() as s:
+        slide_id = s.scalar(sa.select(models.Slide.id).where(models.Slide.path.like("%s1.tiff")))
+    stored = predict_indexed(catalog, settings.index_dir, run, slide_id)
+    catalog.dispose()
+    fresh = predict_file(slides[1], run, "random:resnet18", device="cpu")
+    assert [(t["x"], t["y"], t["size"]) for t in fresh["tiles"]] == [(t["x"], t["y"], t["size"]) for t in stored["tiles"]]
+    for label, p in stored["probabilities"].items():
+        assert fresh["probabilities"][label] == pytest.approx(p, abs=0.02)
+    att_fresh = np.array([t["attention"] for t in fresh["tiles"]])
+    att_stored = np.array([t["attention"] for t in stored["tiles"]])
+    assert np.abs(att_fresh - att_stored).max() < 0.05
+    with pytest.raises(EncoderError, match="give that encoder"):
+        predict_file(slides[1], run, "random:resnet34", device="cpu")
