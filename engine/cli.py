@@ -28,7 +28,7 @@ def main(verbose: int) -> None:
 @click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch.")
 @click.option("--workers", type=int, default=None, help="Decoding worker processes [default: cores - 1].")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images in the sidecar and go on, instead of stopping.")
-@settings_options
+@settings_options(int8=True)
 @handle_errors
 def features(inputs, out, batch_size, workers, skip_bad, settings: Settings) -> None:
     """Raw (not normalised) encoder features of IMAGES_OR_DIRS, in sorted path order.

@@ -4,6 +4,7 @@ a clean `click.ClickException` at the edge."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -14,16 +15,26 @@ from engine.config import Settings
 from engine.errors import HistoseekError
 
 
-def settings_options(func):
+def settings_options(func=None, *, int8: bool = False):
     """--data-dir, --catalog, --index-dir, --encoder, --device, --precision on a command;
-    the command receives `settings: Settings` instead of those flags."""
+    the command receives `settings: Settings` instead of those flags.
+
+    int8=True also offers `--precision int8` on that command. Only as a flag, never from
+    HISTOSEEK_PRECISION: quantised features must not reach an index or a search by way of
+    an environment variable set for another command."""
+    if func is None:
+        return functools.partial(settings_options, int8=int8)
+    choices = ["auto", "fp32", "int8"] if int8 else ["auto", "fp32"]
+    precision_help = "auto: fastest numerically safe path; fp32: exact [env HISTOSEEK_PRECISION]." + (
+        " int8: post-training int8 on the CPU, faster where there is no native bf16, less exact (flag only; see docs/benchmarks.md)." if int8 else ""
+    )
 
     @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder for the default catalog, index and weights [env HISTOSEEK_DATA_DIR; default ~/.local/share/histoseek].")
     @click.option("--catalog", "catalog_url", default=None, metavar="URL", help="Catalog database URL, e.g. sqlite:///cat.sqlite or postgresql+psycopg://u:p@host/db [env HISTOSEEK_CATALOG].")
     @click.option("--index-dir", type=click.Path(file_okay=False), default=None, help="Folder of FAISS shard files [env HISTOSEEK_INDEX_DIR].")
     @click.option("--encoder", default=None, metavar="SPEC", help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] for demos [env HISTOSEEK_ENCODER].")
     @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env HISTOSEEK_DEVICE; default auto].")
-    @click.option("--precision", type=click.Choice(["auto", "fp32"]), default=None, help="auto: fastest numerically safe path; fp32: exact [env HISTOSEEK_PRECISION].")
+    @click.option("--precision", type=click.Choice(choices), default=None, help=precision_help)
     @functools.wraps(func)
     def wrapper(*args, data_dir, catalog_url, index_dir, encoder, device, precision, **kwargs):
         overrides = {
@@ -32,12 +43,13 @@ def settings_options(func):
             "index_dir": index_dir,
             "encoder": encoder,
             "device": device,
-            "precision": precision,
+            "precision": None if precision == "int8" else precision,
         }
         for key in ("target_mpp", "tile_px"):
             if key in kwargs:
                 overrides[key] = kwargs.pop(key)
-        kwargs["settings"] = run_edge(Settings.load, **overrides)
+        settings = run_edge(Settings.load, **overrides)
+        kwargs["settings"] = dataclasses.replace(settings, precision="int8") if precision == "int8" else settings
         return func(*args, **kwargs)
 
     return wrapper

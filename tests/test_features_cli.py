@@ -76,3 +76,31 @@ def test_no_encoder_is_a_helpful_error(tmp_path):
     write_tiles(tmp_path / "tiles", 1)
     result = CliRunner(env={"HISTOSEEK_ENCODER": ""}).invoke(main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "f.npy"), "--data-dir", str(tmp_path)])
     assert result.exit_code != 0 and "best_ckpt.pth" in result.output
+
+
+def test_int8_is_a_flag_of_engine_features_only(tmp_path, monkeypatch):
+    """Issue 14: `engine features --precision int8` quantises (close to fp32, not equal);
+    HISTOSEEK_PRECISION=int8 and `indexer build --precision int8` are refused, so quantised
+    features never reach an index by accident."""
+    write_tiles(tmp_path / "tiles", 8, seed=3)
+    common = ["--encoder", "random:resnet18", "--workers", "0", "--data-dir", str(tmp_path), "--device", "cpu"]
+    outs = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.npy"
+        result = run(["features", str(tmp_path / "tiles"), "--precision", precision, "--out", str(out), *common])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.with_suffix(".json").read_text())["precision"] == precision
+        outs[precision] = np.load(out)
+    a, b = outs["fp32"], outs["int8"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.9 and not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setenv("HISTOSEEK_PRECISION", "int8")
+    result = CliRunner().invoke(main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "env.npy"), *common])
+    assert result.exit_code != 0 and "precision must be 'auto' or 'fp32'" in result.output
+    monkeypatch.delenv("HISTOSEEK_PRECISION")
+
+    from indexer.cli import main as indexer_main
+
+    result = CliRunner().invoke(indexer_main, ["build", str(tmp_path / "tiles"), "--precision", "int8", *common])
+    assert result.exit_code == 2 and "int8" in result.output
