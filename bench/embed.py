@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from engine.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, build_backbone
+from engine.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, build_backbone, cpu_flags
 from engine.features import compute_features, default_workers
 
 
@@ -255,15 +255,6 @@ def main(argv=None) -> int:
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
-
-
-def cpu_flags() -> list[str]:
-    """SIMD flags that decide the CPU paths (AVX2 / AVX-512 / native bf16 / AMX)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 if __name__ == "__main__":

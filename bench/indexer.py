@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from engine.config import Settings  # noqa: E402
-from engine.encoder import Encoder  # noqa: E402
+from engine.encoder import Encoder, cpu_flags  # noqa: E402
 from engine.features import default_workers  # noqa: E402
 from engine.slides import open_slide, read_box  # noqa: E402
 from indexer.build import build_archive  # noqa: E402
@@ -192,15 +192,6 @@ def main(argv=None) -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's SIMD flags that matter here (AVX2 / AVX-512 / bf16 / AMX), from /proc/cpuinfo."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 if __name__ == "__main__":

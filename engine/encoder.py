@@ -335,12 +335,19 @@ class Encoder:
         return out.float().cpu().numpy()
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that decide the CPU paths (AVX2 / AVX-512 / native bf16 / AMX),
+    from /proc/cpuinfo; benchmarks print them beside every figure."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
     except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+
+
+def _cpu_has_native_bf16() -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpu_flags()))
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
