@@ -82,6 +82,9 @@ def write_shard(path: str | Path, ids: np.ndarray, xb: np.ndarray, encoder: Shar
     return sha
 
 
+_SHARD_HEADER_BYTES = 90
+
+
 def shard_file_bytes(count: int, dim: int) -> int:
     """The exact size of a shard file of `count` vectors of `dim` floats: the serialised
     IndexIDMap2(IndexFlatIP) is a 90-byte header, the vectors, then the int64 ids. A cheap
@@ -89,7 +92,6 @@ def shard_file_bytes(count: int, dim: int) -> int:
     return _SHARD_HEADER_BYTES + int(count) * (4 * int(dim) + 8)
 
 
-_SHARD_HEADER_BYTES = 90
 # Stored vectors are L2-normalised (zero rows stay zero): a squared norm outside this band
 # means the file's bytes are not what the writer wrote (a flipped exponent bit gave a
 # vector of norm 1.6e7 that silently dominated every inner-product search).

@@ -124,10 +124,10 @@ def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encod
             why = f"its shard file {shard.path} was quarantined ({shard.error or 'damaged'})"
         elif not file.is_file():
             why = f"its shard file {shard.path} is gone"
-        elif file.stat().st_size != shard_file_bytes(shard.count, encoder.dim):
+        elif (size := file.stat().st_size) != (expected := shard_file_bytes(shard.count, encoder.dim)):
             # one stat per shard: catches truncated or padded files; flipped bytes need the
             # checksum, which `indexer verify` and search check (and then quarantine)
-            why = f"its shard file {shard.path} has {file.stat().st_size} bytes, {shard_file_bytes(shard.count, encoder.dim)} expected"
+            why = f"its shard file {shard.path} has {size} bytes, {expected} expected"
         if why is None:
             continue
         slide_ids = session.scalars(sa.select(Tile.slide_id).where(Tile.shard_id == shard.id).distinct()).all()

@@ -98,18 +98,21 @@ def commit_slide(
             return
         except _ShardGone:
             if attempt == 2:
-                path.unlink(missing_ok=True)
-                sidecar_of(path).unlink(missing_ok=True)
+                _remove_shard_files(path)
                 raise ShardError(f"shard {rel} was deleted or replaced twice between its write and its commit; is another program cleaning {index_dir}? run the build again") from None
             LOG.warning("shard %s was deleted or replaced before its commit; writing it again", rel)
         except BaseException:
-            path.unlink(missing_ok=True)
-            sidecar_of(path).unlink(missing_ok=True)
+            _remove_shard_files(path)
             raise
 
 
 class _ShardGone(Exception):
     pass
+
+
+def _remove_shard_files(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    sidecar_of(path).unlink(missing_ok=True)
 
 
 def _file_is(path: Path, sha: str) -> bool:

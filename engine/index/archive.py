@@ -49,30 +49,39 @@ def choose_kind(n_tiles: int, requested: str = "auto", flat_max: int = FLAT_MAX_
 OnError = Callable[[str, ShardError], None]
 
 
+def _read_checked(key: str, path: Path, sha256: dict[str, str] | None, on_error: OnError | None):
+    """The shard loaded checked (read_shard), or None when it fails and `on_error` took the
+    error (without `on_error` it is raised)."""
+    try:
+        return read_shard(path, (sha256 or {}).get(key))
+    except ShardError as exc:
+        if on_error is None:
+            raise
+        on_error(key, exc)
+        return None
+
+
 def _loadable(shards: dict[str, Path], sha256: dict[str, str] | None, on_error: OnError | None) -> dict[str, int]:
     """key -> vector count of the shards that load (checked); the others go to on_error."""
     counts = {}
     for key, path in shards.items():
-        try:
-            counts[key] = read_shard(path, (sha256 or {}).get(key)).ntotal
-        except ShardError as exc:
-            if on_error is None:
-                raise
-            on_error(key, exc)
+        index = _read_checked(key, path, sha256, on_error)  # one shard in memory at a time
+        if index is not None:
+            counts[key] = index.ntotal
     return counts
 
 
 def _training_sample(shards: dict[str, Path], counts: dict[str, int], size: int, seed: int, progress: bool) -> np.ndarray:
-    """About `size` vectors drawn uniformly from all shards (one shard in memory at a time)."""
+    """About `size` vectors drawn uniformly from the shards in `counts` (key -> vector count;
+    one shard in memory at a time)."""
     rng = np.random.default_rng(seed)
-    shards = {key: shards[key] for key in counts}
     total = sum(counts.values())
     frac = min(1.0, size / max(total, 1))
     parts = []
-    for key, path in tqdm(shards.items(), desc="sampling for training", unit="shard", disable=not progress):
-        if not counts[key]:
+    for key, count in tqdm(counts.items(), desc="sampling for training", unit="shard", disable=not progress):
+        if not count:
             continue
-        _, xb = shard_arrays(path)
+        _, xb = shard_arrays(shards[key])
         take = rng.random(len(xb)) < frac
         parts.append(xb[take])
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
@@ -90,12 +99,8 @@ def sync_index(index, shards: dict[str, Path], *, progress: bool = False, sha256
         index.remove_shard(key)
     added = 0
     for key in tqdm(new, desc="loading shards", unit="shard", disable=not progress or len(new) < 2):
-        try:
-            loaded = read_shard(shards[key], (sha256 or {}).get(key))
-        except ShardError as exc:
-            if on_error is None:
-                raise
-            on_error(key, exc)
+        loaded = _read_checked(key, shards[key], sha256, on_error)
+        if loaded is None:
             continue
         if isinstance(index, FlatShardIndex):
             index.add_shard(key, loaded)
