@@ -112,10 +112,9 @@ def read_shard(path: str | Path, sha256: str | None = None) -> faiss.IndexIDMap2
     must hash to it; in any case every stored vector must be unit length (or zero), so a
     damaged file is refused (ShardError) rather than searched.
 
-    The file is read once and hashed from memory: sha256 runs at ~0.7-1.1 GB/s here, about
-    what reading and deserialising cost, so a checked load takes ~2x an unchecked one, and
-    it is paid once per new shard (search keeps loaded shards; the compressed index keeps
-    its own copy). The norm check costs ~3 ms per 32 MB shard."""
+    The file is read once and hashed from memory. Hashing dominates: a checked load costs
+    several times FAISS's bare `read_index` (bench/shard_load.py; docs/benchmarks.md), paid
+    once per new shard (search keeps loaded shards; the compressed index keeps its own copy)."""
     path = Path(path)
     try:
         data = path.read_bytes()
