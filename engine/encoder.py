@@ -14,6 +14,7 @@ exactly like the released RetCCL weights. Accepted checkpoint layouts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
@@ -346,6 +347,7 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
+@functools.cache  # asked on every CPU batch; the CPU does not change under a process
 def _cpu_has_native_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & set(cpu_flags()))
 

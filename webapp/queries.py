@@ -10,6 +10,7 @@ tissue content.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from flask import abort
@@ -57,8 +58,6 @@ def _number(values, name: str, cast, low, high):
     for anything else. JSON may hand over floats (1e20, 1e308) and form fields strings
     ("inf", "nan"): non-finite and (for int) fractional values are refused before they reach
     int(), which raised OverflowError (500) for infinity, or a database driver (1e20 > 2**63)."""
-    import math  # local: this function is the only user in this module
-
     raw = values.get(name)
     if raw in (None, ""):
         return None

@@ -27,13 +27,13 @@ import threading
 from pathlib import Path
 
 import openslide
-import sqlalchemy as sa
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from engine.catalog import Catalog, models
 from engine.errors import NotFound, SlideChanged, SlideError
 from engine.slides import fingerprint, flatten_rgba, open_slide
+from webapp.archive import get_slide
 
 # Deep-zoom tiles of 254 px + 1 px overlap: 256 px images, the layout OpenSeadragon expects.
 DZ_TILE_PX = 254
@@ -107,11 +107,16 @@ def _file_stat(slide_id: int, path: Path) -> tuple[int, int, int, int]:
     """(device, inode, size, mtime_ns) of a slide's file; SlideChanged when it is gone."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise SlideChanged(f"slide {slide_id} ({path.name}): its file is gone since it was indexed; restore it, or run `indexer build` to update the catalog") from None
     except OSError as exc:
-        raise SlideError(f"slide {slide_id} ({path.name}): its file cannot be read ({exc.strerror or exc})") from None
+        raise _file_error(slide_id, path, exc) from None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _file_error(slide_id: int, path: Path, exc: OSError) -> SlideError:
+    """The error to raise for an OSError on a slide's file: SlideChanged when it is gone."""
+    if isinstance(exc, FileNotFoundError):
+        return SlideChanged(f"slide {slide_id} ({path.name}): its file is gone since it was indexed; restore it, or run `indexer build` to update the catalog")
+    return SlideError(f"slide {slide_id} ({path.name}): its file cannot be read ({exc.strerror or exc})")
 
 
 def _fit(w: int, h: int, max_px: int) -> tuple[int, int]:
@@ -122,12 +127,13 @@ def _fit(w: int, h: int, max_px: int) -> tuple[int, int]:
     return max(1, round(w / scale)), max(1, round(h / scale))
 
 
-def _read_blocks(slide: openslide.OpenSlide, level: int, x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> Image.Image:
-    """The level-0 box (x, y, w, h) as RGB out_w x out_h, read from `level` in blocks of at
-    most READ_MAX_PX level pixels, each reduced before the next is read: memory does not
-    grow with the box. Outside-scan pixels are white."""
-    ds = slide.level_downsamples[level]
+def _read_blocks(slide: openslide.OpenSlide, x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> Image.Image:
+    """The level-0 box (x, y, w, h) as RGB out_w x out_h, read from the coarsest level with
+    enough pixels in blocks of at most READ_MAX_PX level pixels, each reduced before the next
+    is read: memory does not grow with the box. Outside-scan pixels are white."""
     sx, sy = w / out_w, h / out_h  # level-0 pixels per output pixel
+    level = slide.get_best_level_for_downsample(max(sx, sy, 1.0))
+    ds = slide.level_downsamples[level]
     side = math.isqrt(READ_MAX_PX)
     bw_max = max(1, int(side * ds / sx))  # output pixels per block, across and down
     bh_max = max(1, int(side * ds / sy))
@@ -167,10 +173,7 @@ class SlideCache:
     def _row(self, slide_id: int):
         """The slide's catalog row as it is now: NotFound when removed, SlideChanged when
         `indexer build` found its file missing or changed, SlideError when not indexed."""
-        with self.catalog.session() as s:
-            row = s.execute(sa.select(models.Slide.path, models.Slide.fingerprint, models.Slide.status, models.Slide.error).where(models.Slide.id == slide_id)).first()
-        if row is None:
-            raise NotFound(f"no slide with id {slide_id} in the archive")
+        row = get_slide(self.catalog, slide_id)
         name = Path(row.path).name
         if row.status == models.MISSING:
             raise SlideChanged(f"slide {slide_id} ({name}): its file is missing or changed since it was indexed; restore it, or run `indexer build` to re-index it")
@@ -221,10 +224,8 @@ class SlideCache:
         before = _file_stat(slide_id, path)
         try:
             found = fingerprint(path)
-        except FileNotFoundError:
-            raise SlideChanged(f"slide {slide_id} ({path.name}): its file is gone since it was indexed; restore it, or run `indexer build` to update the catalog") from None
         except OSError as exc:
-            raise SlideError(f"slide {slide_id} ({path.name}): its file cannot be read ({exc.strerror or exc})") from None
+            raise _file_error(slide_id, path, exc) from None
         if found != row.fingerprint:
             raise SlideChanged(f"slide {slide_id} ({path.name}): the slide file changed since it was indexed (its content is not the slide the catalog describes); run `indexer build` to re-index it")
         slide = open_slide(path)
@@ -273,8 +274,7 @@ class SlideCache:
                 out_w, out_h = _fit(width, height, OVERVIEW_MAX_PX)
                 image = _read_direct(slide, 0, 0, width, height, out_w, out_h)
                 if image is None:
-                    level = slide.get_best_level_for_downsample(max(width / out_w, height / out_h))
-                    image = _read_blocks(slide, level, 0, 0, width, height, out_w, out_h)
+                    image = _read_blocks(slide, 0, 0, width, height, out_w, out_h)
                 opened.overview = Overview(image, width / out_w, height / out_h)
             return opened.overview
 
@@ -289,8 +289,7 @@ class SlideCache:
         overview = self._overview(opened)
         if overview.sx <= w / out_w * 1.001 and overview.sy <= h / out_h * 1.001:
             return _from_overview(overview, slide.dimensions, x, y, w, h, out_w, out_h)
-        level = slide.get_best_level_for_downsample(max(w / out_w, h / out_h, 1.0))
-        return _read_blocks(slide, level, x, y, w, h, out_w, out_h)
+        return _read_blocks(slide, x, y, w, h, out_w, out_h)
 
     # -- what the routes serve -------------------------------------------------------------
 
