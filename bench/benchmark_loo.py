@@ -1,6 +1,6 @@
 """Leave-one-out search speed at archive scale, from synthetic features (no encoder).
 
-Times `engine.benchmark_knn.loo_neighbours` (one batched FAISS flat search + exact fallback)
+Times `engine.evaluation.knn.loo_neighbours` (one batched FAISS flat search + exact fallback)
 on N L2-normalised D-d vectors grouped in slides, against the baseline a per-query
 implementation would take (one search per query, asking for k + slide size neighbours and
 filtering), timed on a sample of queries in the same run and extrapolated to N. The sample's
@@ -20,7 +20,7 @@ import time
 import faiss
 import numpy as np
 
-from engine.benchmark_knn import loo_neighbours
+from engine.evaluation.knn import loo_neighbours
 from engine.encoder import l2_normalise
 
 

@@ -137,7 +137,7 @@ def int8_retrieval(arch: str, batch_size: int, seed: int = 0) -> dict:
     import copy
 
     from engine.encoder import l2_normalise, load_backbone
-    from engine.metrics import MISSING, acc_at_k, encode_labels, mmv_at_k
+    from engine.evaluation.metrics import MISSING, acc_at_k, encode_labels, mmv_at_k
 
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patches"
     if not (root / "labels.csv").is_file():

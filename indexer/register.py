@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from engine.catalog.base import utcnow
-from engine.catalog.models import FAILED, INDEXED, MISSING, PENDING, SHARD_QUARANTINED, Encoder, Shard, Slide, Tile
+from engine.catalog.models import FAILED, INDEXED, MISSING, PENDING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
 from engine.encoder import EncoderInfo
 from engine.errors import ConfigError
 from engine.shards import ShardEncoder, encoder_dir, list_orphan_sidecars, list_shards, list_temp_files, shard_file_bytes, sidecar_of
@@ -37,17 +37,17 @@ class Registration:
     files_to_delete: list[Path] = dataclasses.field(default_factory=list)
 
 
-def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder) -> Encoder:
+def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder) -> EncoderRecord:
     """The catalog row of this encoder + grid, created on first use."""
     row = session.scalar(
-        sa.select(Encoder).where(
-            Encoder.checkpoint_sha256 == info.checkpoint_sha256,
-            Encoder.target_mpp == shard_encoder.target_mpp,
-            Encoder.tile_px == shard_encoder.tile_px,
+        sa.select(EncoderRecord).where(
+            EncoderRecord.checkpoint_sha256 == info.checkpoint_sha256,
+            EncoderRecord.target_mpp == shard_encoder.target_mpp,
+            EncoderRecord.tile_px == shard_encoder.tile_px,
         )
     )
     if row is None:
-        row = Encoder(
+        row = EncoderRecord(
             name=info.name,
             architecture=info.architecture,
             checkpoint_sha256=info.checkpoint_sha256,
@@ -62,13 +62,13 @@ def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder
     return row
 
 
-def check_one_encoder(session: Session, encoder: Encoder) -> None:
+def check_one_encoder(session: Session, encoder: EncoderRecord) -> None:
     """A slide has one status, so a catalog is indexed with one encoder + grid."""
     other = session.execute(
-        sa.select(Encoder.name, Encoder.checkpoint_sha256, Encoder.target_mpp, Encoder.tile_px, sa.func.count(Slide.id))
-        .join(Slide, Slide.encoder_id == Encoder.id)
-        .where(Slide.status == INDEXED, Encoder.id != encoder.id)
-        .group_by(Encoder.id)
+        sa.select(EncoderRecord.name, EncoderRecord.checkpoint_sha256, EncoderRecord.target_mpp, EncoderRecord.tile_px, sa.func.count(Slide.id))
+        .join(Slide, Slide.encoder_id == EncoderRecord.id)
+        .where(Slide.status == INDEXED, EncoderRecord.id != encoder.id)
+        .group_by(EncoderRecord.id)
     ).first()
     if other is not None:
         name, sha, mpp, px, n = other
@@ -92,7 +92,7 @@ def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path) -> list[
     return files
 
 
-def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encoder: Encoder, reg: Registration, *, other_builds: Callable[[], list[str]] | None = None) -> None:
+def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encoder: EncoderRecord, reg: Registration, *, other_builds: Callable[[], list[str]] | None = None) -> None:
     """Undo what a killed run may have left and what `indexer verify` or a search found
     damaged: shard files without a catalog row (written, then killed before the commit),
     temp files and orphan sidecars, and catalog shards whose file vanished, has the wrong
@@ -245,7 +245,7 @@ def _touch_shards(session: Session, slide: Slide) -> None:
 
 
 def _mark_missing(session: Session, slide: Slide, why: str) -> None:
-    """The slide's file is gone or unreadable: out of search (engine/search.py searches only
+    """The slide's file is gone or unreadable: out of search (engine/search/engine.py searches only
     indexed slides), tiles and vectors kept for when it comes back."""
     slide.status = MISSING
     slide.error = f"{why} ({slide.path}); restore it or `indexer remove {slide.id}`"

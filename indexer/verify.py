@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, Encoder, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
 from engine.errors import ShardError
 from engine.files import file_sha256
 from engine.shards import ShardEncoder, list_orphan_sidecars, list_shards, list_temp_files, read_shard_encoder, shard_arrays
@@ -51,7 +51,7 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
     report = VerifyReport()
     damaged: dict[int, str] = {}
     with catalog.session() as s:
-        encoders = {e.id: e for e in s.scalars(sa.select(Encoder))}
+        encoders = {e.id: e for e in s.scalars(sa.select(EncoderRecord))}
         shards = list(s.scalars(sa.select(Shard).order_by(Shard.id)))
         for shard in tqdm(shards, unit="shard", desc="verify", disable=not progress):
             report.shards += 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from engine.cli_common import handle_errors, settings_options, setup_logging
+from engine.cli.common import handle_errors, settings_options, setup_logging
 from engine.config import Settings
 from engine.encoder import ARCH_DIMS
 from engine.files import atomic_write_text
@@ -138,7 +138,7 @@ def lincls(dataset_spec, label_column, mode, val_fraction, exclusion, epochs, lr
 
         python -m pretrain lincls --dataset folder:NCT-CRC-HE-100K --encoder ccl.pth
     """
-    from engine.datasets import load_dataset
+    from engine.evaluation.datasets import load_dataset
     from engine.encoder import Encoder
     from pretrain.lincls import ProbeOptions, format_report, plot_confusion, run_probe
 

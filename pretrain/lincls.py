@@ -1,6 +1,6 @@
 """Linear probe and fine-tuning of an encoder on a labelled patch set, with accuracy per class.
 
-The data set is any kind the benchmark reads (`engine.datasets.load_dataset`: folder, csv,
+The data set is any kind the benchmark reads (`engine.evaluation.datasets.load_dataset`: folder, csv,
 unitopatho, tissuenet). It is split once into train and validation parts, stratified by
 class and keeping each slide/patient (the strictest the data set knows) on one side, so the
 score is not inflated by near-duplicate patches of one slide.
@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.benchmark import embed_items
-from engine.datasets import LabelledSet
-from engine.datasets.reading import ItemImages
+from engine.evaluation.benchmark import embed_items
+from engine.evaluation.datasets import LabelledSet
+from engine.evaluation.datasets.reading import ItemImages
 from engine.features import collate_rows
 from engine.encoder import Encoder
 from engine.errors import DatasetError
 from engine.files import atomic_output
-from engine.metrics import encode_labels
+from engine.evaluation.metrics import encode_labels
 
 LOG = logging.getLogger(__name__)
 

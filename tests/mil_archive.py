@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import Encoder, Slide
+from engine.catalog.models import EncoderRecord, Slide
 from engine.config import Settings
 from engine.shards import ShardEncoder
 from engine.slides import SlideInfo
@@ -47,7 +47,7 @@ def make_feature_archive(tmp_path: Path, patients: list[tuple[str, str]], *, sli
     shard_encoder = ShardEncoder(encoder_name, sha, dim, 1.0, 224)
     catalog = Catalog(settings.catalog_url)
     with catalog.session() as s:
-        enc = Encoder(name=encoder_name, architecture="synthetic", checkpoint_sha256=sha, dim=dim, target_mpp=1.0, tile_px=224, normalisation={}, is_random=True)
+        enc = EncoderRecord(name=encoder_name, architecture="synthetic", checkpoint_sha256=sha, dim=dim, target_mpp=1.0, tile_px=224, normalisation={}, is_random=True)
         s.add(enc)
         s.flush()
         encoder_id = enc.id

@@ -12,15 +12,15 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import select
 
-from engine.benchmark import BenchmarkOptions, EncoderResult, BenchmarkReport, cache_path, evaluate, run_benchmark, store_runs, svm_accuracy
-from engine.benchmark_report import table, write_plot
+from engine.evaluation.benchmark import BenchmarkOptions, EncoderResult, BenchmarkReport, cache_path, evaluate, run_benchmark, store_runs, svm_accuracy
+from engine.evaluation.report import table, write_plot
 from engine.catalog.db import Catalog
 from engine.catalog.models import BenchmarkRun
-from engine.cli import main
+from engine.cli.main import main
 from engine.config import Settings
-from engine.datasets import Item, LabelledSet, load_dataset
+from engine.evaluation.datasets import Item, LabelledSet, load_dataset
 from engine.encoder import Encoder
-from engine.metrics import majority_vote
+from engine.evaluation.metrics import majority_vote
 from tests.replicas import make_tissuenet_replica, make_unitopatho_replica
 
 ENCODER = "random:resnet18"

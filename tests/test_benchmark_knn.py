@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.benchmark_knn import exact_neighbours, loo_neighbours
+from engine.evaluation.knn import exact_neighbours, loo_neighbours
 from engine.encoder import l2_normalise
 
 

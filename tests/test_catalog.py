@@ -37,7 +37,7 @@ def test_check_notices_a_model_without_migration(sqlite_url):
 def test_slide_tiles_round_trip_and_cascade(catalog_url):
     cat = Catalog(catalog_url)
     with cat.session() as s:
-        enc = models.Encoder(name="random", architecture="resnet18", checkpoint_sha256="a" * 64, dim=512, target_mpp=1.0, tile_px=224, normalisation={"mean": [0.5]}, is_random=True)
+        enc = models.EncoderRecord(name="random", architecture="resnet18", checkpoint_sha256="a" * 64, dim=512, target_mpp=1.0, tile_px=224, normalisation={"mean": [0.5]}, is_random=True)
         slide = models.Slide(path="a/b.svs", fingerprint="f" * 64, patient="P1", extra={"stain": "H&E", "n": 3}, mpp=0.5, encoder=enc)
         slide.tiles = [models.Tile(id=2**40 + i, x=i * 448, y=0, size=448, tissue_fraction=0.9) for i in range(3)]
         s.add(slide)
@@ -72,7 +72,7 @@ def test_ids_are_never_reused_after_the_highest_row_is_removed(catalog_url, tabl
             if table is models.Slide:
                 row = models.Slide(path=f"s{n}.svs", fingerprint=f"{n:064d}")
             else:
-                enc = s.scalar(sa.select(models.Encoder)) or models.Encoder(name="r", architecture="resnet18", checkpoint_sha256="a" * 64, dim=4, target_mpp=1.0, tile_px=224, normalisation={})
+                enc = s.scalar(sa.select(models.EncoderRecord)) or models.EncoderRecord(name="r", architecture="resnet18", checkpoint_sha256="a" * 64, dim=4, target_mpp=1.0, tile_px=224, normalisation={})
                 row = models.Shard(encoder=enc, path=f"s{n}.faiss", sha256="0" * 64)
             s.add(row)
             s.flush()

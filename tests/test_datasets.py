@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.datasets import load_dataset
-from engine.datasets.reading import ItemImages, rescale_centre
-from engine.datasets.tissuenet import parse_square, patch_grid
+from engine.evaluation.datasets import load_dataset
+from engine.evaluation.datasets.reading import ItemImages, rescale_centre
+from engine.evaluation.datasets.tissuenet import parse_square, patch_grid
 from engine.errors import DatasetError
 from tests.replicas import make_tissuenet_replica, make_unitopatho_replica
 

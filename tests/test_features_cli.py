@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.cli import main
+from engine.cli.main import main
 from tests import checkpoints
 from tests.test_encoder import rel_err, torchvision_reference
 

@@ -1,4 +1,4 @@
-"""Pixel-level placement of a region in a slide (engine.localise): a rotated/mirrored,
+"""Pixel-level placement of a region in a slide (engine.search.localise): a rotated/mirrored,
 rescaled, JPEG-compressed copy of part of a slide is put back on its box in each of the 8
 transforms; a region from another image is refused; and search results carry the pixel
 box first, or the feature boxes alone when the slide file cannot be read at query time."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.localise import ACCEPT_NCC, ViewCache, _Matcher, _transform, coarse_peaks, register_region, turn_margins, uniform_margins
+from engine.search.localise import ACCEPT_NCC, ViewCache, _Matcher, _transform, coarse_peaks, register_region, turn_margins, uniform_margins
 from engine.search import SearchEngine
 from engine.slides import open_slide
 from engine.tissue import tissue_mask_rgb
@@ -38,7 +38,7 @@ def transformed(crop: Image.Image, turns: int, mirrored: bool, scale: float = 1.
 
 
 def undoing(turns: int, mirrored: bool) -> tuple[int, bool]:
-    """The (turns, mirrored) of engine.localise (mirror first, then rot90 counter-clockwise)
+    """The (turns, mirrored) of engine.search.localise (mirror first, then rot90 counter-clockwise)
     that maps a region made by `transformed(crop, turns, mirrored)` back onto the crop."""
     return (4 - turns) % 4, mirrored
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics import (
+from engine.evaluation.metrics import (
     MISSING,
     acc_at_k,
     average_precision_at_k,

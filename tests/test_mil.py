@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine.catalog import Catalog, models
-from engine.cli import main as engine_cli
+from engine.cli.main import main as engine_cli
 from engine.errors import DatasetError, EncoderError
 from engine.mil import MilOptions, load_bags, train_run
 from engine.mil.cv import make_folds

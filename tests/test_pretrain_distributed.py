@@ -20,9 +20,9 @@ import torch
 from click.testing import CliRunner
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import Encoder as CatalogEncoder
+from engine.catalog.models import EncoderRecord
 from engine.catalog.models import Slide, Tile
-from engine.cli import main as engine_cli
+from engine.cli.main import main as engine_cli
 from engine.encoder import Encoder, load_backbone
 from engine.files import file_sha256
 from engine.images import find_images, open_rgb, to_uint8_chw
@@ -135,7 +135,7 @@ def test_two_rank_gloo_kill_resume_export(shared_data, tmp_path, test_output):
     assert result.exit_code == 0, result.output
     cat = Catalog(catalog)
     with cat.session() as s:
-        enc = s.scalars(sa.select(CatalogEncoder)).one()
+        enc = s.scalars(sa.select(EncoderRecord)).one()
         slide = s.scalars(sa.select(Slide)).one()
         tiles = s.scalar(sa.select(sa.func.count()).select_from(Tile))
     cat.dispose()

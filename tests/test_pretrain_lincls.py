@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.datasets import load_dataset
+from engine.evaluation.datasets import load_dataset
 from pretrain.cli import main as pretrain_cli
 from pretrain.lincls import classification_report, split_train_val
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.catalog.models import Slide, Tile
-from engine.cli import main
+from engine.cli.main import main
 from engine.errors import EncoderError, QueryError
 from engine.search import SearchEngine, locate_region
 from engine.slides import open_slide
@@ -109,7 +109,7 @@ def test_perturbed_crops_find_their_source_slide(perturbed_crops, test_output):
 def test_perturbed_crops_are_located(perturbed_crops):
     """The best box of the source slide is where the crop came from: features alone (random
     weights) cannot place it inside the uniform TCGA frozen section, so the box is pinned
-    from the crop's pixels (engine.localise), and says so."""
+    from the crop's pixels (engine.search.localise), and says so."""
     for rec in perturbed_crops:
         assert rec["located"] and rec["best_region"]["match"] == "pixels", rec
         x0, y0, size = rec["crop"]

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, Encoder as EncoderRow, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, EncoderRecord, Shard, Slide, Tile
 from engine.config import Settings
 from engine.encoder import Encoder
 from engine.index import CompressedIndex
@@ -54,7 +54,7 @@ def fill_archive(settings: Settings, encoder, n_slides: int):
     catalog = Catalog(settings.catalog_url)
     info = encoder.info
     with catalog.session() as s:
-        row = EncoderRow(name=info.name, architecture=info.architecture, checkpoint_sha256=info.checkpoint_sha256, dim=info.dim, target_mpp=1.0, tile_px=224, normalisation=info.normalisation, is_random=True)
+        row = EncoderRecord(name=info.name, architecture=info.architecture, checkpoint_sha256=info.checkpoint_sha256, dim=info.dim, target_mpp=1.0, tile_px=224, normalisation=info.normalisation, is_random=True)
         s.add(row)
         s.flush()
         encoder_id = row.id

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from engine.cli_common import handle_errors, run_edge, settings_options, setup_logging
+from engine.cli.common import handle_errors, run_edge, settings_options, setup_logging
 from engine.config import Settings
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from engine.catalog import Catalog
-from engine.cli_common import run_edge, setup_logging
+from engine.cli.common import run_edge, setup_logging
 from engine.config import Settings
 from webapp import users
 from webapp.demo_data import build_demo_archive, fetch_cmu_small_region

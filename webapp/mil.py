@@ -23,7 +23,7 @@ def runs_for_slide(catalog: Catalog, slide_id: int) -> list[dict]:
     """MIL runs trained on the features of the encoder this slide is indexed with (newest
     first): only those can say anything about it."""
     with catalog.session() as s:
-        sha = s.scalar(sa.select(models.Encoder.checkpoint_sha256).join(models.Slide, models.Slide.encoder_id == models.Encoder.id).where(models.Slide.id == slide_id, models.Slide.status == models.INDEXED))
+        sha = s.scalar(sa.select(models.EncoderRecord.checkpoint_sha256).join(models.Slide, models.Slide.encoder_id == models.EncoderRecord.id).where(models.Slide.id == slide_id, models.Slide.status == models.INDEXED))
         if sha is None:
             return []
         rows = s.scalars(sa.select(models.BenchmarkRun).where(models.BenchmarkRun.dataset_kind == MIL_KIND, models.BenchmarkRun.encoder_sha256 == sha).order_by(models.BenchmarkRun.id.desc())).all()

@@ -29,7 +29,7 @@ _NO_ID_REUSE = {"sqlite_autoincrement": True}
 MAX_ROW_ID = 2**31 - 1
 
 
-class Encoder(Base):
+class EncoderRecord(Base):
     """An embedding model as used for indexing: weights + the grid it embeds at."""
 
     __tablename__ = "encoders"
@@ -76,7 +76,7 @@ class Slide(Base):
     indexed_at: Mapped[Optional[dt.datetime]]
 
     tiles: Mapped[list["Tile"]] = relationship(back_populates="slide", cascade="all, delete-orphan", passive_deletes=True)
-    encoder: Mapped[Optional[Encoder]] = relationship()
+    encoder: Mapped[Optional[EncoderRecord]] = relationship()
 
 
 class Shard(Base):
@@ -95,7 +95,7 @@ class Shard(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    encoder: Mapped[Encoder] = relationship()
+    encoder: Mapped[EncoderRecord] = relationship()
 
 
 class Tile(Base):

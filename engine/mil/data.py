@@ -15,7 +15,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, SHARD_QUARANTINED, Encoder, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
 from engine.errors import DatasetError, EncoderError, NotFound
 from engine.shards import shard_arrays
 
@@ -46,7 +46,7 @@ class Contract:
     def from_json(cls, doc: dict) -> "Contract":
         return cls(**{**doc, "classes": tuple(doc["classes"])})
 
-    def check_encoder(self, row: Encoder, what: str) -> None:
+    def check_encoder(self, row: EncoderRecord, what: str) -> None:
         """Refuse features of another encoder: a model trained on one feature space gives
         confident nonsense on another's."""
         if (row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px) != (self.encoder_sha256, self.dim, self.target_mpp, self.tile_px):
@@ -90,10 +90,10 @@ def slide_value(slide: Slide, column: str) -> str | None:
     return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
-def pick_encoder(s, encoder: str | None) -> Encoder:
+def pick_encoder(s, encoder: str | None) -> EncoderRecord:
     """The encoder row whose indexed slides to use: `encoder` matches its name or a prefix
     of its sha256; None: the only encoder with indexed slides."""
-    counts = s.execute(sa.select(Encoder, sa.func.count(Slide.id)).join(Slide, Slide.encoder_id == Encoder.id).where(Slide.status == INDEXED).group_by(Encoder.id)).all()
+    counts = s.execute(sa.select(EncoderRecord, sa.func.count(Slide.id)).join(Slide, Slide.encoder_id == EncoderRecord.id).where(Slide.status == INDEXED).group_by(EncoderRecord.id)).all()
     if not counts:
         raise DatasetError("the catalog has no indexed slides: run `indexer build` first")
     listing = "; ".join(f"{row.name} (sha256 {row.checkpoint_sha256[:12]}, {n} slides)" for row, n in counts)
@@ -183,9 +183,9 @@ def load_bags(catalog_url: str, index_dir: str | Path, label_column: str, *, enc
     return BagSet(bags, classes, contract, notes)
 
 
-def slide_row(catalog: Catalog, slide_id: int) -> tuple[Slide, Encoder | None]:
+def slide_row(catalog: Catalog, slide_id: int) -> tuple[Slide, EncoderRecord | None]:
     with catalog.session() as s:
         slide = s.get(Slide, slide_id)
         if slide is None:
             raise NotFound(f"no slide with id {slide_id} in the catalog (`indexer status` lists them)")
-        return slide, (s.get(Encoder, slide.encoder_id) if slide.encoder_id else None)
+        return slide, (s.get(EncoderRecord, slide.encoder_id) if slide.encoder_id else None)

@@ -6,7 +6,7 @@ Region query: the image is resampled to the index's microns per pixel, cut into 
 grid of tiles (tiles without tissue dropped), each tile searched. A slide's score is the mean
 over query tiles of the best similarity of that tile to any tile of the slide.
 
-Slide query: a mosaic (engine.mosaic) of ~10 % of the slide's tiles, spread over its kinds of
+Slide query: a mosaic (engine.search.mosaic) of ~10 % of the slide's tiles, spread over its kinds of
 tissue and its area, each searched. A slide's score is the median over mosaic tiles of their
 best similarity to the slide (the median ignores a few tiles that match by chance, such as
 background or folds, in a way the mean and max do not).
@@ -34,17 +34,17 @@ from PIL import Image
 from engine.catalog.db import Catalog
 from engine.catalog.base import utcnow
 from engine.catalog.models import INDEXED, MISSING, SHARD_OK, SHARD_QUARANTINED, Shard, Slide, Tile
-from engine.catalog.models import Encoder as EncoderRow
+from engine.catalog.models import EncoderRecord
 from engine.config import Settings
 from engine.encoder import Encoder, l2_normalise
 from engine.errors import EncoderError, NotFound, QueryError
 from engine.images import to_uint8_chw
 from engine.index import FLAT_MAX_TILES, IdFilter, choose_kind, gpu_available, open_index, sync_index
-from engine.metrics import majority_vote
+from engine.evaluation.metrics import majority_vote
 from engine.shards import ShardEncoder, encoder_dir
 
 if TYPE_CHECKING:
-    from engine.localise import RegionQuery
+    from engine.search.localise import RegionQuery
 
 LOG = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ MAX_QUERY_ASPECT = 32  # longer side / shorter side: a thinner strip is a select
 # copy reduced to at most this many pixels; tiles stay >= 50 px across in it
 MASK_MAX_PIXELS = 2_000_000
 MAX_REGIONS = 10  # matched boxes reported per slide
-REFINE_SLIDES = 3  # region queries: the top slides whose box is pinned from pixels (engine.localise)
+REFINE_SLIDES = 3  # region queries: the top slides whose box is pinned from pixels (engine.search.localise)
 _SQL_CHUNK = 900  # bound parameters per IN (...) clause, under SQLite's limits
 
 
@@ -71,7 +71,7 @@ _SQL_CHUNK = 900  # bound parameters per IN (...) clause, under SQLite's limits
 class Region:
     """A matched place, as a level-0 box of the result slide. `match` says how it was
     found: "features" (a tile matched by encoder features; score = cosine similarity) or
-    "pixels" (the region's own pixels registered on the slide, engine.localise; score =
+    "pixels" (the region's own pixels registered on the slide, engine.search.localise; score =
     the normalised cross-correlation of its texture, accepted from ACCEPT_NCC up)."""
 
     x: int
@@ -199,9 +199,9 @@ class SearchEngine:
 
     # -- the index -------------------------------------------------------------------------
 
-    def _find_encoder_row(self, s) -> EncoderRow:
+    def _find_encoder_row(self, s) -> EncoderRecord:
         info = self.encoder.info
-        rows = s.scalars(sa.select(EncoderRow).where(sa.exists().where(Shard.encoder_id == EncoderRow.id))).all()
+        rows = s.scalars(sa.select(EncoderRecord).where(sa.exists().where(Shard.encoder_id == EncoderRecord.id))).all()
         if not rows:
             raise NotFound("the archive has no indexed slides yet: run `indexer build ARCHIVE_DIR` first")
         mine = [r for r in rows if r.checkpoint_sha256 == info.checkpoint_sha256]
@@ -476,7 +476,7 @@ class SearchEngine:
             hits = self._rank(xq, top_k, id_filter, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px)
         t = time.perf_counter()
         if hits:
-            from engine.localise import RegionQuery
+            from engine.search.localise import RegionQuery
 
             region = RegionQuery(image, mpp)  # prepared once for all the slides tried
             tried = hits[:REFINE_SLIDES]
@@ -492,21 +492,21 @@ class SearchEngine:
 
     @functools.cached_property
     def _views(self):
-        """Low-resolution views of recently matched slides (engine.localise): the same
+        """Low-resolution views of recently matched slides (engine.search.localise): the same
         slides come back query after query."""
-        from engine.localise import ViewCache
+        from engine.search.localise import ViewCache
 
         return ViewCache(maxsize=16)  # views are ~1 Mpx at most (4 MB), often far less
 
     def _pixel_match(self, hit: SlideHit, region: RegionQuery, slide_mpp: float) -> None:
         """When the region's pixels are a copy of part of the hit's slide, put that box
-        first in its regions (engine.localise: features find the slide and a coarse place,
+        first in its regions (engine.search.localise: features find the slide and a coarse place,
         registration pins the box). A slide that cannot be opened or read is left as it
         is: search results must not fail because one file is unreachable."""
         import openslide
 
         from engine.errors import SlideError
-        from engine.localise import register_region
+        from engine.search.localise import register_region
         from engine.slides import open_slide
 
         path = hit.slide["path"]
@@ -551,7 +551,7 @@ class SearchEngine:
         return sid, None
 
     def _indexed_mosaic(self, slide_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        from engine.mosaic import select_mosaic
+        from engine.search.mosaic import select_mosaic
 
         with self.catalog.session() as s:
             rows = s.execute(sa.select(Tile.id, Tile.x, Tile.y, Tile.size).where(Tile.slide_id == slide_id).order_by(Tile.id)).all()
@@ -566,7 +566,7 @@ class SearchEngine:
     def _file_mosaic(self, path: Path, default_mpp: float | None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """Mosaic of a slide file that is not in the archive: tissue tiles on the index's
         grid, clustered by colour (so only the mosaic tiles are read and embedded)."""
-        from engine.mosaic import colour_histograms, select_mosaic
+        from engine.search.mosaic import colour_histograms, select_mosaic
         from engine.slides import describe_slide, open_slide, read_box
         from engine.tiling import tile_grid
         from engine.tissue import slide_thumbnail, tissue_mask_rgb

@@ -3,7 +3,7 @@
 For each encoder: embed every item of a labelled data set once (cached per encoder + data
 set under <data_dir>/cache), L2-normalise, run ONE batched leave-one-out k-NN search that
 drops results of the query's own image / slide / patient, and score Acc@k, MV@k, mMV@k and
-mAP@k (engine.metrics). Optionally a linear SVM on the same features, cross-validated over
+mAP@k (engine.evaluation.metrics). Optionally a linear SVM on the same features, cross-validated over
 folds that keep each exclusion group on one side. Runs are stored in the catalog.
 """
 
@@ -22,15 +22,15 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.benchmark_knn import loo_neighbours
+from engine.evaluation.knn import loo_neighbours
 from engine.files import atomic_output
 from engine.config import Settings
-from engine.datasets import LabelledSet
-from engine.datasets.reading import ItemImages
+from engine.evaluation.datasets import LabelledSet
+from engine.evaluation.datasets.reading import ItemImages
 from engine.encoder import Encoder, l2_normalise
 from engine.errors import DatasetError
 from engine.features import collate_rows, default_workers
-from engine.metrics import encode_labels, hits_at_k, majority_at_k, retrieval_metrics
+from engine.evaluation.metrics import encode_labels, hits_at_k, majority_at_k, retrieval_metrics
 
 LOG = logging.getLogger(__name__)
 

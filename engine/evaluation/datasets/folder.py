@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.datasets.base import Item, LabelledSet
+from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
 from engine.images import IMAGE_SUFFIXES
 

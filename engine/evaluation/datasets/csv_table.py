@@ -7,7 +7,7 @@ import csv
 import logging
 from pathlib import Path
 
-from engine.datasets.base import Item, LabelledSet, optional_float
+from engine.evaluation.datasets.base import Item, LabelledSet, optional_float
 from engine.errors import DatasetError
 
 LOG = logging.getLogger(__name__)

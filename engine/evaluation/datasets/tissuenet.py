@@ -17,7 +17,7 @@ import math
 import re
 from pathlib import Path
 
-from engine.datasets.base import Item, LabelledSet
+from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
 
 LOG = logging.getLogger(__name__)

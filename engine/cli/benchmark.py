@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from engine.cli_common import handle_errors
+from engine.cli.common import handle_errors
 from engine.config import Settings
-from engine.datasets import EXCLUSIONS, KINDS
+from engine.evaluation.datasets import EXCLUSIONS, KINDS
 
 
 def parse_ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -56,9 +56,9 @@ def benchmark_command(dataset_spec, encoders, ks, exclusion, mpp, label_column, 
         engine benchmark --dataset csv:patches/labels.csv --label-column label_nct9 \\
             --encoder random --json out.json --plot out.png
     """
-    from engine.benchmark import BenchmarkOptions, run_benchmark, store_runs
-    from engine.benchmark_report import table, write_json, write_plot
-    from engine.datasets import load_dataset
+    from engine.evaluation.benchmark import BenchmarkOptions, run_benchmark, store_runs
+    from engine.evaluation.report import table, write_json, write_plot
+    from engine.evaluation.datasets import load_dataset
 
     if mpp is not None and mpp <= 0:
         raise click.BadParameter("--mpp must be > 0")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_common import handle_errors, run_edge, settings_options
+from engine.cli.common import handle_errors, run_edge, settings_options
 from engine.config import Settings
 
 

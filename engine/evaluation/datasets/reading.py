@@ -8,7 +8,7 @@ from typing import Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from engine.datasets.base import Item
+from engine.evaluation.datasets.base import Item
 from engine.errors import DatasetError, HistoseekError
 from engine.images import open_rgb, to_uint8_chw
 from engine.slides import open_slide, read_box

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_common import handle_errors, settings_options
+from engine.cli.common import handle_errors, settings_options
 from engine.config import Settings
 from engine.index import INDEX_KINDS
 
@@ -29,7 +29,7 @@ def format_table(result: dict) -> str:
         box = r["regions"][0] if r["regions"] else None
         where = f"{box['x']}, {box['y']}, {box['w']}, {box['h']}" if box else "-"
         if box and box.get("match") == "pixels":
-            where += " exact"  # the region is a copy of this spot (engine.localise)
+            where += " exact"  # the region is a copy of this spot (engine.search.localise)
         lines.append(f"{r['rank']:>4}  {r['score']:>8.4f}  {s['id']:>5}  {label[:24]:<24} {(s['site'] or '-')[:14]:<14} {(s['patient'] or '-')[:16]:<16} {where:<28} {Path(s['path']).name}")
     if not result["results"]:
         lines.append("  (no slide matches the filters)")

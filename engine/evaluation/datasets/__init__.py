@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-from engine.datasets.base import EXCLUSIONS, Item, LabelledSet, parse_spec
-from engine.datasets.csv_table import load_csv
-from engine.datasets.folder import load_folder
-from engine.datasets.tissuenet import load_tissuenet
-from engine.datasets.unitopatho import load_unitopatho
+from engine.evaluation.datasets.base import EXCLUSIONS, Item, LabelledSet, parse_spec
+from engine.evaluation.datasets.csv_table import load_csv
+from engine.evaluation.datasets.folder import load_folder
+from engine.evaluation.datasets.tissuenet import load_tissuenet
+from engine.evaluation.datasets.unitopatho import load_unitopatho
 from engine.errors import DatasetError
 
 KINDS = ("folder", "csv", "unitopatho", "tissuenet")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.benchmark import BenchmarkReport
+from engine.evaluation.benchmark import BenchmarkReport
 from engine.files import atomic_output, atomic_write_text
 
 

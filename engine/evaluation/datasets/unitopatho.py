@@ -15,7 +15,7 @@ import csv
 import logging
 from pathlib import Path
 
-from engine.datasets.base import Item, LabelledSet
+from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
 
 LOG = logging.getLogger(__name__)

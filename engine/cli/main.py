@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_common import handle_errors, settings_options, setup_logging
+from engine.cli.common import handle_errors, settings_options, setup_logging
 from engine.config import Settings
 
 
@@ -67,9 +67,9 @@ def db_upgrade(settings: Settings) -> None:
     upgrade(settings.catalog_url)
     click.echo(f"catalog schema is up to date: {settings.catalog_url}")
 
-from engine.cli_benchmark import benchmark_command; main.add_command(benchmark_command)  # noqa: E402
-from engine.cli_search import search_command; main.add_command(search_command)  # noqa: E402
-from engine.cli_mil import mil_command; main.add_command(mil_command)  # noqa: E402
+from engine.cli.benchmark import benchmark_command; main.add_command(benchmark_command)  # noqa: E402
+from engine.cli.search import search_command; main.add_command(search_command)  # noqa: E402
+from engine.cli.mil import mil_command; main.add_command(mil_command)  # noqa: E402
 
 
 if __name__ == "__main__":
