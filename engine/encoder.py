@@ -136,9 +136,15 @@ def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], str
     return arch, state, layout, dropped
 
 
+def is_random_spec(spec: str | None) -> bool:
+    """Whether an encoder spec names random weights (``random[:ARCH[:SEED]]``): the one test
+    of it, for the web app's banner and the demo as much as for loading."""
+    return spec is not None and (spec == "random" or spec.startswith("random:"))
+
+
 def load_backbone(spec: str) -> tuple[nn.Module, EncoderInfo]:
     """Build the backbone named by `spec` (a checkpoint path or ``random[:ARCH[:SEED]]``)."""
-    if spec == "random" or spec.startswith("random:"):
+    if is_random_spec(spec):
         parts = spec.split(":")
         arch = parts[1] if len(parts) > 1 and parts[1] else "resnet50"
         seed = int(parts[2]) if len(parts) > 2 else 0
@@ -334,6 +340,12 @@ class Encoder:
         x = self.normalise(batch)
         out = self.model(x) if self.precision == "fp32" else self._forward_fast(x)
         return out.float().cpu().numpy()
+
+    def embed_unit(self, batch: torch.Tensor) -> np.ndarray:
+        """Unit-length features of a uint8 batch: the form the index stores and every query
+        is searched with (cosine similarity = inner product). Index and queries both come
+        through here, so they cannot be normalised differently."""
+        return l2_normalise(self.embed(batch))
 
 
 def cpu_flags() -> list[str]:

@@ -1,0 +1,44 @@
+import threading
+
+import pytest
+
+from engine.cache import LRUCache
+
+
+def test_least_recently_used_goes_first_and_is_evicted():
+    gone = []
+    c = LRUCache(2, on_evict=gone.append)
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1  # a is now the most recent
+    c.put("c", 3)
+    assert gone == [2] and "b" not in c and c.get("a") == 1 and c.get("c") == 3
+
+
+def test_get_or_build_builds_once_per_key_and_replacing_evicts_the_old_value():
+    gone, built = [], []
+    c = LRUCache(4, on_evict=gone.append)
+    for _ in range(3):
+        assert c.get_or_build("k", lambda: built.append(1) or "v") == "v"
+    assert built == [1]
+    c.put("k", "w")
+    assert gone == ["v"]
+    c.pop_where(lambda key: key == "k")
+    assert gone == ["v", "w"] and len(c) == 0
+    with pytest.raises(ValueError):
+        LRUCache(0)
+
+
+def test_threads_never_exceed_the_bound():
+    c = LRUCache(8)
+
+    def work(n):
+        for i in range(500):
+            c.get_or_build((n, i % 20), lambda: i)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(c) <= 8
