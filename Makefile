@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml webapp/static/package.json
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): setup.cfg pyproject.toml webapp/static/package.json
 
 setup: $(STAMP)
 
-test: setup
+# ruff: lint rules and formatting (pyproject.toml); `ruff format .` rewrites, this only checks
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	@mkdir -p test-output
 	$(PY) -m pytest -ra --timeout=900 $(PYTEST_ARGS)
 

@@ -79,7 +79,20 @@ class Archive:
         return proc
 
     def build(self, folder: Path, check=False) -> subprocess.CompletedProcess:
-        return self.cli("indexer", "build", str(folder), *self.common, "--encoder", ENCODER, "--device", "cpu", "--workers", "0", "--no-progress", check=check)
+        return self.cli(
+            "indexer",
+            "build",
+            str(folder),
+            *self.common,
+            "--encoder",
+            ENCODER,
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+            check=check,
+        )
 
     def verify(self) -> subprocess.CompletedProcess:
         return self.cli("indexer", "verify", *self.common)
@@ -99,16 +112,41 @@ class Archive:
 
     def serve(self, port: int, threads: int = 8) -> subprocess.Popen:
         env = {**os.environ, "HISTOSEEK_INSTANCE_DIR": str(self.workdir / "instance")}
-        cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", str(threads),
-               *self.common, "--encoder", ENCODER, "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "webapp.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--threads",
+            str(threads),
+            *self.common,
+            "--encoder",
+            ENCODER,
+            "--device",
+            "cpu",
+        ]
         return launch(cmd, env, port, self.workdir / "server.log")
 
 
 def multipart(data: bytes, fields: dict, filename: str = "region.png") -> tuple[bytes, dict]:
     boundary = "histoseekattack" + os.urandom(6).hex()
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}"
+    }
 
 
 def region_search(port: int, token: str, data: bytes, mpp: float, timeout: float = 120) -> tuple[int | str, float]:
@@ -155,9 +193,13 @@ def attack_crash(arch: Archive, token: str, crop: bytes, rounds: int, concurrenc
         server = arch.serve(port)
         try:
             with cf.ThreadPoolExecutor(concurrency) as pool:
-                for status, _ in pool.map(lambda _: region_search(port, token, crop, 1.0), range(concurrency)):
+                for status, _ in pool.map(
+                    lambda _, port=port: region_search(port, token, crop, 1.0), range(concurrency)
+                ):
                     outcomes[str(status)] += 1
-            outcomes["server_alive_after"] += int(server.poll() is None and Browser(port).request("GET", "/login")[0] == 200)
+            outcomes["server_alive_after"] += int(
+                server.poll() is None and Browser(port).request("GET", "/login")[0] == 200
+            )
         finally:
             stop(server)
     return {"rounds": rounds, "concurrent_first_searches": concurrency, "outcomes": dict(outcomes)}
@@ -170,7 +212,12 @@ def attack_upload(port: int, server, token: str) -> dict:
     out = {"worker_peak_rss_mb_before": worker_peak_rss_mb(server)}
     for name, data, mpp in (("jpeg_6300x6300_mpp4", big, 4.0), ("png_1250000x32_mpp3.5", strip, 3.5)):
         status, seconds = region_search(port, token, data, mpp)
-        out[name] = {"upload_bytes": len(data), "status": status, "seconds": round(seconds, 2), "worker_peak_rss_mb": worker_peak_rss_mb(server)}
+        out[name] = {
+            "upload_bytes": len(data),
+            "status": status,
+            "seconds": round(seconds, 2),
+            "worker_peak_rss_mb": worker_peak_rss_mb(server),
+        }
     return out
 
 
@@ -195,7 +242,9 @@ def attack_fuzz(port: int, token: str, base: list[bytes], n: int, seed: int = 0)
 
 
 def slides_json(port: int, token: str) -> list[dict]:
-    status, _, body = Browser(port).request("GET", "/api/v1/slides?per_page=500", headers={"Authorization": f"Bearer {token}"})
+    status, _, body = Browser(port).request(
+        "GET", "/api/v1/slides?per_page=500", headers={"Authorization": f"Bearer {token}"}
+    )
     doc = json.loads(body)
     return doc.get("slides", doc) if isinstance(doc, dict) else doc
 
@@ -204,26 +253,69 @@ def attack_id_reuse(arch: Archive, port: int, token: str, folder: Path) -> dict:
     auth = {"Authorization": f"Bearer {token}"}
     get = lambda path: Browser(port).request("GET", path, headers=auth)[0]  # noqa: E731
     highest = max(s["id"] for s in slides_json(port, token))
-    before = {"dzi": get(f"/tiles/{highest}.dzi"), "thumbnail": get(f"/api/v1/slides/{highest}/thumbnail.jpg")}  # warms the worker's caches
+    before = {
+        "dzi": get(f"/tiles/{highest}.dzi"),
+        "thumbnail": get(f"/api/v1/slides/{highest}/thumbnail.jpg"),
+    }  # warms the worker's caches
     arch.cli("indexer", "remove", str(highest), *arch.common, check=True)
-    after_remove = {path: get(path) for path in (f"/api/v1/slides/{highest}", f"/tiles/{highest}.dzi", f"/api/v1/slides/{highest}/thumbnail.jpg", f"/api/v1/slides/{highest}/region.jpg?x=0&y=0&w=512&h=512")}
+    after_remove = {
+        path: get(path)
+        for path in (
+            f"/api/v1/slides/{highest}",
+            f"/tiles/{highest}.dzi",
+            f"/api/v1/slides/{highest}/thumbnail.jpg",
+            f"/api/v1/slides/{highest}/region.jpg?x=0&y=0&w=512&h=512",
+        )
+    }
     make_slides(folder, [500])
     arch.build(folder)
     new_id = max(s["id"] for s in slides_json(port, token))
-    return {"removed_id": highest, "before_remove": before, "after_remove": after_remove, "new_slide_id": new_id,
-            "id_reused": new_id == highest, "old_id_after_new_build": {"api": get(f"/api/v1/slides/{highest}"), "dzi": get(f"/tiles/{highest}.dzi")}}
+    return {
+        "removed_id": highest,
+        "before_remove": before,
+        "after_remove": after_remove,
+        "new_slide_id": new_id,
+        "id_reused": new_id == highest,
+        "old_id_after_new_build": {"api": get(f"/api/v1/slides/{highest}"), "dzi": get(f"/tiles/{highest}.dzi")},
+    }
 
 
 def attack_concurrent_builds(arch: Archive, port: int, token: str, crop: bytes) -> dict:
     folders = [arch.workdir / "archive-b", arch.workdir / "archive-c"]
     make_slides(folders[0], range(20, 24))
     make_slides(folders[1], range(30, 34))
-    procs = [subprocess.Popen([sys.executable, "-m", "indexer", "build", str(f), *arch.common, "--encoder", ENCODER, "--device", "cpu", "--workers", "0", "--no-progress"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for f in folders]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "build",
+                str(f),
+                *arch.common,
+                "--encoder",
+                ENCODER,
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in folders
+    ]
     codes = [p.wait() for p in procs]
     verify = arch.verify()
-    return {"build_exit_codes": codes, "verify_exit_code": verify.returncode, "verify_tail": verify.stdout.strip().splitlines()[-1:] + verify.stderr.strip().splitlines()[-1:],
-            "region_search_after": region_search(port, token, crop, 1.0)[0]}
+    return {
+        "build_exit_codes": codes,
+        "verify_exit_code": verify.returncode,
+        "verify_tail": verify.stdout.strip().splitlines()[-1:] + verify.stderr.strip().splitlines()[-1:],
+        "region_search_after": region_search(port, token, crop, 1.0)[0],
+    }
 
 
 def attack_damaged_shard(arch: Archive, port: int, token: str, crop: bytes, folder: Path) -> dict:
@@ -234,9 +326,15 @@ def attack_damaged_shard(arch: Archive, port: int, token: str, crop: bytes, fold
     verify = arch.verify()
     build = arch.build(folder)
     verify_after = arch.verify()
-    return {"shard": shard.name, "region_searches": searches, "verify_exit_code": verify.returncode, "build_exit_code": build.returncode,
-            "build_tail": build.stdout.strip().splitlines()[-2:], "verify_after_build_exit_code": verify_after.returncode,
-            "region_search_after_repair": region_search(port, token, crop, 1.0)[0]}
+    return {
+        "shard": shard.name,
+        "region_searches": searches,
+        "verify_exit_code": verify.returncode,
+        "build_exit_code": build.returncode,
+        "build_tail": build.stdout.strip().splitlines()[-2:],
+        "verify_after_build_exit_code": verify_after.returncode,
+        "region_search_after_repair": region_search(port, token, crop, 1.0)[0],
+    }
 
 
 def attack_changed_slide_file(arch: Archive, port: int, token: str, folder: Path) -> dict:
@@ -251,8 +349,13 @@ def attack_changed_slide_file(arch: Archive, port: int, token: str, folder: Path
     verify = arch.verify()
     arch.build(folder)
     rows_for_path = [s for s in slides_json(port, token) if Path(s["path"]).name == victim.name]
-    return {"thumbnail_before": first, "thumbnail_after_overwrite": served, "verify_exit_code": verify.returncode,
-            "rows_for_path_after_build": len(rows_for_path), "statuses_for_path": sorted(s.get("status", "?") for s in rows_for_path)}
+    return {
+        "thumbnail_before": first,
+        "thumbnail_after_overwrite": served,
+        "verify_exit_code": verify.returncode,
+        "rows_for_path_after_build": len(rows_for_path),
+        "statuses_for_path": sorted(s.get("status", "?") for s in rows_for_path),
+    }
 
 
 def main() -> None:

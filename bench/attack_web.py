@@ -64,7 +64,12 @@ class Browser:
 
     def logout(self):
         token = self.csrf("/account")
-        return self.request("POST", "/logout", urllib.parse.urlencode({"csrf_token": token}), {"Content-Type": "application/x-www-form-urlencoded"})[0]
+        return self.request(
+            "POST",
+            "/logout",
+            urllib.parse.urlencode({"csrf_token": token}),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )[0]
 
 
 def build_catalog(workdir: Path) -> tuple[str, str]:
@@ -74,11 +79,18 @@ def build_catalog(workdir: Path) -> tuple[str, str]:
     url = f"sqlite:///{workdir / 'catalog.sqlite'}"
     catalog = Catalog(url)
     with catalog.session() as s:
-        s.add_all([
-            models.Slide(path=str(workdir / "slides" / "gone.svs"), fingerprint="a" * 64, status="indexed", tile_count=1),
-            models.Slide(path="/archive/case_7.svs", fingerprint="b" * 64, status="pending"),
-            *[models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status="pending") for i in range(20)],
-        ])
+        s.add_all(
+            [
+                models.Slide(
+                    path=str(workdir / "slides" / "gone.svs"), fingerprint="a" * 64, status="indexed", tile_count=1
+                ),
+                models.Slide(path="/archive/case_7.svs", fingerprint="b" * 64, status="pending"),
+                *[
+                    models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status="pending")
+                    for i in range(20)
+                ],
+            ]
+        )
         s.add(models.BenchmarkRun(dataset_kind="flat", dataset_path="y", encoder_name="e", metrics={"acc@1": 0.5}))
     for name in ("victim", "alice", "mallory"):
         users.create_user(catalog, name, PASSWORD)
@@ -90,9 +102,34 @@ def build_catalog(workdir: Path) -> tuple[str, str]:
 def start(workdir: Path, url: str, port: int, args) -> subprocess.Popen:
     home = workdir / "home"
     (home / "run").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"), "HISTOSEEK_INSTANCE_DIR": str(workdir / "instance")}
-    cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers), "--threads", str(args.threads),
-           "--catalog", url, "--index-dir", str(workdir / "index"), "--encoder", "random:resnet18", "--device", "cpu"]
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "HISTOSEEK_INSTANCE_DIR": str(workdir / "instance"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "webapp.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--catalog",
+        url,
+        "--index-dir",
+        str(workdir / "index"),
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+    ]
     return launch(cmd, env, port, workdir / f"server-{port}.log")
 
 
@@ -134,7 +171,9 @@ def audit_counts(url: str, username: str) -> dict:
 
     catalog = Catalog(url)
     with catalog.session() as s:
-        rows = s.scalars(sa.select(models.AuditEvent).where(models.AuditEvent.action.in_(["login_failed", "login_throttled"]))).all()
+        rows = s.scalars(
+            sa.select(models.AuditEvent).where(models.AuditEvent.action.in_(["login_failed", "login_throttled"]))
+        ).all()
     catalog.dispose()
     return dict(Counter(e.action for e in rows if (e.detail or {}).get("username") == username))
 
@@ -156,7 +195,13 @@ def attack_concurrent_logins(port, url, n=60):
     for t in threads:
         t.join()
     counts = Counter(codes)
-    return {"tries": n, "password_checked_401": counts.get(401, 0), "refused_429": counts.get(429, 0), "other": {k: v for k, v in counts.items() if k not in (401, 429)}, "audit_rows": audit_counts(url, "victim")}
+    return {
+        "tries": n,
+        "password_checked_401": counts.get(401, 0),
+        "refused_429": counts.get(429, 0),
+        "other": {k: v for k, v in counts.items() if k not in (401, 429)},
+        "audit_rows": audit_counts(url, "victim"),
+    }
 
 
 def attack_lockout(port, tries=15):
@@ -172,7 +217,12 @@ def attack_huge_ids(port, token):
     page.login("mallory")
     results = {}
     for value in (2**63, 2**64, 10**30):
-        for path in (f"/api/v1/slides/{value}", f"/api/v1/slides/{value}/thumbnail.jpg", f"/tiles/{value}.dzi", f"/api/v1/benchmarks/{value}"):
+        for path in (
+            f"/api/v1/slides/{value}",
+            f"/api/v1/slides/{value}/thumbnail.jpg",
+            f"/tiles/{value}.dzi",
+            f"/api/v1/benchmarks/{value}",
+        ):
             results[path] = api.request("GET", path, headers=auth)[0]
         for path in (f"/viewer/{value}", f"/benchmarks/{value}"):
             results[path] = page.request("GET", path)[0]
@@ -183,8 +233,11 @@ def attack_json(port, token):
     api = Browser(port)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     bodies = {
-        "slide_id 1e20": '{"slide_id": 1e20}', "slide_id 1e308": '{"slide_id": 1e308}', "slide_id Infinity": '{"slide_id": Infinity}',
-        "top_k Infinity": '{"slide_id": 1, "top_k": Infinity}', "nested 5000": "[" * 5000 + "]" * 5000,
+        "slide_id 1e20": '{"slide_id": 1e20}',
+        "slide_id 1e308": '{"slide_id": 1e308}',
+        "slide_id Infinity": '{"slide_id": Infinity}',
+        "top_k Infinity": '{"slide_id": 1, "top_k": Infinity}',
+        "nested 5000": "[" * 5000 + "]" * 5000,
     }
     out = {}
     for name, body in bodies.items():
@@ -236,9 +289,14 @@ def attack_operator_errors(port, token, workdir):
     page = Browser(port, source="127.0.0.7")
     page.login("alice")
     return {
-        "error message": message, "shows server path": str(workdir) in message, "shows memory address": bool(re.search(r"0x[0-9a-f]{6,}", message)),
-        "archive total": total, "q=_ matches": underscore, "q=% matches": percent,
-        "Cache-Control /": page.request("GET", "/")[1].get("Cache-Control"), "Cache-Control /api/v1/me": api.request("GET", "/api/v1/me", headers=auth)[1].get("Cache-Control"),
+        "error message": message,
+        "shows server path": str(workdir) in message,
+        "shows memory address": bool(re.search(r"0x[0-9a-f]{6,}", message)),
+        "archive total": total,
+        "q=_ matches": underscore,
+        "q=% matches": percent,
+        "Cache-Control /": page.request("GET", "/")[1].get("Cache-Control"),
+        "Cache-Control /api/v1/me": api.request("GET", "/api/v1/me", headers=auth)[1].get("Cache-Control"),
         "Cache-Control static": page.request("GET", "/static/style.css")[1].get("Cache-Control"),
     }
 
@@ -250,7 +308,9 @@ def attack_slow_bodies(port, n):
     stop_flag = threading.Event()
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nu")
+        s.sendall(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nu"
+        )
         socks.append(s)
 
     def trickle():
@@ -287,8 +347,12 @@ def control_sockets(workdir: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="folder for the catalog and server logs (default: a temporary one)")
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (1 makes the slow-body attack deterministic)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="folder for the catalog and server logs (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gunicorn workers (1 makes the slow-body attack deterministic)"
+    )
     parser.add_argument("--threads", type=int, default=8, help="threads per worker")
     parser.add_argument("--slow-clients", type=int, default=10)
     args = parser.parse_args()
@@ -302,7 +366,10 @@ def main() -> None:
         results = {"server": {"workers": args.workers, "threads": args.threads}}
         sockets_first = control_sockets(workdir)
         second = start(workdir, url, port2, args)
-        results["control sockets"] = {"after first server": sockets_first, "after second server": control_sockets(workdir)}
+        results["control sockets"] = {
+            "after first server": sockets_first,
+            "after second server": control_sockets(workdir),
+        }
         stop(second)
         second = None
         results["concurrent wrong logins"] = attack_concurrent_logins(port, url)

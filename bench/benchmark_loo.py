@@ -20,11 +20,13 @@ import time
 import faiss
 import numpy as np
 
-from engine.evaluation.knn import loo_neighbours
 from engine.encoder import l2_normalise
+from engine.evaluation.knn import loo_neighbours
 
 
-def synthetic_features(n: int, dim: int, classes: int, slide_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_features(
+    n: int, dim: int, classes: int, slide_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class centres + a per-slide offset + per-patch noise: neighbours cluster by slide and
     class as real tile features do, so the exclusion actually removes close results."""
     rng = np.random.default_rng(seed)
@@ -55,7 +57,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
     parser.add_argument("--classes", type=int, default=9, help="labels (default 9, as NCT-CRC-HE)")
     parser.add_argument("--slide-size", type=int, default=100, help="patches per slide = exclusion group (default 100)")
-    parser.add_argument("--baseline-queries", type=int, default=200, help="queries timed one by one for the baseline (default 200)")
+    parser.add_argument(
+        "--baseline-queries", type=int, default=200, help="queries timed one by one for the baseline (default 200)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -74,28 +78,32 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
     baseline_s = sample_s / len(rows) * args.n
 
-    print(json.dumps({
-        "bench": "benchmark_loo",
-        "n": args.n,
-        "dim": args.dim,
-        "k": args.k,
-        "slide_size": args.slide_size,
-        "batched_loo_s": round(batched_s, 2),
-        "batched_queries_per_s": round(args.n / batched_s, 1),
-        # CPU seconds of this process: what the run costs on an idle machine (the wall time
-        # above grows when other work shares the cores)
-        "batched_loo_cpu_s": round(batched_cpu_s, 1),
-        "baseline_per_query_s_extrapolated": round(baseline_s, 1),
-        "baseline_sample_queries": len(rows),
-        "speedup": round(baseline_s / batched_s, 2),
-        "sample_agrees_with_baseline": bool((I[rows] == I_ref).all()),
-        "feature_memory_gb": round(xb.nbytes / 1e9, 2),
-        "make_features_s": round(make_s, 1),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_at_start": round(load_before, 2),
-        "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "benchmark_loo",
+                "n": args.n,
+                "dim": args.dim,
+                "k": args.k,
+                "slide_size": args.slide_size,
+                "batched_loo_s": round(batched_s, 2),
+                "batched_queries_per_s": round(args.n / batched_s, 1),
+                # CPU seconds of this process: what the run costs on an idle machine (the wall time
+                # above grows when other work shares the cores)
+                "batched_loo_cpu_s": round(batched_cpu_s, 1),
+                "baseline_per_query_s_extrapolated": round(baseline_s, 1),
+                "baseline_sample_queries": len(rows),
+                "speedup": round(baseline_s / batched_s, 2),
+                "sample_agrees_with_baseline": bool((I[rows] == I_ref).all()),
+                "feature_memory_gb": round(xb.nbytes / 1e9, 2),
+                "make_features_s": round(make_s, 1),
+                "faiss_threads": faiss.omp_get_max_threads(),
+                "cpus": os.cpu_count(),
+                "load_average_at_start": round(load_before, 2),
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -84,7 +84,11 @@ def fp32_roofline(model: torch.nn.Module, device: str) -> dict:
             torch.cuda.synchronize()
         rates.append(2 * 4096**3 / (time.perf_counter() - t) / 1e9)
     gemm = max(rates[1:])  # the first product warms up the BLAS
-    return {"model_gflop_per_img": round(gflop, 3), "gemm_fp32_gflop_per_s": round(gemm, 1), "img_per_s": round(gemm / gflop, 2)}
+    return {
+        "model_gflop_per_img": round(gflop, 3),
+        "gemm_fp32_gflop_per_s": round(gemm, 1),
+        "img_per_s": round(gemm / gflop, 2),
+    }
 
 
 def int8_probe(arch: str, paths: list[Path], batch_size: int, source: str) -> dict:
@@ -126,15 +130,20 @@ def int8_probe(arch: str, paths: list[Path], batch_size: int, source: str) -> di
         for i in range(0, len(x), batch_size):
             quantised(x[i : i + batch_size])
         rate = len(x) / (time.perf_counter() - start)
-    return {"batch_size": batch_size, "img_per_s": round(rate, 2), "cosine_to_fp32": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}, "tiles": f"{len(paths)} {source}"}
+    return {
+        "batch_size": batch_size,
+        "img_per_s": round(rate, 2),
+        "cosine_to_fp32": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)},
+        "tiles": f"{len(paths)} {source}",
+    }
 
 
 def int8_retrieval(arch: str, batch_size: int, seed: int = 0) -> dict:
     """Leave-one-out retrieval over the labelled patches with the engine's Encoder at fp32
     and at int8 (calibrated on its first batch, as in use; the patches are shuffled so that
     batch mixes the classes)."""
-    import csv
     import copy
+    import csv
 
     from engine.encoder import l2_normalise, load_backbone
     from engine.evaluation.metrics import MISSING, acc_at_k, encode_labels, mmv_at_k
@@ -146,7 +155,16 @@ def int8_retrieval(arch: str, batch_size: int, seed: int = 0) -> dict:
         rows = [r for r in csv.DictReader(fh) if r["label_nct9"]]
     order = np.random.default_rng(seed).permutation(len(rows))
     rows = [rows[i] for i in order]
-    imgs = torch.from_numpy(np.stack([np.asarray(Image.open(root / r["path"]).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for r in rows]).transpose(0, 3, 1, 2).copy())
+    imgs = torch.from_numpy(
+        np.stack(
+            [
+                np.asarray(Image.open(root / r["path"]).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+                for r in rows
+            ]
+        )
+        .transpose(0, 3, 1, 2)
+        .copy()
+    )
     model, info = load_backbone(f"random:{arch}")
     # batch-norm statistics from the patches (see int8_probe): activations scaled as in a
     # trained network, which is what quantisation error depends on
@@ -163,21 +181,36 @@ def int8_retrieval(arch: str, batch_size: int, seed: int = 0) -> dict:
         enc = Encoder(copy.deepcopy(model), info, device="cpu", precision=precision)
         enc.embed(imgs[:batch_size])  # builds (int8: calibrates on this first batch)
         start = time.perf_counter()
-        feats[precision] = l2_normalise(np.concatenate([enc.embed(imgs[i : i + batch_size]) for i in range(0, len(imgs), batch_size)]))
+        feats[precision] = l2_normalise(
+            np.concatenate([enc.embed(imgs[i : i + batch_size]) for i in range(0, len(imgs), batch_size)])
+        )
         rates[precision] = len(imgs) / (time.perf_counter() - start)
     codes, classes = encode_labels([r["label_nct9"] for r in rows])
     k_max = 10
-    out = {"patches": len(rows), "classes": classes, "arch": arch, "weights": "random, BN statistics re-estimated on the patches", "batch_size": batch_size}
+    out = {
+        "patches": len(rows),
+        "classes": classes,
+        "arch": arch,
+        "weights": "random, BN statistics re-estimated on the patches",
+        "batch_size": batch_size,
+    }
     neighbours = {}
     for precision, f in feats.items():
         sim = f @ f.T
         np.fill_diagonal(sim, -np.inf)  # leave one out
         neighbours[precision] = np.argsort(-sim, axis=1)[:, :k_max]
         ranked = codes[neighbours[precision]]
-        out[precision] = {"img_per_s": round(rates[precision], 2), **{f"acc@{k}": round(acc_at_k(codes, ranked, k), 4) for k in (1, 3, 5)}, "mmv@5": round(mmv_at_k(codes, ranked, 5), 4)}
+        out[precision] = {
+            "img_per_s": round(rates[precision], 2),
+            **{f"acc@{k}": round(acc_at_k(codes, ranked, k), 4) for k in (1, 3, 5)},
+            "mmv@5": round(mmv_at_k(codes, ranked, 5), 4),
+        }
     overlap = [len(set(a) & set(b)) / k_max for a, b in zip(neighbours["fp32"], neighbours["int8"])]
     cos = (feats["fp32"] * feats["int8"]).sum(1)
-    out["top10_overlap_with_fp32"] = {"mean": round(float(np.mean(overlap)), 4), "min": round(float(np.min(overlap)), 2)}
+    out["top10_overlap_with_fp32"] = {
+        "mean": round(float(np.mean(overlap)), 4),
+        "min": round(float(np.min(overlap)), 2),
+    }
     out["cosine_int8_to_fp32"] = {"min": round(float(cos.min()), 4), "mean": round(float(cos.mean()), 4)}
     out["int8_speedup_over_fp32_eager"] = round(rates["int8"] / rates["fp32"], 2)
     assert MISSING not in codes
@@ -188,7 +221,11 @@ def real_tiles(n: int) -> list[Path]:
     """Up to n real H&E patches from ../shared/data/patches when present (int8 calibration
     depends on the image statistics), else none."""
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patches"
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".tif", ".tiff", ".jpg"}) if root.is_dir() else []
+    found = (
+        sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".tif", ".tiff", ".jpg"})
+        if root.is_dir()
+        else []
+    )
     return found[:n]
 
 
@@ -208,14 +245,31 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="engine decoding workers [cores - 1]")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--target", type=float, default=2.5, help="speed-up asked for, compared with the fp32 roofline")
-    ap.add_argument("--int8-probe", action="store_true", help="also measure post-training int8 (speed and cosine to fp32; CPU)")
-    ap.add_argument("--int8-retrieval", action="store_true", help="also measure Encoder(precision='int8') against fp32 on retrieval over the labelled patches")
-    ap.add_argument("--no-throughput", action="store_true", help="skip the naive/engine throughput rounds (with --int8-retrieval)")
+    ap.add_argument(
+        "--int8-probe", action="store_true", help="also measure post-training int8 (speed and cosine to fp32; CPU)"
+    )
+    ap.add_argument(
+        "--int8-retrieval",
+        action="store_true",
+        help="also measure Encoder(precision='int8') against fp32 on retrieval over the labelled patches",
+    )
+    ap.add_argument(
+        "--no-throughput", action="store_true", help="skip the naive/engine throughput rounds (with --int8-retrieval)"
+    )
     args = ap.parse_args(argv)
     if args.no_throughput:
         if not args.int8_retrieval:
             ap.error("--no-throughput only makes sense with --int8-retrieval")
-        json.dump({"bench": "embed", "int8_retrieval": int8_retrieval(args.arch, args.batch_size), "cpu_flags": cpu_flags(), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}}, sys.stdout, indent=1)
+        json.dump(
+            {
+                "bench": "embed",
+                "int8_retrieval": int8_retrieval(args.arch, args.batch_size),
+                "cpu_flags": cpu_flags(),
+                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            },
+            sys.stdout,
+            indent=1,
+        )
         print()
         return 0
     workers = default_workers() if args.workers is None else args.workers
@@ -235,7 +289,12 @@ def main(argv=None) -> int:
         probe = None
         if args.int8_probe:
             real = real_tiles(args.images)
-            probe = int8_probe(args.arch, real or paths, args.batch_size, "real H&E patches (shared/data/patches)" if real else "synthetic tiles")
+            probe = int8_probe(
+                args.arch,
+                real or paths,
+                args.batch_size,
+                "real H&E patches (shared/data/patches)" if real else "synthetic tiles",
+            )
 
     result = {
         "bench": "embed",
@@ -243,14 +302,37 @@ def main(argv=None) -> int:
         "device": args.device,
         "images_per_round": args.images,
         "repeats": args.repeats,
-        "naive": {"batch_size": args.naive_batch_size, "img_per_s": round(statistics.median(naive), 2), "rounds": [round(r, 2) for r in naive]},
-        "engine": {"batch_size": args.batch_size, "workers": workers, "img_per_s": round(statistics.median(fast), 2), "rounds": [round(r, 2) for r in fast]},
+        "naive": {
+            "batch_size": args.naive_batch_size,
+            "img_per_s": round(statistics.median(naive), 2),
+            "rounds": [round(r, 2) for r in naive],
+        },
+        "engine": {
+            "batch_size": args.batch_size,
+            "workers": workers,
+            "img_per_s": round(statistics.median(fast), 2),
+            "rounds": [round(r, 2) for r in fast],
+        },
         "speedup": round(statistics.median(fast) / statistics.median(naive), 2),
-        "fp32_roofline": {**roofline, "speedup_over_naive": round(roofline["img_per_s"] / statistics.median(naive), 2), "target_speedup": args.target, "target_above_roofline": args.target * statistics.median(naive) > roofline["img_per_s"]},
-        **({"int8_probe": {**probe, "speedup_over_naive": round(probe["img_per_s"] / statistics.median(naive), 2)}} if probe else {}),
+        "fp32_roofline": {
+            **roofline,
+            "speedup_over_naive": round(roofline["img_per_s"] / statistics.median(naive), 2),
+            "target_speedup": args.target,
+            "target_above_roofline": args.target * statistics.median(naive) > roofline["img_per_s"],
+        },
+        **(
+            {"int8_probe": {**probe, "speedup_over_naive": round(probe["img_per_s"] / statistics.median(naive), 2)}}
+            if probe
+            else {}
+        ),
         **({"int8_retrieval": int8_retrieval(args.arch, args.batch_size)} if args.int8_retrieval else {}),
         "cpu_flags": cpu_flags(),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     json.dump(result, sys.stdout, indent=1)
     print()

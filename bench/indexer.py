@@ -66,7 +66,7 @@ def decode_rate(plan, tile_px: int, batch_size: int, workers: int) -> float:
     as `indexer build` runs it, without the encoder."""
     start = time.perf_counter()
     n = 0
-    for keys, batch, errors in tile_batches(PlanSampler([plan], tile_px, lambda _p: None), batch_size, workers):
+    for keys, _batch, errors in tile_batches(PlanSampler([plan], tile_px, lambda _p: None), batch_size, workers):
         if errors:
             raise SystemExit(f"decode errors: {errors[:3]}")
         n += len(keys)
@@ -78,7 +78,9 @@ def decode_rate(plan, tile_px: int, batch_size: int, workers: int) -> float:
 def sample_tiles(slide_path: Path, settings: Settings, min_tissue: float, n: int) -> tuple[torch.Tensor, int]:
     """(up to n decoded tiles of the slide's grid, the build's own plan, as uint8
     N x 3 x H x W, grid size)."""
-    plan = plan_slide(0, slide_path, default_mpp=None, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
+    plan = plan_slide(
+        0, slide_path, default_mpp=None, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue
+    )
     if plan.error:
         raise SystemExit(f"{slide_path}: {plan.error}")
     boxes = plan.boxes
@@ -105,15 +107,23 @@ def encoder_only(encoder: Encoder, cache: torch.Tensor, total: int, batch_size: 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slide", type=Path, required=True, help="a slide file (e.g. from bench/make_mosaic_slide.py)")
-    parser.add_argument("--encoder", default="random:resnet50", help="encoder spec (default random:resnet50, RetCCL's architecture)")
+    parser.add_argument(
+        "--encoder", default="random:resnet50", help="encoder spec (default random:resnet50, RetCCL's architecture)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: cores - 1)")
     parser.add_argument("--min-tissue", type=float, default=0.5)
     parser.add_argument("--cache-tiles", type=int, default=128, help="tiles decoded up front for the encoder-only rate")
-    parser.add_argument("--target-mpp", type=float, default=None, help="tile resolution in um/px (default: the settings' default, 1.0)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of raw reads and decode path (default 3)")
-    parser.add_argument("--decode-only", action="store_true", help="only raw reads and the decode path: skip the encoder and the build")
+    parser.add_argument(
+        "--target-mpp", type=float, default=None, help="tile resolution in um/px (default: the settings' default, 1.0)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating rounds of raw reads and decode path (default 3)"
+    )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only raw reads and the decode path: skip the encoder and the build"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON document to this file")
     args = parser.parse_args(argv)
     if not args.slide.is_file():
@@ -137,9 +147,24 @@ def main(argv=None) -> None:
         archive = tmp / "archive"
         archive.mkdir()
         os.symlink(args.slide.resolve(), archive / args.slide.name)
-        settings = Settings.load(env={}, data_dir=str(tmp), catalog_url=f"sqlite:///{tmp / 'cat.sqlite'}", index_dir=str(tmp / "index"), encoder=args.encoder, device=args.device, **overrides)
+        settings = Settings.load(
+            env={},
+            data_dir=str(tmp),
+            catalog_url=f"sqlite:///{tmp / 'cat.sqlite'}",
+            index_dir=str(tmp / "index"),
+            encoder=args.encoder,
+            device=args.device,
+            **overrides,
+        )
 
-        plan = plan_slide(0, args.slide, default_mpp=None, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=args.min_tissue)
+        plan = plan_slide(
+            0,
+            args.slide,
+            default_mpp=None,
+            target_mpp=settings.target_mpp,
+            tile_px=settings.tile_px,
+            min_tissue=args.min_tissue,
+        )
         if plan.error:
             raise SystemExit(f"{args.slide}: {plan.error}")
         raw, dec = [], []
@@ -150,21 +175,23 @@ def main(argv=None) -> None:
         slide = open_slide(args.slide)
         size0 = plan.boxes[0].size
         level = slide.get_best_level_for_downsample(max(size0 / settings.tile_px, 1.0))
-        doc.update({
-            "slide_mpp": plan.info.mpp,
-            "level_downsamples": [round(d, 4) for d in plan.info.level_downsamples],
-            "target_mpp": settings.target_mpp,
-            "tile_px": settings.tile_px,
-            "tile_size0": size0,
-            "read_level": level,
-            "read_px": int(round(size0 / slide.level_downsamples[level])),
-            "tiles": len(plan.boxes),
-            "raw_read_tiles_per_s": round(raw_med, 1),
-            "decode_tiles_per_s": round(dec_med, 1),
-            "decode_over_raw": round(dec_med / raw_med, 3),
-            "raw_read_rounds": [round(r, 1) for r in raw],
-            "decode_rounds": [round(d, 1) for d in dec],
-        })
+        doc.update(
+            {
+                "slide_mpp": plan.info.mpp,
+                "level_downsamples": [round(d, 4) for d in plan.info.level_downsamples],
+                "target_mpp": settings.target_mpp,
+                "tile_px": settings.tile_px,
+                "tile_size0": size0,
+                "read_level": level,
+                "read_px": int(round(size0 / slide.level_downsamples[level])),
+                "tiles": len(plan.boxes),
+                "raw_read_tiles_per_s": round(raw_med, 1),
+                "decode_tiles_per_s": round(dec_med, 1),
+                "decode_over_raw": round(dec_med / raw_med, 3),
+                "raw_read_rounds": [round(r, 1) for r in raw],
+                "decode_rounds": [round(d, 1) for d in dec],
+            }
+        )
         slide.close()
 
         if not args.decode_only:
@@ -172,22 +199,32 @@ def main(argv=None) -> None:
             cache, n_tiles = sample_tiles(args.slide, settings, args.min_tissue, args.cache_tiles)
             encoder.embed(cache[: args.batch_size])  # warm-up: JIT trace / cuDNN autotune
             before = encoder_only(encoder, cache, n_tiles, args.batch_size)
-            summary = build_archive(settings, archive, min_tissue=args.min_tissue, workers=workers, batch_size=args.batch_size, progress=sys.stderr.isatty(), encoder=encoder)
+            summary = build_archive(
+                settings,
+                archive,
+                min_tissue=args.min_tissue,
+                workers=workers,
+                batch_size=args.batch_size,
+                progress=sys.stderr.isatty(),
+                encoder=encoder,
+            )
             after = encoder_only(encoder, cache, n_tiles, args.batch_size)
             if summary.failed or summary.tiles != n_tiles:
                 raise SystemExit(f"build did not index the slide as expected: {summary.to_json()}")
             enc_rate = (before + after) / 2
-            doc.update({
-                "encoder": encoder.info.name,
-                "device": str(encoder.device),
-                "precision": encoder.precision,
-                "encoder_tiles_per_s": round(enc_rate, 2),
-                "encoder_only_tiles_per_s": [round(before, 2), round(after, 2)],
-                "end_to_end_s": round(summary.seconds, 2),
-                "end_to_end_tiles_per_s": round(summary.tiles_per_s, 2),
-                "efficiency": round(summary.tiles_per_s / enc_rate, 3),
-                "encoder_busy_fraction": round(summary.encoder_seconds / summary.seconds, 3),
-            })
+            doc.update(
+                {
+                    "encoder": encoder.info.name,
+                    "device": str(encoder.device),
+                    "precision": encoder.precision,
+                    "encoder_tiles_per_s": round(enc_rate, 2),
+                    "encoder_only_tiles_per_s": [round(before, 2), round(after, 2)],
+                    "end_to_end_s": round(summary.seconds, 2),
+                    "end_to_end_tiles_per_s": round(summary.tiles_per_s, 2),
+                    "efficiency": round(summary.tiles_per_s / enc_rate, 3),
+                    "encoder_busy_fraction": round(summary.encoder_seconds / summary.seconds, 3),
+                }
+            )
     text = json.dumps(doc, indent=1)
     print(text)
     if args.json:

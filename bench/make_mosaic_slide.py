@@ -65,12 +65,30 @@ def mosaic(size_px: int, patches: list[np.ndarray], seed: int = 0) -> np.ndarray
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=20000, help="edge of the square slide in level-0 pixels (default 20000)")
+    parser.add_argument(
+        "--size", type=int, default=20000, help="edge of the square slide in level-0 pixels (default 20000)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output .tiff path")
-    parser.add_argument("--patches", type=Path, default=REPO.parent / "shared" / "data" / "patches", help="folder of the labelled patch sets (default ../shared/data/patches)")
+    parser.add_argument(
+        "--patches",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "patches",
+        help="folder of the labelled patch sets (default ../shared/data/patches)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel: 0.5 (the patches' own, default) or 0.25 (a 40x-like slide: patches upsampled 2x)")
-    parser.add_argument("--level-factor", type=int, choices=(2, 4), default=2, help="downsample between pyramid levels (4: levels at 1x, 4x, 16x, as a 20x SVS)")
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=0.5,
+        help="microns per level-0 pixel: 0.5 (the patches' own, default) or 0.25 (a 40x-like slide: patches upsampled 2x)",
+    )
+    parser.add_argument(
+        "--level-factor",
+        type=int,
+        choices=(2, 4),
+        default=2,
+        help="downsample between pyramid levels (4: levels at 1x, 4x, 16x, as a 20x SVS)",
+    )
     args = parser.parse_args(argv)
     scale = 0.5 / args.mpp if args.mpp > 0 else 0.5
     if abs(scale - round(scale)) > 1e-9 or round(scale) < 1:
@@ -80,7 +98,18 @@ def main(argv=None) -> None:
     patches = load_patches(args.patches, PATCH_PX * int(round(scale)))
     rgb = mosaic(args.size, patches, args.seed)
     write_pyramidal_tiff(args.out, rgb, mpp=args.mpp, level_factor=args.level_factor)
-    print(json.dumps({"out": str(args.out), "size_px": args.size, "patches": len(patches), "mpp": args.mpp, "level_factor": args.level_factor, "bytes": args.out.stat().st_size}))
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "size_px": args.size,
+                "patches": len(patches),
+                "mpp": args.mpp,
+                "level_factor": args.level_factor,
+                "bytes": args.out.stat().st_size,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,21 @@ def main() -> None:
     make_s = time.perf_counter() - t0
     train_rows = np.arange(int(0.8 * args.slides))
     device = resolve_device(args.device)
-    opts = TrainOptions(max_epochs=args.epochs, min_epochs=args.epochs, patience=args.epochs + 1, max_tiles=args.max_tiles)
+    opts = TrainOptions(
+        max_epochs=args.epochs, min_epochs=args.epochs, patience=args.epochs + 1, max_tiles=args.max_tiles
+    )
     t0 = time.perf_counter()
-    model, info = train_model([xs[i] for i in train_rows], y[train_rows], np.arange(len(train_rows)).astype(str), 2, opts, device=device, seed=0, progress=True, desc="bench")
+    model, info = train_model(
+        [xs[i] for i in train_rows],
+        y[train_rows],
+        np.arange(len(train_rows)).astype(str),
+        2,
+        opts,
+        device=device,
+        seed=0,
+        progress=True,
+        desc="bench",
+    )
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     test = np.arange(len(train_rows), args.slides)
@@ -69,17 +81,30 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     per_epoch = train_s / info["epochs"]
-    print(json.dumps({
-        "slides": args.slides, "tiles_per_slide": args.tiles, "dim": args.dim, "max_tiles": args.max_tiles,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
-        "epochs": info["epochs"], "train_slides": info["train_slides"], "val_slides": info["val_slides"],
-        "train_s": round(train_s, 1), "s_per_epoch": round(per_epoch, 1),
-        "ms_per_slide_step": round(1000 * per_epoch / (info["train_slides"] + info["val_slides"]), 1),
-        "infer_ms_per_slide": round(1000 * infer_s / len(test), 1),
-        "projected_5fold_20epochs_min": round(5 * 20 * per_epoch / 60, 1),
-        "test_auc_after_these_epochs": round(float(roc_auc_score(y[test], probs[:, 1])), 3),
-        "make_features_s": round(make_s, 1),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "slides": args.slides,
+                "tiles_per_slide": args.tiles,
+                "dim": args.dim,
+                "max_tiles": args.max_tiles,
+                "device": str(device),
+                "torch_threads": torch.get_num_threads(),
+                "cpu": cpu_name(),
+                "epochs": info["epochs"],
+                "train_slides": info["train_slides"],
+                "val_slides": info["val_slides"],
+                "train_s": round(train_s, 1),
+                "s_per_epoch": round(per_epoch, 1),
+                "ms_per_slide_step": round(1000 * per_epoch / (info["train_slides"] + info["val_slides"]), 1),
+                "infer_ms_per_slide": round(1000 * infer_s / len(test), 1),
+                "projected_5fold_20epochs_min": round(5 * 20 * per_epoch / 60, 1),
+                "test_auc_after_these_epochs": round(float(roc_auc_score(y[test], probs[:, 1])), 3),
+                "make_features_s": round(make_s, 1),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,23 @@ def end_to_end_rate(arch: str, batch: int, px: int, steps: int, device: str, wor
         tiles.mkdir()
         rng = np.random.default_rng(0)
         for i in range(batch * (steps + 1)):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize((px, px), Image.Resampling.BILINEAR).save(tiles / f"t{i:05d}.png")
-        cfg = TrainConfig(data=str(tiles), out=str(Path(tmp) / "run"), arch=arch, batch_size=batch, max_steps=steps + 1, crop_px=px, tile_px=px, queue_size=max(4096, batch), workers=workers, device=device, log_every=1, checkpoint_every=steps + 1)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize(
+                (px, px), Image.Resampling.BILINEAR
+            ).save(tiles / f"t{i:05d}.png")
+        cfg = TrainConfig(
+            data=str(tiles),
+            out=str(Path(tmp) / "run"),
+            arch=arch,
+            batch_size=batch,
+            max_steps=steps + 1,
+            crop_px=px,
+            tile_px=px,
+            queue_size=max(4096, batch),
+            workers=workers,
+            device=device,
+            log_every=1,
+            checkpoint_every=steps + 1,
+        )
         summary = train(cfg, progress=False)
     return {"img_per_s": summary["img_per_s"], "workers": workers, "note": "first step (start-up) left out"}
 
@@ -111,11 +126,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=max(0, min(4, (os.cpu_count() or 1) - 1)), help="loader workers of the end-to-end run")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(0, min(4, (os.cpu_count() or 1) - 1)),
+        help="loader workers of the end-to-end run",
+    )
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end train() run")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     amp = device.type == "cuda"
     rates: dict[str, list[float]] = {"backbone": [], "ccl": []}
     for _ in range(args.repeats):
@@ -127,7 +151,9 @@ def main(argv=None) -> int:
         "arch": args.arch,
         "batch_size": args.batch_size,
         "crop_px": args.crop_px,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
         "amp": amp,
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -137,7 +163,9 @@ def main(argv=None) -> int:
     }
     result["ccl_over_backbone"] = result["ccl_img_per_s"] / result["backbone_img_per_s"]
     if not args.no_end_to_end:
-        result["train_end_to_end"] = end_to_end_rate(args.arch, args.batch_size, args.crop_px, args.steps, str(device), args.workers)
+        result["train_end_to_end"] = end_to_end_rate(
+            args.arch, args.batch_size, args.crop_px, args.steps, str(device), args.workers
+        )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -44,7 +44,11 @@ K_TILES = 64  # neighbours per query tile, as SearchEngine asks for with top_k =
 
 
 def percentiles(ms: list[float]) -> dict:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "n": len(ms),
+    }
 
 
 def region_queries(gen: ClusteredVectors, n_tiles: int, count: int, tiles: int, seed: int) -> list[np.ndarray]:
@@ -87,7 +91,11 @@ def run_size(n: int, args, folder: Path) -> dict:
     sample = np.concatenate([gen.chunk(int(b) * BLOCK, min(n, (int(b) + 1) * BLOCK))[1] for b in blocks])[:want]
     index = CompressedIndex.train(folder, sample, nlist=nlist)
     # baseline in the same run: the same index with 8-bit PQ codes (same bytes per tile)
-    eight = CompressedIndex.train(folder.with_name(folder.name + "-pq8"), sample, nlist=nlist, pq_bits=8) if args.compare_8bit else None
+    eight = (
+        CompressedIndex.train(folder.with_name(folder.name + "-pq8"), sample, nlist=nlist, pq_bits=8)
+        if args.compare_8bit
+        else None
+    )
     del sample
     out["train_s"] = round(time.perf_counter() - t, 1)
 
@@ -112,7 +120,12 @@ def run_size(n: int, args, folder: Path) -> dict:
     t = time.perf_counter()
     index.save()
     out["add_s"] = round(add_s + time.perf_counter() - t, 1)
-    out["index"] = {"factory": index.manifest["factory"], "nlist": index.manifest["nlist"], "nprobe": index.nprobe, "shortlist": index.shortlist}
+    out["index"] = {
+        "factory": index.manifest["factory"],
+        "nlist": index.manifest["nlist"],
+        "nprobe": index.nprobe,
+        "shortlist": index.shortlist,
+    }
 
     # -- quality and size --------------------------------------------------------------------
     _, I_c = index.search(xq_recall, 10)
@@ -158,7 +171,14 @@ def run_size(n: int, args, folder: Path) -> dict:
                     t = time.perf_counter()
                     index.search(q, K_TILES, nprobe=nprobe, shortlist=shortlist)
                     ms.append((time.perf_counter() - t) * 1000)
-                out["sweep"].append({"nprobe": nprobe, "shortlist": shortlist, "recall_at_10": round(recall_at_k(I_s, I_ex, 10), 4), "region_p50_ms": round(float(np.median(ms)), 2)})
+                out["sweep"].append(
+                    {
+                        "nprobe": nprobe,
+                        "shortlist": shortlist,
+                        "recall_at_10": round(recall_at_k(I_s, I_ex, 10), 4),
+                        "region_p50_ms": round(float(np.median(ms)), 2),
+                    }
+                )
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine
     return out
@@ -193,19 +213,31 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="archive sizes in tiles")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="archive sizes in tiles"
+    )
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--region-queries", type=int, default=200)
     parser.add_argument("--slide-queries", type=int, default=50)
     parser.add_argument("--recall-queries", type=int, default=400, help="single tiles whose recall@10 is measured")
-    parser.add_argument("--flat-max", type=int, default=100_000, help="largest size with the exact flat baseline (RAM: 8 kB per tile)")
+    parser.add_argument(
+        "--flat-max", type=int, default=100_000, help="largest size with the exact flat baseline (RAM: 8 kB per tile)"
+    )
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare-8bit", action="store_true", help="also build and time the same index with 8-bit PQ codes (the earlier layout)")
-    parser.add_argument("--sweep", action="store_true", help="at each size, also measure other nprobe / shortlist settings")
+    parser.add_argument(
+        "--compare-8bit",
+        action="store_true",
+        help="also build and time the same index with 8-bit PQ codes (the earlier layout)",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="at each size, also measure other nprobe / shortlist settings"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
-    parser.add_argument("--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -219,7 +251,12 @@ def main(argv=None) -> None:
     doc = {
         "bench": "search",
         "command": "python bench/search.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "platform": platform.platform(), "faiss": faiss.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "platform": platform.platform(),
+            "faiss": faiss.__version__,
+        },
         "results": results,
     }
     if args.plot:

@@ -22,7 +22,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent
+]
 
 from engine.encoder import cpu_flags  # noqa: E402
 from engine.shards import ShardEncoder, read_shard, write_shard  # noqa: E402
@@ -54,12 +56,21 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         size = path.stat().st_size
     medians = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({
-        "bench": "shard_load", "tiles": args.tiles, "dim": args.dim, "file_mb": round(size / 2**20, 1), "repeats": args.repeats,
-        "median_ms": {k: round(v * 1000, 2) for k, v in medians.items()},
-        "checked_over_faiss": round(medians["read_shard_checked"] / medians["faiss_read_index"], 2),
-        "cpu_flags": cpu_flags(),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "shard_load",
+                "tiles": args.tiles,
+                "dim": args.dim,
+                "file_mb": round(size / 2**20, 1),
+                "repeats": args.repeats,
+                "median_ms": {k: round(v * 1000, 2) for k, v in medians.items()},
+                "checked_over_faiss": round(medians["read_shard_checked"] / medians["faiss_read_index"], 2),
+                "cpu_flags": cpu_flags(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def free_port() -> int:
 
 
 def cli(*args: str, stdin: str | None = None, env=None) -> str:
-    done = subprocess.run([sys.executable, "-m", "webapp.cli", *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "webapp.cli", *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO
+    )
     if done.returncode != 0:
         raise SystemExit(f"histoseek-web {' '.join(args[:2])} failed: {done.stderr.strip()}")
     return done.stdout.strip()
@@ -55,13 +57,51 @@ def ensure_demo(demo_dir: Path, encoder: str) -> None:
     if (demo_dir / "catalog.sqlite").exists():
         return
     # Its messages go to stderr: stdout carries only this script's JSON.
-    subprocess.run([sys.executable, "-m", "webapp.demo", "--no-serve", "--dir", str(demo_dir), "--encoder", encoder, "--device", "cpu"], check=True, cwd=REPO, stdout=sys.stderr)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "webapp.demo",
+            "--no-serve",
+            "--dir",
+            str(demo_dir),
+            "--encoder",
+            encoder,
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        cwd=REPO,
+        stdout=sys.stderr,
+    )
 
 
-def start_server(settings_args: list[str], port: int, workers: int, threads: int, env, log_path: Path) -> subprocess.Popen:
+def start_server(
+    settings_args: list[str], port: int, workers: int, threads: int, env, log_path: Path
+) -> subprocess.Popen:
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--threads", str(threads), *settings_args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "webapp.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            *settings_args,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -79,8 +119,14 @@ def start_server(settings_args: list[str], port: int, workers: int, threads: int
 
 def multipart(data: bytes, fields: dict) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode() for k, v in fields.items()]
-    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode())
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
@@ -97,7 +143,9 @@ class Workload:
         # The query: a 448 x 448 level-0 crop from the middle of the slide with most tiles.
         s = max(self.slides, key=lambda s: s["tile_count"])
         x, y = max(0, s["width"] // 2 - 224), max(0, s["height"] // 2 - 224)
-        status, self.query_jpeg = self.fetch("GET", f"/api/v1/slides/{s['id']}/region.jpg?x={x}&y={y}&w=448&h=448&px=448")
+        status, self.query_jpeg = self.fetch(
+            "GET", f"/api/v1/slides/{s['id']}/region.jpg?x={x}&y={y}&w=448&h=448&px=448"
+        )
         if status != 200:
             raise SystemExit(f"cannot read the query region ({status})")
         self.query_mpp = s["mpp"]
@@ -124,11 +172,23 @@ class Workload:
             scale = 2 ** (top - level)
             cols = max(1, int(np.ceil(s["width"] / scale / 254)))
             rows = max(1, int(np.ceil(s["height"] / scale / 254)))
-            return "dz_tile", "GET", f"/tiles/{s['id']}_files/{level}/{rng.randrange(cols)}_{rng.randrange(rows)}.jpeg", None, {}
+            return (
+                "dz_tile",
+                "GET",
+                f"/tiles/{s['id']}_files/{level}/{rng.randrange(cols)}_{rng.randrange(rows)}.jpeg",
+                None,
+                {},
+            )
         if r < 0.85:
             size = 448
             x, y = rng.randrange(max(1, s["width"] - size)), rng.randrange(max(1, s["height"] - size))
-            return "region_thumb", "GET", f"/api/v1/slides/{s['id']}/region.jpg?x={x}&y={y}&w={size}&h={size}&px=160", None, {}
+            return (
+                "region_thumb",
+                "GET",
+                f"/api/v1/slides/{s['id']}/region.jpg?x={x}&y={y}&w={size}&h={size}&px=160",
+                None,
+                {},
+            )
         return "slides_list", "GET", "/api/v1/slides?per_page=50", None, {}
 
 
@@ -173,16 +233,29 @@ def run_phase(work: Workload, clients: int, duration_s: float, max_requests: int
 def summarise(results, clients: int, wall_s: float) -> dict:
     def stats(rows):
         ms = np.array([r[1] for r in rows]) if rows else np.zeros(1)
-        return {"requests": len(rows), "errors": sum(not r[2] for r in rows), "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
-                "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1)}
+        return {
+            "requests": len(rows),
+            "errors": sum(not r[2] for r in rows),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "max_ms": round(float(ms.max()), 1),
+        }
 
     names = sorted({r[0] for r in results})
-    return {"clients": clients, "wall_s": round(wall_s, 1), "requests_per_s": round(len(results) / wall_s, 1), "all": stats(results),
-            "by_endpoint": {n: stats([r for r in results if r[0] == n]) for n in names}}
+    return {
+        "clients": clients,
+        "wall_s": round(wall_s, 1),
+        "requests_per_s": round(len(results) / wall_s, 1),
+        "all": stats(results),
+        "by_endpoint": {n: stats([r for r in results if r[0] == n]) for n in names},
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--clients", type=int, default=50, help="concurrent clients in the load phase")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of the load phase")
     ap.add_argument("--baseline-duration", type=float, default=10.0, help="seconds of the 1-client baseline phase")
@@ -190,15 +263,33 @@ def main() -> None:
     ap.add_argument("--search-share", type=float, default=0.1, help="fraction of requests that are region searches")
     ap.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     ap.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker")
-    ap.add_argument("--demo-dir", type=Path, default=REPO / "bench" / "out" / "webapp-demo", help="demo archive (built with webapp.demo --no-serve when missing)")
-    ap.add_argument("--encoder", default="random:resnet18", help="encoder of the demo archive (the one it was or will be built with)")
+    ap.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=REPO / "bench" / "out" / "webapp-demo",
+        help="demo archive (built with webapp.demo --no-serve when missing)",
+    )
+    ap.add_argument(
+        "--encoder",
+        default="random:resnet18",
+        help="encoder of the demo archive (the one it was or will be built with)",
+    )
     args = ap.parse_args()
 
     demo = args.demo_dir.resolve()
     ensure_demo(demo, args.encoder)
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "HISTOSEEK_INSTANCE_DIR": tmp}
-        settings = ["--catalog", f"sqlite:///{demo / 'catalog.sqlite'}", "--index-dir", str(demo / "index"), "--device", "cpu", "--encoder", args.encoder]
+        settings = [
+            "--catalog",
+            f"sqlite:///{demo / 'catalog.sqlite'}",
+            "--index-dir",
+            str(demo / "index"),
+            "--device",
+            "cpu",
+            "--encoder",
+            args.encoder,
+        ]
         if BENCH_USER not in cli("users", "list", *settings, env=env):
             cli("users", "add", BENCH_USER, "--password-stdin", *settings, stdin=BENCH_PASSWORD + "\n", env=env)
         token = cli("users", "token", BENCH_USER, *settings, env=env)
@@ -216,7 +307,12 @@ def main() -> None:
         "bench": "webapp_load",
         "server": {"gunicorn_workers": args.workers, "threads_per_worker": args.threads, "bind": "127.0.0.1"},
         "archive": {"dir": str(demo), "slides": len(work.slides)},
-        "mix": {"search_region": args.search_share, "dz_tile": round(0.6 * (1 - args.search_share), 3), "region_thumb": round(0.25 * (1 - args.search_share), 3), "slides_list": round(0.15 * (1 - args.search_share), 3)},
+        "mix": {
+            "search_region": args.search_share,
+            "dz_tile": round(0.6 * (1 - args.search_share), 3),
+            "region_thumb": round(0.25 * (1 - args.search_share), 3),
+            "slides_list": round(0.15 * (1 - args.search_share), 3),
+        },
         "cpu_cores": os.cpu_count(),
         "baseline_1_client": baseline,
         "load": load,

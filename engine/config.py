@@ -1,5 +1,7 @@
 """Settings: one object built at the edge (CLI flags, then HISTOSEEK_* environment, then
-defaults) and passed down. No module-level paths, devices or argv anywhere else.
+defaults) and passed down. No module-level paths, devices or argv anywhere else. The web
+app's own settings (upload limits, login throttling, ...) are derived from it in one place,
+`webapp.load_config`, with the instance folder named here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Settings:
     precision:   `auto` (fastest numerically safe path) or `fp32` (exact)
     target_mpp:  microns per pixel that tiles are embedded at (default 1.0, as RetCCL)
     tile_px:     tile edge in pixels at target_mpp (default 224)
+    instance_dir: the web app's instance folder: its secret key and `histoseek.cfg`
+                 (default: <data_dir>/webapp)
     """
 
     data_dir: Path
@@ -44,13 +48,18 @@ class Settings:
     precision: str = "auto"
     target_mpp: float = 1.0
     tile_px: int = 224
+    instance_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.instance_dir is None:  # built directly (tests): the same default as load()
+            object.__setattr__(self, "instance_dir", self.data_dir / "webapp")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **flags) -> "Settings":
         """Build settings from CLI flags (keyword arguments; None = not given), then the
         environment (`HISTOSEEK_CATALOG`, `HISTOSEEK_INDEX_DIR`, `HISTOSEEK_ENCODER`,
         `HISTOSEEK_DEVICE`, `HISTOSEEK_PRECISION`, `HISTOSEEK_TARGET_MPP`, `HISTOSEEK_TILE_PX`,
-        `HISTOSEEK_DATA_DIR`), then defaults."""
+        `HISTOSEEK_DATA_DIR`, `HISTOSEEK_INSTANCE_DIR`), then defaults."""
         env = os.environ if env is None else env
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(flags) - known
@@ -66,6 +75,7 @@ class Settings:
         data_dir = Path(pick("data_dir", "DATA_DIR") or default_data_dir(env)).expanduser()
         catalog_url = pick("catalog_url", "CATALOG") or f"sqlite:///{data_dir / 'catalog.sqlite'}"
         index_dir = Path(pick("index_dir", "INDEX_DIR") or data_dir / "index").expanduser()
+        instance_dir = Path(pick("instance_dir", "INSTANCE_DIR") or data_dir / "webapp").expanduser()
         encoder = pick("encoder", "ENCODER")
         if encoder is None:
             released = data_dir / "weights" / RELEASED_WEIGHTS_NAME
@@ -90,6 +100,7 @@ class Settings:
             precision=precision,
             target_mpp=target_mpp,
             tile_px=tile_px,
+            instance_dir=instance_dir,
         )
 
     def require_encoder(self) -> str:

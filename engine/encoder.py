@@ -189,7 +189,13 @@ def load_backbone(spec: str) -> tuple[nn.Module, EncoderInfo]:
     model.load_state_dict(state, strict=True)
     sha = file_sha256(path)
     if dropped:
-        LOG.info("checkpoint %s (%s layout): dropped %d non-backbone keys: %s", path.name, layout, len(dropped), ", ".join(dropped[:10]))
+        LOG.info(
+            "checkpoint %s (%s layout): dropped %d non-backbone keys: %s",
+            path.name,
+            layout,
+            len(dropped),
+            ", ".join(dropped[:10]),
+        )
     name = "RetCCL" if sha == RELEASED_RETCCL_SHA256 else path.stem
     info = EncoderInfo(
         name=name,
@@ -207,7 +213,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise EncoderError(f"device {device!r} asked for, but CUDA is not available here; use the cpu device")
     return torch.device(device)
 
 
@@ -234,7 +240,9 @@ class Encoder:
         self.info = info
         self.device = resolve_device(device)
         if precision == "int8" and self.device.type != "cpu":
-            raise EncoderError(f"precision 'int8' is a CPU path (x86 quantised kernels); on {self.device.type} use 'auto'")
+            raise EncoderError(
+                f"precision 'int8' is a CPU path (x86 quantised kernels); on {self.device.type} use 'auto'"
+            )
         self.precision = precision
         self.model = model.eval().to(self.device)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
@@ -262,7 +270,9 @@ class Encoder:
             raise ValueError(f"expected a N x 3 x H x W batch, got shape {tuple(batch.shape)}")
         x = batch.to(self.device, non_blocking=True).float()
         if x.shape[-2:] != (INPUT_PX, INPUT_PX):
-            x = nn.functional.interpolate(x, size=(INPUT_PX, INPUT_PX), mode="bilinear", antialias=True, align_corners=False)
+            x = nn.functional.interpolate(
+                x, size=(INPUT_PX, INPUT_PX), mode="bilinear", antialias=True, align_corners=False
+            )
         return (x - self._mean) / self._std
 
     def _fast_model(self, example: torch.Tensor):
@@ -330,7 +340,11 @@ class Encoder:
         # nothing; it builds on the first real batch
         if self.precision == "auto":
             with torch.inference_mode():
-                self._fast_model(self.normalise(torch.zeros((1, 3, INPUT_PX, INPUT_PX), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last))
+                self._fast_model(
+                    self.normalise(torch.zeros((1, 3, INPUT_PX, INPUT_PX), dtype=torch.uint8)).contiguous(
+                        memory_format=torch.channels_last
+                    )
+                )
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> np.ndarray:

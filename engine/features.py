@@ -18,7 +18,7 @@ from tqdm import tqdm
 from engine.encoder import INPUT_PX, Encoder
 from engine.errors import ImageError
 from engine.files import atomic_output, atomic_write_text
-from engine.images import open_rgb, to_uint8_chw
+from engine.images import encoder_input, open_rgb
 
 LOG = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, row: int):
         try:
-            return row, to_uint8_chw(open_rgb(self.paths[row]), self.size_px), None
+            return row, encoder_input(open_rgb(self.paths[row]), self.size_px), None
         except ImageError as exc:
             return row, None, str(exc)
 
@@ -55,7 +55,9 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def iter_batches(paths: Sequence[Path], batch_size: int, workers: int) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
+def iter_batches(
+    paths: Sequence[Path], batch_size: int, workers: int
+) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
     loader = DataLoader(
         ImageFiles(paths),
         batch_size=batch_size,
@@ -95,7 +97,7 @@ def compute_features(
         for rows, batch, errors in iter_batches(paths, batch_size, workers):
             if errors and not skip_bad:
                 row, message = errors[0]
-                raise ImageError(f"{message} (use --skip-bad to record unreadable images and go on)")
+                raise ImageError(f"{message} (skip unreadable images to record them and go on)")
             skipped.extend((paths[r], m) for r, m in errors)
             if rows:
                 feats[rows] = encoder.embed(batch)
@@ -119,7 +121,12 @@ def write_features(result: FeatureResult, out: Path, encoder: Encoder) -> Path:
         "rows": len(result.paths),
         "dim": int(result.features.shape[1]),
         "normalised": False,
-        "encoder": {"name": info.name, "architecture": info.architecture, "checkpoint_sha256": info.checkpoint_sha256, "random": info.is_random},
+        "encoder": {
+            "name": info.name,
+            "architecture": info.architecture,
+            "checkpoint_sha256": info.checkpoint_sha256,
+            "random": info.is_random,
+        },
         "precision": encoder.precision,
         "paths": [str(p) for p in result.paths],
         "skipped": [{"path": str(p), "error": e} for p, e in result.skipped],

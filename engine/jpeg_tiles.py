@@ -78,9 +78,28 @@ class JpegTiles:
                 levels = []
                 for level in tif.series[0].levels:
                     page = level.keyframe if hasattr(level, "keyframe") else level.pages[0]
-                    if not (page.is_tiled and page.compression == _TIFF_JPEG and page.samplesperpixel == 3 and page.bitspersample == 8 and page.planarconfig == 1 and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR) and page.tiledepth == 1):
+                    if not (
+                        page.is_tiled
+                        and page.compression == _TIFF_JPEG
+                        and page.samplesperpixel == 3
+                        and page.bitspersample == 8
+                        and page.planarconfig == 1
+                        and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+                        and page.tiledepth == 1
+                    ):
                         return None
-                    levels.append(_Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, tuple(page.dataoffsets), tuple(page.databytecounts), bytes(page.jpegtables or b""), page.photometric == _PHOTOMETRIC_RGB))
+                    levels.append(
+                        _Level(
+                            page.imagewidth,
+                            page.imagelength,
+                            page.tilewidth,
+                            page.tilelength,
+                            tuple(page.dataoffsets),
+                            tuple(page.databytecounts),
+                            bytes(page.jpegtables or b""),
+                            page.photometric == _PHOTOMETRIC_RGB,
+                        )
+                    )
         except (tifffile.TiffFileError, OSError, ValueError, IndexError, AttributeError):
             return None
         return cls(path, levels) if levels else None
@@ -115,7 +134,9 @@ class JpegTiles:
             data = data[:2] + _ADOBE_RGB + data[2:]
         return data
 
-    def read_boxes(self, boxes: list[tuple[int, int, int]], out_px: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    def read_boxes(
+        self, boxes: list[tuple[int, int, int]], out_px: int, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """Level-0 squares (x, y, size0) as a uint8 N x 3 x out_px x out_px batch on `device`:
         OpenSlide's level choice, the JPEG tiles decoded in one decode_jpeg call, outside the
         image white (as engine.slides flattens it), resized with antialiased bilinear."""
@@ -131,7 +152,9 @@ class JpegTiles:
             lx, ly = int(round(x / ds)), int(round(y / ds))
             tiles = [
                 (li, r * lv.cols + c)
-                for r in range(max(0, ly // lv.tile_h), min(-(-lv.height // lv.tile_h), -(-(ly + read_px) // lv.tile_h)))
+                for r in range(
+                    max(0, ly // lv.tile_h), min(-(-lv.height // lv.tile_h), -(-(ly + read_px) // lv.tile_h))
+                )
                 for c in range(max(0, lx // lv.tile_w), min(lv.cols, -(-(lx + read_px) // lv.tile_w)))
             ]
             plans.append((li, lx, ly, read_px, tiles))
@@ -168,11 +191,12 @@ def _resize(chw: torch.Tensor, out_px: int) -> torch.Tensor:
     if chw.shape[-1] == out_px and chw.shape[-2] == out_px:
         return chw
     if chw.device.type == "cpu":
-        # the very same uint8 kernel as engine.slides (4 bands: its fast path)
-        from engine.slides import _resize_bilinear
+        # the project's one resampling filter (engine.images), as read_box_array uses it
+        from engine.images import resize_bilinear
 
-        rgba = np.concatenate([chw.permute(1, 2, 0).numpy(), np.full((*chw.shape[1:], 1), 255, np.uint8)], axis=2)
-        return torch.from_numpy(np.ascontiguousarray(_resize_bilinear(rgba, out_px)[..., :3])).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(resize_bilinear(chw.permute(1, 2, 0).numpy(), out_px))).permute(
+            2, 0, 1
+        )
     x = chw.unsqueeze(0).float()
     y = torch.nn.functional.interpolate(x, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False)
     return y[0].round_().clamp_(0, 255).to(torch.uint8)

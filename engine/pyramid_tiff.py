@@ -24,7 +24,14 @@ def halve(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(img)
 
 
-def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, tile: int = 256, min_level_px: int = 512, level_factor: int = 2) -> Path:
+def write_pyramidal_tiff(
+    path: str | Path,
+    rgb: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    min_level_px: int = 512,
+    level_factor: int = 2,
+) -> Path:
     """Write `rgb` (H x W x 3 uint8) as a tiled pyramidal TIFF at `path`.
 
     mpp:          microns per level-0 pixel written into the resolution tags (None: no tags,

@@ -123,13 +123,19 @@ def read_shard(path: str | Path, sha256: str | None = None) -> faiss.IndexIDMap2
     except OSError as exc:
         raise ShardError(f"shard {path} cannot be read ({exc.strerror or exc}); run `indexer verify`") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ShardError(f"shard {path} is damaged: its sha256 differs from the catalog's; `indexer build` re-embeds its slides")
+        raise ShardError(
+            f"shard {path} is damaged: its sha256 differs from the catalog's; `indexer build` re-embeds its slides"
+        )
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise ShardError(f"shard {path} is corrupt ({str(exc).splitlines()[0]}); `indexer build` re-embeds its slides") from None
+        raise ShardError(
+            f"shard {path} is corrupt ({str(exc).splitlines()[0]}); `indexer build` re-embeds its slides"
+        ) from None
     if not isinstance(index, faiss.IndexIDMap2) or not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
-        raise ShardError(f"shard {path} is not an IndexIDMap2(IndexFlatIP) (a {type(index).__name__}); `indexer build` re-embeds its slides")
+        raise ShardError(
+            f"shard {path} is not an IndexIDMap2(IndexFlatIP) (a {type(index).__name__}); `indexer build` re-embeds its slides"
+        )
     _check_norms(path, index)
     return index
 
@@ -148,7 +154,9 @@ def _check_norms(path: Path, index: faiss.IndexIDMap2) -> None:
     bad = ~((np.abs(norm2 - 1.0) <= _NORM2_TOLERANCE) | (norm2 == 0.0))  # NaN is bad too
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ShardError(f"shard {path} is damaged: {int(bad.sum())} vectors are not unit length (row {row} has norm {float(np.sqrt(norm2[row])):.3g}); `indexer build` re-embeds its slides")
+        raise ShardError(
+            f"shard {path} is damaged: {int(bad.sum())} vectors are not unit length (row {row} has norm {float(np.sqrt(norm2[row])):.3g}); `indexer build` re-embeds its slides"
+        )
 
 
 def shard_arrays(path: str | Path, sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,4 +190,6 @@ def list_orphan_sidecars(index_dir: str | Path, encoder: ShardEncoder) -> list[P
     folder = encoder_dir(index_dir, encoder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(SHARD_SUFFIX).exists())
+    return sorted(
+        p for p in folder.glob("*.json") if not p.name.startswith(".") and not p.with_suffix(SHARD_SUFFIX).exists()
+    )

@@ -17,6 +17,7 @@ import openslide
 from PIL import Image
 
 from engine.errors import SlideError
+from engine.images import resize_bilinear
 
 # How much of a file the fingerprint reads: size + head + tail + evenly spaced samples.
 # Reading whole multi-GB slides would make re-scanning a 34,000-slide archive take hours;
@@ -92,8 +93,12 @@ def slide_mpp(slide: openslide.OpenSlide, default_mpp: float | None = None) -> t
         return 10.0 / power, "objective-power"
     if default_mpp is not None:
         return float(default_mpp), "default"
-    found = f"its metadata says {implausible:g} um/px, which no slide scanner produces" if implausible is not None else "slide has no microns-per-pixel or objective-power metadata"
-    raise SlideError(f"{found}; pass --default-mpp X (microns per level-0 pixel) to index it")
+    found = (
+        f"the slide's metadata says {implausible:g} um/px, which no slide scanner produces"
+        if implausible is not None
+        else "the slide has no resolution in its metadata (no microns per pixel, no objective power)"
+    )
+    raise SlideError(f"{found}; give a default resolution (um per level-0 pixel) to index it")
 
 
 def describe_slide(path: str | Path, slide: openslide.OpenSlide, default_mpp: float | None = None) -> SlideInfo:
@@ -123,7 +128,7 @@ def _read_rgba(slide: openslide.OpenSlide, x: int, y: int, level: int, size: int
 
     openslide-python's read_region fills a ctypes buffer, converts it to RGBA in place and
     wraps it in a PIL image; getting a numpy array out of that image costs a full copy through
-    Pillow's raw encoder (~1.5 ms for 449 px here, a third of the read). The same two library
+    Pillow's raw encoder (a large share of the read; docs/benchmarks.md, issue 14). The same two library
     calls into numpy's own memory avoid it. Other slide objects (openslide.ImageSlide, or an
     openslide-python without these internals) take the public path."""
     osr = getattr(slide, "_osr", None)
@@ -148,22 +153,10 @@ def _flatten_array(rgba: np.ndarray) -> None:
     rgba[..., 3] = 255
 
 
-def _resize_bilinear(hwc: np.ndarray, out_px: int) -> np.ndarray:
-    """PIL's antialiased bilinear resize (the filter read_box always used), done by torch's
-    uint8 channels-last kernel: equal to PIL within 1 grey level and about 3x faster on
-    AVX2 (docs/benchmarks.md, issue 14). The H x W x C array is a channels-last view as is."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(t, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).numpy()
-
-
 def read_box_array(slide: openslide.OpenSlide, x: int, y: int, size0: int, out_px: int) -> np.ndarray:
     """The level-0 square (x, y, size0) as an out_px x out_px x 3 uint8 RGB array (possibly a
     strided view), read from the coarsest pyramid level that still has at least out_px pixels
-    across, then resized (antialiased bilinear). Transparent (outside-scan) pixels become
+    across, then resized (engine.images.resize_bilinear, the one filter). Transparent (outside-scan) pixels become
     white, as background glass; flattening runs only where the region is not opaque, at the
     read resolution, before resizing."""
     # OpenSlide's level choice, exactly as before. Taking a level within 0.5 % of the factor
@@ -183,7 +176,7 @@ def read_box_array(slide: openslide.OpenSlide, x: int, y: int, size0: int, out_p
     # RGBA through the resize (torch's uint8 kernel is fast for 4 bands, ~7x slower for 3);
     # the alpha band is dropped as a view
     if rgba.shape[0] != out_px or rgba.shape[1] != out_px:
-        rgba = _resize_bilinear(rgba, out_px)
+        rgba = resize_bilinear(rgba, out_px)
     return rgba[..., :3]
 
 
@@ -204,4 +197,3 @@ def read_tile(path: str | Path, x: int, y: int, size0: int, out_px: int) -> Imag
 def tile_size0(info: SlideInfo, target_mpp: float, tile_px: int) -> int:
     """Level-0 pixels covered by one tile edge of tile_px pixels at target_mpp."""
     return max(1, int(round(tile_px * target_mpp / info.mpp)))
-

@@ -14,23 +14,31 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
+from engine import distributed
 from engine.catalog.db import Catalog
 from engine.config import Settings
 from engine.encoder import Encoder
-from engine.errors import CatalogError, ConfigError, HistoseekError, ShardError
-from engine.files import write_error_advice
+from engine.errors import CatalogError, ConfigError, ShardError
 from engine.features import default_workers
+from engine.files import write_error_advice
 from engine.shards import ShardEncoder
-from indexer import distributed
-from indexer.discovery import FINGERPRINT_CACHE, SLIDE_EXTENSIONS, FingerprintCache, describe_files, find_slide_files
+from indexer.discovery import (
+    FINGERPRINT_CACHE,
+    SLIDE_EXTENSIONS,
+    FingerprintCache,
+    describe_files,
+    find_slide_files,
+    match_archive_metadata,
+)
+from indexer.distributed import check_catalog_for, split_by_size
 from indexer.lease import Lease
-from indexer.metadata import match_metadata
 from indexer.pipeline import PlanSampler, SlidePlan, iter_plans, plan_slide, tile_batches
 from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
 from indexer.writer import commit_slide, fail_slide
@@ -92,38 +100,46 @@ def _fingerprint_share(root: Path, paths: list[Path], cache_file: Path, ctx: dis
     return files
 
 
-def _prepare(catalog: Catalog, settings: Settings, root: Path, encoder: Encoder, shard_encoder: ShardEncoder, metadata, collection, ctx, lease: Lease | None) -> tuple[Registration | None, int | None, list[str]]:
+def _prepare(
+    catalog: Catalog,
+    settings: Settings,
+    root: Path,
+    encoder: Encoder,
+    shard_encoder: ShardEncoder,
+    metadata,
+    collection,
+    ctx,
+    lease: Lease | None,
+) -> tuple[Registration | None, int | None, list[str]]:
     """Rank 0: list, fingerprint (shared), repair, register. Returns (registration,
     encoder id, notes), broadcast to every rank."""
     paths = ctx.broadcast(find_slide_files(root) if ctx.is_main else None)
     files = _fingerprint_share(root, paths, Path(settings.index_dir) / FINGERPRINT_CACHE, ctx)
-    if not ctx.is_main:
-        ok, payload = ctx.broadcast(None)
-        if not ok:
-            raise ConfigError(f"rank 0 stopped the build: {payload}")
-        return payload
-    try:
-        result = _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease)
-    except (HistoseekError, ValueError) as exc:
-        ctx.broadcast((False, str(exc)))  # the other ranks stop with the same message
-        raise
-    ctx.broadcast((True, result))
-    return result
+    # the other ranks stop with rank 0's error, if it has one
+    return ctx.on_main(
+        _register_on_main, catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease
+    )
 
 
 def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease):
     notes = [] if files else [f"no slide files under {root} (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"]
-    meta = {}
-    if metadata is not None:
-        match = match_metadata(metadata, [f.relpath for f in files])
-        meta = match.by_relpath
-        notes += match.report_lines()
+    # always matched: without metadata files a TCGA barcode in a file name still gives the patient
+    match = match_archive_metadata(metadata, [f.relpath for f in files])
+    meta = match.by_relpath
+    notes += match.report_lines()
     _ensure_encoder_row(catalog, encoder, shard_encoder)
     with catalog.session() as s:
         enc = encoder_row(s, encoder.info, shard_encoder)
         check_one_encoder(s, enc)
         reg = Registration()
-        repair(s, Path(settings.index_dir), shard_encoder, enc, reg, other_builds=lambda: [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()])
+        repair(
+            s,
+            Path(settings.index_dir),
+            shard_encoder,
+            enc,
+            reg,
+            other_builds=lambda: [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()],
+        )
         found = register(s, root, files, index_dir=Path(settings.index_dir), metadata=meta, collection=collection)
         found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
         encoder_id = enc.id
@@ -158,7 +174,7 @@ def build_archive(
     settings: Settings,
     archive_dir: str | Path,
     *,
-    metadata: str | Path | None = None,
+    metadata: str | Path | Sequence[str | Path] | None = None,
     collection: str | None = None,
     min_tissue: float = 0.5,
     default_mpp: float | None = None,
@@ -174,19 +190,23 @@ def build_archive(
     loaded encoder to use instead of loading `settings.encoder` (benchmarks, tests)."""
     root = Path(archive_dir)
     if not root.is_dir():
-        raise ValueError(f"archive folder {root} does not exist or is not a folder")
+        raise ConfigError(f"archive folder {root} does not exist or is not a folder")
     if not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"--min-tissue must be within 0..1, got {min_tissue}")
+        raise ConfigError(f"the minimum tissue fraction must be within 0..1, got {min_tissue}")
     if batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
     _check_writable(Path(settings.index_dir))
     ctx = distributed.context_from_env() if ctx is None else ctx
-    distributed.check_catalog_for(ctx, settings.catalog_url)
-    distributed.init(ctx)
+    check_catalog_for(ctx, settings.catalog_url)
+    distributed.join(ctx)
     try:
         if encoder is None:
-            encoder = Encoder.from_spec(settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision)
-        shard_encoder = ShardEncoder(encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px)
+            encoder = Encoder.from_spec(
+                settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision
+            )
+        shard_encoder = ShardEncoder(
+            encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px
+        )
         # Rank 0 migrates the schema alone; concurrent Alembic runs would race.
         catalog = _operator_errors(settings, Catalog, settings.catalog_url) if ctx.is_main else None
         ctx.barrier()
@@ -194,28 +214,77 @@ def build_archive(
         # Only rank 0 holds the lease: the files of the other ranks are the same job's.
         lease = _operator_errors(settings, Lease(catalog, settings.index_dir).acquire) if ctx.is_main else None
         try:
-            return _operator_errors(settings, _build, catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease, default_mpp, min_tissue, workers, batch_size, progress)
+            return _operator_errors(
+                settings,
+                _build,
+                catalog,
+                settings,
+                root,
+                encoder,
+                shard_encoder,
+                metadata,
+                collection,
+                ctx,
+                lease,
+                default_mpp,
+                min_tissue,
+                workers,
+                batch_size,
+                progress,
+            )
         finally:
             if lease is not None:
                 lease.release()
             catalog.dispose()
     finally:
-        distributed.shutdown(ctx)
+        if ctx.active:
+            distributed.shutdown()
 
 
-def _build(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease, default_mpp, min_tissue, workers, batch_size, progress) -> BuildSummary:
+def _build(
+    catalog,
+    settings,
+    root,
+    encoder,
+    shard_encoder,
+    metadata,
+    collection,
+    ctx,
+    lease,
+    default_mpp,
+    min_tissue,
+    workers,
+    batch_size,
+    progress,
+) -> BuildSummary:
     """build_archive's work once the catalog is open and the lease held."""
     reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease)
     LOG.info(
         "%d slides under %s: %d already indexed, %d to index over %d process(es)",
-        len(reg.jobs) + reg.already_indexed, root, reg.already_indexed, len(reg.jobs), ctx.world_size,
+        len(reg.jobs) + reg.already_indexed,
+        root,
+        reg.already_indexed,
+        len(reg.jobs),
+        ctx.world_size,
     )
-    shares = distributed.split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
+    shares = split_by_size([(sid, size) for sid, _, size in reg.jobs], ctx.world_size)
     paths = {sid: path for sid, path, _ in reg.jobs}
     mine = [(sid, Path(paths[sid])) for sid in shares[ctx.rank]]
-    plan_fn = functools.partial(plan_slide, default_mpp=default_mpp, target_mpp=settings.target_mpp, tile_px=settings.tile_px, min_tissue=min_tissue)
+    plan_fn = functools.partial(
+        plan_slide,
+        default_mpp=default_mpp,
+        target_mpp=settings.target_mpp,
+        tile_px=settings.tile_px,
+        min_tissue=min_tissue,
+    )
     local = _embed_slides(
-        catalog, settings, encoder, shard_encoder, encoder_id, mine, plan_fn,
+        catalog,
+        settings,
+        encoder,
+        shard_encoder,
+        encoder_id,
+        mine,
+        plan_fn,
         workers=default_workers() if workers is None else workers,
         batch_size=batch_size,
         progress=progress and ctx.is_main,
@@ -225,7 +294,16 @@ def _build(catalog, settings, root, encoder, shard_encoder, metadata, collection
     summary = BuildSummary(skipped=reg.already_indexed, notes=notes)
     for rank, part in enumerate(ctx.all_gather(local)):
         summary.merge(part)
-        summary.ranks.append({"rank": rank, "indexed": part.indexed, "failed": part.failed, "tiles": part.tiles, "seconds": round(part.seconds, 2), "encoder_seconds": round(part.encoder_seconds, 2)})
+        summary.ranks.append(
+            {
+                "rank": rank,
+                "indexed": part.indexed,
+                "failed": part.failed,
+                "tiles": part.tiles,
+                "seconds": round(part.seconds, 2),
+                "encoder_seconds": round(part.encoder_seconds, 2),
+            }
+        )
     summary.failures.sort()
     return summary
 
@@ -239,7 +317,10 @@ def _check_writable(index_dir: Path) -> None:
         probe.write_bytes(b"ok")
     except OSError as exc:
         advice = write_error_advice(exc, f"the index folder {index_dir}")
-        raise ConfigError(advice or f"cannot write to the index folder {index_dir} ({exc.strerror or exc}); pass --index-dir to a writable folder") from None
+        raise ConfigError(
+            advice
+            or f"cannot write to the index folder {index_dir} ({exc.strerror or exc}); choose a writable index folder"
+        ) from None
     finally:
         try:
             probe.unlink(missing_ok=True)
@@ -254,7 +335,7 @@ def _operator_errors(settings: Settings, func, *args):
     try:
         return func(*args)
     except sa.exc.OperationalError as exc:
-        advice = write_error_advice(exc, "the catalog database (--catalog)")
+        advice = write_error_advice(exc, "the catalog database")
         if advice is None:
             raise
         raise CatalogError(advice) from None
@@ -266,7 +347,7 @@ def _operator_errors(settings: Settings, func, *args):
 
 
 class _SlideState:
-    """Vectors of a slide as its batches arrive (batches may span slides)."""
+    """Unit-length vectors of a slide as its batches arrive (batches may span slides)."""
 
     def __init__(self, plan: SlidePlan, dim: int):
         self.plan = plan
@@ -279,7 +360,9 @@ class _SlideState:
         return bool(self.done.all())
 
 
-def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, plan_fn, *, workers, batch_size, progress, total_slides) -> BuildSummary:
+def _embed_slides(
+    catalog, settings, encoder, shard_encoder, encoder_id, jobs, plan_fn, *, workers, batch_size, progress, total_slides
+) -> BuildSummary:
     summary = BuildSummary()
     states: dict[int, _SlideState] = {}
     announced: collections.deque[SlidePlan] = collections.deque()
@@ -300,7 +383,16 @@ def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, p
             fail(plan, state.error)
         else:
             try:
-                commit_slide(catalog, Path(settings.index_dir), shard_encoder, encoder_id, slide_id, plan.info, plan.boxes, state.features)
+                commit_slide(
+                    catalog,
+                    Path(settings.index_dir),
+                    shard_encoder,
+                    encoder_id,
+                    slide_id,
+                    plan.info,
+                    plan.boxes,
+                    state.features,
+                )
             except ShardError as exc:
                 fail(plan, str(exc))
                 return
@@ -328,7 +420,7 @@ def _embed_slides(catalog, settings, encoder, shard_encoder, encoder_id, jobs, p
                 state.error = f"tile read failed: {message}"
         if batch is not None:
             t0 = time.perf_counter()
-            feats = encoder.embed(batch)
+            feats = encoder.embed_unit(batch)
             summary.encoder_seconds += time.perf_counter() - t0
             for (slide_id, index), vec in zip(keys, feats):
                 state = states[slide_id]

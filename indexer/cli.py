@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from engine.catalog.models import FAILED, INDEXED, MISSING, PENDING, SLIDE_STATUSES
 from engine.cli.common import handle_errors, run_edge, settings_options, setup_logging
 from engine.config import Settings
 
@@ -36,19 +37,63 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--metadata", type=click.Path(exists=True, dir_okay=False), default=None, help="CSV with a column naming each slide file (slide/path/file/filename) and any of patient, site, diagnosis, label, collection; other columns are kept as extra metadata.")
-@click.option("--target-mpp", type=float, default=None, help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].")
-@click.option("--tile-px", type=int, default=None, help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].")
-@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Smallest fraction of a tile the tissue mask must cover for the tile to be embedded.")
-@click.option("--default-mpp", type=click.FloatRange(min=0.01, max=100, min_open=False), default=None, help="Microns per level-0 pixel for slides that carry neither mpp nor objective power (otherwise such slides fail).")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Tile-decoding worker processes per rank [default: cores - 1, at most 8].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder batch.")
+@click.option(
+    "--metadata",
+    type=click.Path(exists=True, dir_okay=False),
+    multiple=True,
+    help="Slide metadata, recognised by its header; repeat for several files (merged by slide, then by patient): a GDC sample sheet, a GDC clinical TSV, or a CSV with a column naming each slide file (slide/path/file/filename) and any of patient, site, diagnosis, label, collection (other columns are kept as extra metadata). Without it, a TCGA barcode in a file name gives the patient.",
+)
+@click.option(
+    "--target-mpp",
+    type=float,
+    default=None,
+    help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].",
+)
+@click.option(
+    "--tile-px",
+    type=int,
+    default=None,
+    help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Smallest fraction of a tile the tissue mask must cover for the tile to be embedded.",
+)
+@click.option(
+    "--default-mpp",
+    type=click.FloatRange(min=0.01, max=100, min_open=False),
+    default=None,
+    help="Microns per level-0 pixel for slides that carry neither mpp nor objective power (otherwise such slides fail).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Tile-decoding worker processes per rank [default: cores - 1, at most 8].",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder batch."
+)
 @click.option("--collection", default=None, help="Collection name for slides whose metadata gives none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the closing summary as JSON on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in log files).")
 @settings_options
 @handle_errors
-def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, collection, as_json, no_progress, settings: Settings) -> None:
+def build(
+    archive_dir,
+    metadata,
+    min_tissue,
+    default_mpp,
+    workers,
+    batch_size,
+    collection,
+    as_json,
+    no_progress,
+    settings: Settings,
+) -> None:
     """Index every slide under ARCHIVE_DIR (recursively; any format OpenSlide reads).
 
     Slides are identified by content, so a moved file is not indexed twice and a changed
@@ -66,7 +111,7 @@ def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, c
     summary = build_archive(
         settings,
         archive_dir,
-        metadata=metadata,
+        metadata=list(metadata) or None,
         collection=collection,
         min_tissue=min_tissue,
         default_mpp=default_mpp,
@@ -83,7 +128,11 @@ def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, c
         click.echo(f"failed: {path}: {error}", err=True)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=1))
-    busy = f", encoder busy {summary.encoder_seconds / summary.seconds:.0%} of the time" if summary.tiles and summary.seconds else ""
+    busy = (
+        f", encoder busy {summary.encoder_seconds / summary.seconds:.0%} of the time"
+        if summary.tiles and summary.seconds
+        else ""
+    )
     click.echo(
         f"indexed {summary.indexed} slides ({summary.tiles} tiles, {summary.tiles_per_s:.1f} tiles/s{busy}), "
         f"skipped {summary.skipped} already indexed, failed {summary.failed}",
@@ -95,12 +144,12 @@ def build(archive_dir, metadata, min_tissue, default_mpp, workers, batch_size, c
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: counts and every slide.")
-@click.option("--status", "only", type=click.Choice(["indexed", "failed", "pending", "missing"]), default=None, help="Only slides with this status.")
+@click.option("--status", "only", type=click.Choice(SLIDE_STATUSES), default=None, help="Only slides with this status.")
 @settings_options
 @handle_errors
 def status(as_json, only, settings: Settings) -> None:
-    """Per slide: id, status (indexed/failed/pending), tiles, path, and the error of a
-    failed slide."""
+    """Per slide: id, status (indexed, failed, pending or missing), tiles, path, and the
+    error of a failed slide."""
     from engine.catalog.db import Catalog
     from indexer.status import slide_statuses, status_counts
 
@@ -116,7 +165,9 @@ def status(as_json, only, settings: Settings) -> None:
     for r in rows:
         line = f"{r['id']:>6}  {r['status']:<8} {r['tiles']:>7}  {r['path']}"
         click.echo(line + (f"\n        error: {r['error']}" if r["error"] else ""))
-    click.echo(f"{counts['indexed']} indexed, {counts['failed']} failed, {counts['pending']} pending, {counts['missing']} missing; {counts['tiles']} tiles")
+    click.echo(
+        f"{counts[INDEXED]} indexed, {counts[FAILED]} failed, {counts[PENDING]} pending, {counts[MISSING]} missing; {counts['tiles']} tiles"
+    )
 
 
 @main.command()
@@ -144,7 +195,11 @@ def verify(as_json, settings: Settings) -> None:
             click.echo(f"problem: {problem}")
         click.echo(
             f"{report.slides} slides, {report.shards} shards, {report.vectors} vectors: "
-            + ("catalog, shards and slide files agree" if report.ok else f"{len(report.problems)} problems (`indexer build` repairs shard problems; missing or changed slide files need restoring or `indexer remove`)")
+            + (
+                "catalog, shards and slide files agree"
+                if report.ok
+                else f"{len(report.problems)} problems (`indexer build` repairs shard problems; missing or changed slide files need restoring or `indexer remove`)"
+            )
         )
     if not report.ok:
         sys.exit(1)
@@ -172,20 +227,53 @@ def remove(slides, settings: Settings) -> None:
 @main.command()
 @click.argument("slide", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
-@click.option("--target-mpp", type=float, default=1.0, show_default=True, help="Microns per pixel of the tiles.")
-@click.option("--tile-px", type=click.IntRange(min=16), default=224, show_default=True, help="Tile edge in pixels at --target-mpp.")
-@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Smallest tissue fraction of a kept tile.")
-@click.option("--default-mpp", type=click.FloatRange(min=0.01, max=100), default=None, help="Microns per level-0 pixel when the slide carries none.")
-@click.option("--max-px", type=click.IntRange(min=64), default=1600, show_default=True, help="Longest side of the picture.")
+@click.option(
+    "--target-mpp",
+    type=float,
+    default=None,
+    help="Microns per pixel of the tiles [env HISTOSEEK_TARGET_MPP; default 1.0, as `indexer build`].",
+)
+@click.option(
+    "--tile-px",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Smallest tissue fraction of a kept tile.",
+)
+@click.option(
+    "--default-mpp",
+    type=click.FloatRange(min=0.01, max=100),
+    default=None,
+    help="Microns per level-0 pixel when the slide carries none.",
+)
+@click.option(
+    "--max-px", type=click.IntRange(min=64), default=1600, show_default=True, help="Longest side of the picture."
+)
 @handle_errors
 def preview(slide, out, target_mpp, tile_px, min_tissue, default_mpp, max_px) -> None:
     """Draw what `indexer build` would embed of SLIDE: its thumbnail, the tissue mask
-    (tinted blue) and the kept tiles (green squares). Use it to pick --min-tissue."""
+    (tinted blue) and the kept tiles (green squares). Use it to pick --min-tissue.
+    Tile size and resolution are read as `indexer build` reads them (flags, then
+    HISTOSEEK_TARGET_MPP / HISTOSEEK_TILE_PX, then defaults)."""
     from indexer.preview import preview_slide
 
-    result = preview_slide(slide, target_mpp=target_mpp, tile_px=tile_px, min_tissue=min_tissue, default_mpp=default_mpp, max_px=max_px)
+    settings = Settings.load(target_mpp=target_mpp, tile_px=tile_px)
+    result = preview_slide(
+        slide,
+        target_mpp=settings.target_mpp,
+        tile_px=settings.tile_px,
+        min_tissue=min_tissue,
+        default_mpp=default_mpp,
+        max_px=max_px,
+    )
     result.image.save(out)
     click.echo(
-        f"{len(result.tiles)} tiles of {tile_px} px at {target_mpp:g} um/px; tissue covers {result.tissue_fraction:.1%} "
+        f"{len(result.tiles)} tiles of {settings.tile_px} px at {settings.target_mpp:g} um/px; tissue covers {result.tissue_fraction:.1%} "
         f"of the slide (mpp {result.mpp:g} from {result.mpp_source}); wrote {out}"
     )

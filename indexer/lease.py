@@ -70,7 +70,9 @@ def is_live(lease: BuildLease, *, timeout_s: float = TIMEOUT_S, now: dt.datetime
     return True
 
 
-def other_live_leases(catalog: Catalog, index_dir: str | Path, owner: str | None, *, timeout_s: float = TIMEOUT_S) -> list[BuildLease]:
+def other_live_leases(
+    catalog: Catalog, index_dir: str | Path, owner: str | None, *, timeout_s: float = TIMEOUT_S
+) -> list[BuildLease]:
     """Live leases of other builds on `index_dir`, read in a transaction of its own (so it
     sees every lease committed before this call, whatever the caller's session saw)."""
     with catalog.session() as s:
@@ -81,7 +83,9 @@ def other_live_leases(catalog: Catalog, index_dir: str | Path, owner: str | None
 class Lease:
     """A build's lease: `with Lease(catalog, index_dir): ...` (or acquire()/release())."""
 
-    def __init__(self, catalog: Catalog, index_dir: str | Path, *, heartbeat_s: float = HEARTBEAT_S, timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self, catalog: Catalog, index_dir: str | Path, *, heartbeat_s: float = HEARTBEAT_S, timeout_s: float = TIMEOUT_S
+    ):
         self.catalog = catalog
         self.index_dir = index_key(index_dir)
         self.heartbeat_s = heartbeat_s
@@ -97,9 +101,22 @@ class Lease:
             # leases of dead builds are dropped here, so the table holds the live ones
             for row in s.scalars(sa.select(BuildLease)).all():
                 if not is_live(row, timeout_s=self.timeout_s):
-                    LOG.info("dropping the lease of a build that is no longer running: %s (last heartbeat %s)", row.owner, row.heartbeat_at)
+                    LOG.info(
+                        "dropping the lease of a build that is no longer running: %s (last heartbeat %s)",
+                        row.owner,
+                        row.heartbeat_at,
+                    )
                     s.delete(row)
-            s.add(BuildLease(owner=self.owner, host=self.host, pid=self.pid, index_dir=self.index_dir, started_at=_now(), heartbeat_at=_now()))
+            s.add(
+                BuildLease(
+                    owner=self.owner,
+                    host=self.host,
+                    pid=self.pid,
+                    index_dir=self.index_dir,
+                    started_at=_now(),
+                    heartbeat_at=_now(),
+                )
+            )
         self._thread = threading.Thread(target=self._beat, name="build-lease-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -124,7 +141,9 @@ class Lease:
             with self.catalog.session() as s:
                 s.execute(sa.delete(BuildLease).where(BuildLease.owner == self.owner))
         except sa.exc.SQLAlchemyError as exc:  # e.g. a full catalog: it times out instead
-            LOG.warning("could not release the build lease %s (%s); it expires after %.0f s", self.owner, exc, self.timeout_s)
+            LOG.warning(
+                "could not release the build lease %s (%s); it expires after %.0f s", self.owner, exc, self.timeout_s
+            )
 
     def __enter__(self) -> "Lease":
         return self.acquire()

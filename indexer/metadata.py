@@ -33,9 +33,13 @@ class MetadataMatch:
         if self.unknown_rows:
             lines.append(f"{len(self.unknown_rows)} metadata rows match no slide file: {_first(self.unknown_rows)}")
         if self.ambiguous_rows:
-            lines.append(f"{len(self.ambiguous_rows)} metadata rows name a file that exists in several folders (give the relative path): {_first(self.ambiguous_rows)}")
+            lines.append(
+                f"{len(self.ambiguous_rows)} metadata rows name a file that exists in several folders (give the relative path): {_first(self.ambiguous_rows)}"
+            )
         if self.slides_without_row:
-            lines.append(f"{len(self.slides_without_row)} slides have no metadata row: {_first(self.slides_without_row)}")
+            lines.append(
+                f"{len(self.slides_without_row)} slides have no metadata row: {_first(self.slides_without_row)}"
+            )
         return lines
 
 
@@ -64,7 +68,9 @@ def read_metadata_rows(csv_path: str | Path) -> tuple[str, list[dict[str, str]]]
     lowered = {f.lower(): f for f in fields}
     column = next((lowered[c] for c in SLIDE_COLUMNS if c in lowered), None)
     if column is None:
-        raise ValueError(f"metadata CSV {csv_path} has no column naming the slide file; name one of them {', '.join(SLIDE_COLUMNS)} (columns found: {', '.join(fields) or 'none'})")
+        raise ValueError(
+            f"metadata CSV {csv_path} has no column naming the slide file; name one of them {', '.join(SLIDE_COLUMNS)} (columns found: {', '.join(fields) or 'none'})"
+        )
     clean = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
     return column, clean
 

@@ -22,10 +22,13 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from engine.cache import LRUCache
 from engine.errors import SlideError
+from engine.images import encoder_input
 from engine.slides import SlideInfo, describe_slide, open_slide, read_box_array, tile_size0
 from engine.tiling import TileBox, tile_grid
 from engine.tissue import slide_tissue_mask
+from indexer.writer import TILE_ID_STRIDE
 
 LOG = logging.getLogger(__name__)
 
@@ -61,18 +64,26 @@ def explain_unopenable(path: Path, openslide_message: str) -> str:
     return openslide_message
 
 
-def plan_slide(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float) -> SlidePlan:
+def plan_slide(
+    slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float
+) -> SlidePlan:
     """Open the slide, find its tissue and its tile grid. Never raises for a bad slide:
     the plan carries the error instead, also for errors no one foresaw (a malformed file
     can break a reader in any way; one slide must not stop a days-long run)."""
     try:
-        return _plan(slide_id, path, default_mpp=default_mpp, target_mpp=target_mpp, tile_px=tile_px, min_tissue=min_tissue)
+        return _plan(
+            slide_id, path, default_mpp=default_mpp, target_mpp=target_mpp, tile_px=tile_px, min_tissue=min_tissue
+        )
     except Exception as exc:  # noqa: BLE001 - recorded as the slide's failure, with a traceback in the log
         LOG.warning("%s: unexpected error while reading it", path, exc_info=True)
-        return SlidePlan(slide_id, Path(path), error=f"unexpected error while reading the slide: {type(exc).__name__}: {exc}")
+        return SlidePlan(
+            slide_id, Path(path), error=f"unexpected error while reading the slide: {type(exc).__name__}: {exc}"
+        )
 
 
-def _plan(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float) -> SlidePlan:
+def _plan(
+    slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: float, tile_px: int, min_tissue: float
+) -> SlidePlan:
     plan = SlidePlan(slide_id, Path(path))
     try:
         slide = open_slide(path)
@@ -93,8 +104,12 @@ def _plan(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: f
                 f"{tile_px} px tile at {target_mpp:g} um/px ({size0} level-0 px)"
             )
         plan.boxes = tile_grid(plan.info, mask, downsample, target_mpp, tile_px, min_tissue)
+        if len(plan.boxes) > TILE_ID_STRIDE:
+            raise SlideError(f"slide has {len(plan.boxes)} tiles, more than the {TILE_ID_STRIDE} one slide may have")
         if not plan.boxes:
-            raise SlideError(f"no tile has at least {min_tissue:.0%} tissue (tissue covers {mask.mean():.1%} of the slide); lower --min-tissue to index it")
+            raise SlideError(
+                f"no tile has at least {min_tissue:.0%} tissue (tissue covers {mask.mean():.1%} of the slide); lower the minimum tissue fraction to index it"
+            )
     except SlideError as exc:
         plan.error = str(exc)
     finally:
@@ -102,7 +117,9 @@ def _plan(slide_id: int, path: Path, *, default_mpp: float | None, target_mpp: f
     return plan
 
 
-def iter_plans(jobs: list[tuple[int, Path]], plan_fn: Callable[[int, Path], SlidePlan], lookahead: int = 4) -> Iterator[SlidePlan]:
+def iter_plans(
+    jobs: list[tuple[int, Path]], plan_fn: Callable[[int, Path], SlidePlan], lookahead: int = 4
+) -> Iterator[SlidePlan]:
     """Plans of `jobs` (slide id, path) in order, computed `lookahead` slides ahead in
     threads (OpenSlide and scikit-image release the GIL for most of the work)."""
     if not jobs:
@@ -127,21 +144,23 @@ TileKey = tuple[int, int, str, int, int, int, int]
 
 
 class TileReader(Dataset):
-    """key -> (slide id, tile index, uint8 3 x out_px x out_px tensor or None, error)."""
+    """key -> (slide id, tile index, uint8 3 x out_px x out_px tensor or None, error).
+    Each worker keeps its last few slides open (closed as they drop out of its cache)."""
 
     def __init__(self) -> None:
-        self._open: collections.OrderedDict[str, openslide.OpenSlide] = collections.OrderedDict()
+        self._open: LRUCache[openslide.OpenSlide] = LRUCache(
+            _OPEN_SLIDES_PER_WORKER, on_evict=lambda slide: slide.close()
+        )
+
+    def __getstate__(self):
+        # open slides (and the cache's lock) do not cross into worker processes
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
 
     def _slide(self, path: str) -> openslide.OpenSlide:
-        slide = self._open.get(path)
-        if slide is None:
-            slide = open_slide(path)
-            self._open[path] = slide
-            while len(self._open) > _OPEN_SLIDES_PER_WORKER:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(path)
-        return slide
+        return self._open.get_or_build(path, lambda: open_slide(path))
 
     def __getitem__(self, key: TileKey):
         slide_id, index, path, x, y, size0, out_px = key
@@ -151,11 +170,11 @@ class TileReader(Dataset):
             return slide_id, index, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a broken tile fails its slide, not the run
             return slide_id, index, None, f"unexpected error: {type(exc).__name__}: {exc}"
-        # uint8 end to end and no copy here: the array (a writable, strided H x W x 3 view of
-        # the RGBA read_box_array decoded into) becomes a C x H x W view; the batch's
-        # torch.stack gathers it in the one copy it makes anyway. A per-tile copy cost a
-        # quarter of the read (issue 14).
-        return slide_id, index, torch.from_numpy(rgb).permute(2, 0, 1), None
+        # uint8 end to end and no copy here: encoder_input makes the array (a writable,
+        # strided H x W x 3 view of the RGBA read_box_array decoded into) a C x H x W view;
+        # the batch's torch.stack gathers it in the one copy it makes anyway. A per-tile copy
+        # cost a quarter of the read (issue 14).
+        return slide_id, index, encoder_input(rgb, out_px), None
 
 
 class PlanSampler(Sampler):

@@ -28,7 +28,15 @@ class Preview:
     mpp_source: str
 
 
-def preview_slide(path: str | Path, *, target_mpp: float, tile_px: int, min_tissue: float, default_mpp: float | None = None, max_px: int = 1600) -> Preview:
+def preview_slide(
+    path: str | Path,
+    *,
+    target_mpp: float,
+    tile_px: int,
+    min_tissue: float,
+    default_mpp: float | None = None,
+    max_px: int = 1600,
+) -> Preview:
     """The thumbnail (longest side max_px) with the tissue mask tinted and the tiles that
     `indexer build` would embed outlined. Mask and tiles are computed exactly as the build
     does (same thumbnail size), then drawn at max_px."""
@@ -48,9 +56,15 @@ def preview_slide(path: str | Path, *, target_mpp: float, tile_px: int, min_tiss
     image = Image.fromarray(shown.astype(np.uint8))
     scale = min(1.0, max_px / max(image.size))
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
+        )
     draw = ImageDraw.Draw(image)
     px = scale / downsample  # picture pixels per level-0 pixel
     for t in tiles:
-        draw.rectangle([t.x * px, t.y * px, (t.x + t.size) * px - 1, (t.y + t.size) * px - 1], outline=TILE_COLOUR, width=max(1, round(max(image.size) / 800)))
+        draw.rectangle(
+            [t.x * px, t.y * px, (t.x + t.size) * px - 1, (t.y + t.size) * px - 1],
+            outline=TILE_COLOUR,
+            width=max(1, round(max(image.size) / 800)),
+        )
     return Preview(image, tiles, float(mask.mean()), info.mpp, info.mpp_source)

@@ -13,10 +13,28 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from engine.catalog.base import utcnow
-from engine.catalog.models import FAILED, INDEXED, MISSING, PENDING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
+from engine.catalog.models import (
+    FAILED,
+    INDEXED,
+    MISSING,
+    PENDING,
+    SHARD_QUARANTINED,
+    EncoderRecord,
+    Shard,
+    Slide,
+    Tile,
+)
 from engine.encoder import EncoderInfo
 from engine.errors import ConfigError
-from engine.shards import ShardEncoder, encoder_dir, list_orphan_sidecars, list_shards, list_temp_files, shard_file_bytes, sidecar_of
+from engine.shards import (
+    ShardEncoder,
+    encoder_dir,
+    list_orphan_sidecars,
+    list_shards,
+    list_temp_files,
+    shard_file_bytes,
+    sidecar_of,
+)
 from indexer.discovery import SlideFile
 from indexer.metadata import CATALOG_COLUMNS
 
@@ -65,7 +83,13 @@ def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder
 def check_one_encoder(session: Session, encoder: EncoderRecord) -> None:
     """A slide has one status, so a catalog is indexed with one encoder + grid."""
     other = session.execute(
-        sa.select(EncoderRecord.name, EncoderRecord.checkpoint_sha256, EncoderRecord.target_mpp, EncoderRecord.tile_px, sa.func.count(Slide.id))
+        sa.select(
+            EncoderRecord.name,
+            EncoderRecord.checkpoint_sha256,
+            EncoderRecord.target_mpp,
+            EncoderRecord.tile_px,
+            sa.func.count(Slide.id),
+        )
         .join(Slide, Slide.encoder_id == EncoderRecord.id)
         .where(Slide.status == INDEXED, EncoderRecord.id != encoder.id)
         .group_by(EncoderRecord.id)
@@ -75,7 +99,7 @@ def check_one_encoder(session: Session, encoder: EncoderRecord) -> None:
         raise ConfigError(
             f"this catalog holds {n} slides indexed with encoder {name} (sha256 {sha[:12]}, {mpp:g} um/px, {px} px), "
             f"not the one given ({encoder.name}, sha256 {encoder.checkpoint_sha256[:12]}, {encoder.target_mpp:g} um/px, "
-            f"{encoder.tile_px} px); use another --catalog and --index-dir for another encoder"
+            f"{encoder.tile_px} px); use another catalog and index folder for another encoder"
         )
 
 
@@ -92,7 +116,15 @@ def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path) -> list[
     return files
 
 
-def repair(session: Session, index_dir: Path, shard_encoder: ShardEncoder, encoder: EncoderRecord, reg: Registration, *, other_builds: Callable[[], list[str]] | None = None) -> None:
+def repair(
+    session: Session,
+    index_dir: Path,
+    shard_encoder: ShardEncoder,
+    encoder: EncoderRecord,
+    reg: Registration,
+    *,
+    other_builds: Callable[[], list[str]] | None = None,
+) -> None:
     """Undo what a killed run may have left and what `indexer verify` or a search found
     damaged: shard files without a catalog row (written, then killed before the commit),
     temp files and orphan sidecars, and catalog shards whose file vanished, has the wrong
@@ -148,7 +180,8 @@ def _apply_metadata(slide: Slide, fields: dict | None, collection: str | None) -
         for name in CATALOG_COLUMNS:
             if name in fields:
                 setattr(slide, name, fields[name])
-        slide.extra = dict(fields.get("extra") or {})
+        # merged: a build given only some of the metadata files keeps what the others gave
+        slide.extra = {**(slide.extra or {}), **(fields.get("extra") or {})}
     if collection and not slide.collection:
         slide.collection = collection
 
@@ -180,7 +213,9 @@ def register(
     by_fp = {}
     for part in _chunks(sorted(present)):
         by_fp.update({s.fingerprint: s for s in session.scalars(sa.select(Slide).where(Slide.fingerprint.in_(part)))})
-    under_root = {s.path: s for s in session.scalars(sa.select(Slide).where(Slide.path.startswith(root_prefix, autoescape=True)))}
+    under_root = {
+        s.path: s for s in session.scalars(sa.select(Slide).where(Slide.path.startswith(root_prefix, autoescape=True)))
+    }
     current = {str(f.path): f for f in files}
     gone_paths: set[str] = set()
     for path, old in list(under_root.items()):
@@ -227,7 +262,9 @@ def register(
             reg.already_indexed += 1
         chosen.append((f, slide))
     session.flush()
-    reg.jobs = [(slide.id, str(f.path), f.size_bytes) for f, slide in chosen if slide.status != INDEXED and not f.read_error]
+    reg.jobs = [
+        (slide.id, str(f.path), f.size_bytes) for f, slide in chosen if slide.status != INDEXED and not f.read_error
+    ]
     moved_from = {old for old, _ in reg.moved}
     for path, slide in under_root.items():
         if path not in current and path not in moved_from and slide.status != MISSING:
@@ -245,7 +282,7 @@ def _touch_shards(session: Session, slide: Slide) -> None:
 
 
 def _mark_missing(session: Session, slide: Slide, why: str) -> None:
-    """The slide's file is gone or unreadable: out of search (engine/search/engine.py searches only
+    """The slide's file is gone or unreadable: out of search (engine/search/live_index.py searches only
     indexed slides), tiles and vectors kept for when it comes back."""
     slide.status = MISSING
     slide.error = f"{why} ({slide.path}); restore it or `indexer remove {slide.id}`"

@@ -12,7 +12,6 @@ from engine.errors import NotFound
 from indexer.register import drop_slide_vectors
 
 
-
 def _find(session, ref: str) -> Slide | None:
     """A slide by id, fingerprint, or path (as stored, or resolved from here)."""
     if ref.isdigit():
@@ -41,7 +40,9 @@ def remove_slides(catalog: Catalog, index_dir: str | Path, refs: list[str]) -> l
         for ref in refs:
             slide = _find(s, ref)
             if slide is None:
-                raise NotFound(f"no slide {ref!r} in the catalog (give an id, a path or a fingerprint; `indexer status` lists them)")
+                raise NotFound(
+                    f"no slide {ref!r} in the catalog (give an id, a path or a fingerprint; `indexer status` lists them)"
+                )
             slides.append(slide)
         for slide in {sl.id: sl for sl in slides}.values():
             files += drop_slide_vectors(s, slide, index_dir)

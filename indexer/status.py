@@ -8,13 +8,14 @@ import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
 from engine.catalog.models import SLIDE_STATUSES, Slide
+from engine.errors import ConfigError
 
 
 def slide_statuses(catalog: Catalog, status: str | None = None) -> list[dict]:
-    """One dict per slide (id, path, status, tiles, error, mpp, mpp_source, collection,
-    label), ordered by id; only slides of `status` when given."""
+    """One dict per slide (id, path, status, tiles, error, mpp, mpp_source, patient,
+    collection, site, diagnosis, label, extra), ordered by id; only slides of `status` when given."""
     if status is not None and status not in SLIDE_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(SLIDE_STATUSES)}, not {status!r}")
+        raise ConfigError(f"status must be one of {', '.join(SLIDE_STATUSES)}, not {status!r}")
     query = sa.select(Slide).order_by(Slide.id)
     if status is not None:
         query = query.where(Slide.status == status)
@@ -28,8 +29,12 @@ def slide_statuses(catalog: Catalog, status: str | None = None) -> list[dict]:
                 "error": sl.error,
                 "mpp": sl.mpp,
                 "mpp_source": sl.mpp_source,
+                "patient": sl.patient,
                 "collection": sl.collection,
+                "site": sl.site,
+                "diagnosis": sl.diagnosis,
                 "label": sl.label,
+                "extra": sl.extra or {},
             }
             for sl in s.scalars(query)
         ]

@@ -26,7 +26,14 @@ from engine.catalog.db import Catalog
 from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
 from engine.errors import ShardError
 from engine.files import file_sha256
-from engine.shards import ShardEncoder, list_orphan_sidecars, list_shards, list_temp_files, read_shard_encoder, shard_arrays
+from engine.shards import (
+    ShardEncoder,
+    list_orphan_sidecars,
+    list_shards,
+    list_temp_files,
+    read_shard_encoder,
+    shard_arrays,
+)
 from indexer.discovery import FINGERPRINT_CACHE, FingerprintCache
 from indexer.lease import other_live_leases
 
@@ -46,7 +53,14 @@ class VerifyReport:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
-def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False, *, quarantine: bool = True, check_slides: bool = True) -> VerifyReport:
+def verify_index(
+    catalog: Catalog,
+    index_dir: str | Path,
+    progress: bool = False,
+    *,
+    quarantine: bool = True,
+    check_slides: bool = True,
+) -> VerifyReport:
     index_dir = Path(index_dir)
     report = VerifyReport()
     damaged: dict[int, str] = {}
@@ -58,7 +72,9 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
             file = index_dir / shard.path
             where = f"shard {shard.path}"
             if shard.status == SHARD_QUARANTINED:
-                report.problems.append(f"{where}: quarantined ({shard.error or 'damaged'}); `indexer build` re-embeds its slides")
+                report.problems.append(
+                    f"{where}: quarantined ({shard.error or 'damaged'}); `indexer build` re-embeds its slides"
+                )
                 continue
             if not file.is_file():
                 report.problems.append(f"{where}: file is missing; `indexer build` re-embeds its slides")
@@ -86,7 +102,9 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
             if in_file - rows:
                 found.append(f"{len(in_file - rows)} ids with no tile row (orphans), e.g. {min(in_file - rows)}")
             if rows - in_file:
-                found.append(f"{len(rows - in_file)} tile rows whose vector is not in the file, e.g. {min(rows - in_file)}")
+                found.append(
+                    f"{len(rows - in_file)} tile rows whose vector is not in the file, e.g. {min(rows - in_file)}"
+                )
             if found:
                 damaged.setdefault(shard.id, "; ".join(found))
             report.problems += [f"{where}: {f}" for f in found]
@@ -94,23 +112,33 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
         if unsharded:
             report.problems.append(f"{unsharded} tile rows belong to no shard")
         cache = FingerprintCache(index_dir / FINGERPRINT_CACHE)  # read only: verify never saves it
-        counts = Counter(dict(s.execute(sa.select(Tile.slide_id, sa.func.count(Tile.id)).group_by(Tile.slide_id)).all()))
+        counts = Counter(
+            dict(s.execute(sa.select(Tile.slide_id, sa.func.count(Tile.id)).group_by(Tile.slide_id)).all())
+        )
         for slide in s.scalars(sa.select(Slide).order_by(Slide.id)):
             report.slides += 1
             have = counts.get(slide.id, 0)
             if slide.status == INDEXED and have != slide.tile_count:
-                report.problems.append(f"slide {slide.id} ({slide.path}): {have} tile rows, tile_count says {slide.tile_count}")
+                report.problems.append(
+                    f"slide {slide.id} ({slide.path}): {have} tile rows, tile_count says {slide.tile_count}"
+                )
             if slide.status not in (INDEXED, MISSING) and have:
                 report.problems.append(f"slide {slide.id} ({slide.path}) is {slide.status} but has {have} tile rows")
             if slide.status == MISSING:
-                report.problems.append(f"slide {slide.id} ({slide.path}) is missing, left out of search: {slide.error or 'its file is gone'}")
+                report.problems.append(
+                    f"slide {slide.id} ({slide.path}) is missing, left out of search: {slide.error or 'its file is gone'}"
+                )
             elif check_slides and slide.status == INDEXED:
                 problem = _slide_file_problem(slide, cache)
                 if problem:
                     report.problems.append(f"slide {slide.id} ({slide.path}): {problem}")
         known = {sh.path for sh in shards}
         busy = other_live_leases(catalog, index_dir, None)
-        why = "left by an interrupted or failed run; the next `indexer build` removes it" if not busy else f"another build is running ({busy[0].owner}): it may be its work in progress"
+        why = (
+            "left by an interrupted or failed run; the next `indexer build` removes it"
+            if not busy
+            else f"another build is running ({busy[0].owner}): it may be its work in progress"
+        )
         for enc in encoders.values():
             shard_encoder = ShardEncoder.of(enc)
             for file in list_shards(index_dir, shard_encoder):
@@ -123,8 +151,14 @@ def verify_index(catalog: Catalog, index_dir: str | Path, progress: bool = False
     if damaged and quarantine:
         with catalog.session() as s:
             for shard_id, reason in damaged.items():
-                s.execute(sa.update(Shard).where(Shard.id == shard_id).values(status=SHARD_QUARANTINED, error=f"indexer verify: {reason}"[:2000]))
-        report.problems.append(f"{len(damaged)} damaged shard(s) quarantined: search leaves them out and `indexer build` re-embeds their slides")
+                s.execute(
+                    sa.update(Shard)
+                    .where(Shard.id == shard_id)
+                    .values(status=SHARD_QUARANTINED, error=f"indexer verify: {reason}"[:2000])
+                )
+        report.problems.append(
+            f"{len(damaged)} damaged shard(s) quarantined: search leaves them out and `indexer build` re-embeds their slides"
+        )
     return report
 
 

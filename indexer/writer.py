@@ -24,13 +24,11 @@ import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
 from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
-from engine.encoder import l2_normalise
-from engine.errors import ShardError
+from engine.errors import CatalogError, ShardError
 from engine.files import file_sha256
 from engine.shards import SHARD_SUFFIX, ShardEncoder, encoder_dir, sidecar_of, write_shard
 from engine.slides import SlideInfo
 from engine.tiling import TileBox
-
 
 LOG = logging.getLogger(__name__)
 
@@ -55,9 +53,10 @@ def commit_slide(
     slide_id: int,
     info: SlideInfo,
     boxes: list[TileBox],
-    features: np.ndarray,
+    vectors: np.ndarray,
 ) -> None:
-    """Write the slide's shard (L2-normalised `features`, one row per box) and commit it.
+    """Write the slide's shard (`vectors`: unit-length rows from Encoder.embed_unit, one
+    per box) and commit it.
 
     The row is committed only while its file is there with the checksum just written
     (checked inside the transaction, right before the commit): a file deleted or replaced
@@ -67,14 +66,16 @@ def commit_slide(
     ids = tile_ids(slide_id, len(boxes))
     path = shard_path_for(index_dir, shard_encoder, slide_id)
     rel = path.relative_to(index_dir).as_posix()
-    vectors = l2_normalise(features)
+    _check_unit_rows(vectors)
     for attempt in (1, 2):
         sha = write_shard(path, ids, vectors, shard_encoder)
         try:
             with catalog.session() as s:
                 slide = s.get(Slide, slide_id)
                 if slide is None:
-                    raise ValueError(f"slide {slide_id} vanished from the catalog while it was being indexed (removed by another command?)")
+                    raise CatalogError(
+                        f"slide {slide_id} vanished from the catalog while it was being indexed (removed by another command?)"
+                    )
                 s.execute(sa.delete(Tile).where(Tile.slide_id == slide_id))
                 s.execute(sa.delete(Shard).where(Shard.path == rel))
                 shard = Shard(encoder_id=encoder_id, path=rel, count=len(ids), sha256=sha)
@@ -83,7 +84,15 @@ def commit_slide(
                 s.execute(
                     sa.insert(Tile),
                     [
-                        {"id": int(i), "slide_id": slide_id, "shard_id": shard.id, "x": b.x, "y": b.y, "size": b.size, "tissue_fraction": b.tissue_fraction}
+                        {
+                            "id": int(i),
+                            "slide_id": slide_id,
+                            "shard_id": shard.id,
+                            "x": b.x,
+                            "y": b.y,
+                            "size": b.size,
+                            "tissue_fraction": b.tissue_fraction,
+                        }
                         for i, b in zip(ids, boxes)
                     ],
                 )
@@ -99,11 +108,24 @@ def commit_slide(
         except _ShardGone:
             if attempt == 2:
                 _remove_shard_files(path)
-                raise ShardError(f"shard {rel} was deleted or replaced twice between its write and its commit; is another program cleaning {index_dir}? run the build again") from None
+                raise ShardError(
+                    f"shard {rel} was deleted or replaced twice between its write and its commit; is another program cleaning {index_dir}? run the build again"
+                ) from None
             LOG.warning("shard %s was deleted or replaced before its commit; writing it again", rel)
         except BaseException:
             _remove_shard_files(path)
             raise
+
+
+def _check_unit_rows(vectors: np.ndarray) -> None:
+    """The index stores what Encoder.embed_unit returns; it does not normalise again. Rows
+    of another length are a caller's mistake (raw features passed in), not data to fix."""
+    norm2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    bad = ~((np.abs(norm2 - 1.0) <= 1e-4) | (norm2 == 0.0))
+    if bad.any():
+        raise ValueError(
+            f"commit_slide needs unit-length vectors (Encoder.embed_unit); row {int(np.flatnonzero(bad)[0])} has norm {float(np.sqrt(norm2[bad][0])):.3g}"
+        )
 
 
 class _ShardGone(Exception):

@@ -79,7 +79,9 @@ def _chance(g: torch.Generator, p: float) -> bool:
     return float(torch.rand((), generator=g)) < p
 
 
-def random_crop_box(height: int, width: int, scale: tuple[float, float], g: torch.Generator) -> tuple[int, int, int, int]:
+def random_crop_box(
+    height: int, width: int, scale: tuple[float, float], g: torch.Generator
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop covering `scale` of the area, aspect 3/4-4/3."""
     area = height * width
     log_ratio = (math.log(3 / 4), math.log(4 / 3))

@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import concat_all_gather, dist_info
 from engine.encoder import ARCH_DIMS, build_backbone
-from pretrain.distributed import concat_all_gather, dist_info
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -124,7 +124,9 @@ class CCL(nn.Module):
         # a fixed generator so the random initial queue does not depend on the global RNG
         gen = torch.Generator().manual_seed(0)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim, generator=gen), dim=1))  # K x D
-        self.register_buffer("queue_group", F.normalize(torch.randn(queue_size, proj_dim, generator=gen), dim=1))  # K x D
+        self.register_buffer(
+            "queue_group", F.normalize(torch.randn(queue_size, proj_dim, generator=gen), dim=1)
+        )  # K x D
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -144,7 +146,9 @@ class CCL(nn.Module):
         """Write keys (N x D) at the pointer, wrapping around the end of the queue."""
         n = keys.shape[0]
         if n > self.queue_size:
-            raise ValueError(f"a global batch of {n} keys does not fit a queue of {self.queue_size}; raise --queue-size")
+            raise ValueError(
+                f"a global batch of {n} keys does not fit a queue of {self.queue_size}; raise the queue size"
+            )
         ptr = int(self.queue_ptr)
         idx = (ptr + torch.arange(n, device=keys.device)) % self.queue_size  # N
         self.queue[idx] = keys.to(self.queue.dtype)
@@ -167,7 +171,9 @@ class CCL(nn.Module):
         k_all, kg_all = concat_all_gather(k)[unperm], concat_all_gather(kg)[unperm]  # W*N x D
         return k_all[rank * n : (rank + 1) * n], kg_all[rank * n : (rank + 1) * n]
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, seed: int, encoder_q: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor, seed: int, encoder_q: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch of two views (N x 3 x H x W each, normalised floats).
 
         seed: per-step seed (same on every rank) for k-means and the shuffle.
@@ -194,7 +200,9 @@ class CCL(nn.Module):
         l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         l_neg = q @ self.queue.clone().detach().T  # N x K
         same = assign[:, None] == queue_assign[None, :]  # N x K
-        log_w = torch.where(same, math.log(self.same_cluster_weight) if self.same_cluster_weight > 0 else -math.inf, 0.0)
+        log_w = torch.where(
+            same, math.log(self.same_cluster_weight) if self.same_cluster_weight > 0 else -math.inf, 0.0
+        )
         logits = torch.cat([l_pos / self.temperature, l_neg / self.temperature + log_w], dim=1)  # N x (1+K)
         zeros = torch.zeros(n, dtype=torch.long, device=q.device)
         loss_inst = F.cross_entropy(logits.float(), zeros)
@@ -207,5 +215,11 @@ class CCL(nn.Module):
         self.enqueue(k_all, k_group_all)
         with torch.no_grad():
             acc = (logits.argmax(dim=1) == 0).float().mean()
-        stats = {"loss": loss.detach(), "loss_instance": loss_inst.detach(), "loss_group": loss_group.detach(), "acc_instance": acc, "clusters": clusters}
+        stats = {
+            "loss": loss.detach(),
+            "loss_instance": loss_inst.detach(),
+            "loss_group": loss_group.detach(),
+            "acc_instance": acc,
+            "clusters": clusters,
+        }
         return loss, stats

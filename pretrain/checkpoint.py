@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from engine.encoder import ARCH_DIMS
-from engine.files import atomic_output, file_sha256
 from engine.errors import ConfigError
+from engine.files import atomic_output, file_sha256
 
 LOG = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -63,7 +63,9 @@ def load_run_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The latest checkpoint of a run directory, or ConfigError saying what is there."""
     path = checkpoint_path(run_dir)
     if not path.is_file():
-        raise ConfigError(f"no checkpoint in {run_dir} (expected {CHECKPOINT_NAME}); is it the --out folder of `pretrain train`?")
+        raise ConfigError(
+            f"no checkpoint in {run_dir} (expected {CHECKPOINT_NAME}); is it the run folder of `pretrain train`?"
+        )
     try:
         # our own run file: it holds optimiser state and RNG states, not only tensors
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -89,6 +91,11 @@ def export_backbone(run_dir: Path, out: Path) -> dict[str, Any]:
     backbone = backbone_state_dict(state["model"])
     if not backbone or arch not in ARCH_DIMS:
         raise ConfigError(f"checkpoint in {run_dir} holds no {arch} backbone")
-    meta = {"step": int(state["step"]), "epoch": int(state["epoch"]), "images_seen": int(state["images_seen"]), "data": str(state["config"]["data"])}
+    meta = {
+        "step": int(state["step"]),
+        "epoch": int(state["epoch"]),
+        "images_seen": int(state["images_seen"]),
+        "data": str(state["config"]["data"]),
+    }
     atomic_save({"format": BACKBONE_FORMAT, "arch": arch, "state_dict": backbone, "pretrain": meta}, Path(out))
     return {"path": str(out), "arch": arch, "dim": ARCH_DIMS[arch], "sha256": file_sha256(out), **meta}

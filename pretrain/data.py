@@ -17,7 +17,6 @@ batches without decoding them.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -31,8 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from engine.cache import LRUCache
 from engine.errors import ConfigError, HistoseekError
-from engine.images import IMAGE_SUFFIXES, open_rgb, to_uint8_chw
+from engine.images import IMAGE_SUFFIXES, encoder_input, open_rgb
 from pretrain.augment import AugmentConfig, two_views
 
 LOG = logging.getLogger(__name__)
@@ -91,13 +91,17 @@ class CatalogTileSource:
         self.slide_root = Path(slide_root) if slide_root else Path.cwd()
         self._engine = None
         self._engine_pid = None
-        self._slides: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._slides = _slide_cache(self.OPEN_SLIDES)
 
     def __getstate__(self):
-        # engines and open slides do not cross process boundaries; workers open their own
+        # engines and open slides (and the cache's lock) do not cross process boundaries
         state = dict(self.__dict__)
-        state.update(_engine=None, _engine_pid=None, _slides=collections.OrderedDict())
+        state.update(_engine=None, _engine_pid=None, _slides=None)
         return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._slides = _slide_cache(self.OPEN_SLIDES)  # workers open their own
 
     def _db(self) -> sa.Engine:
         from engine.catalog.db import make_engine
@@ -110,17 +114,28 @@ class CatalogTileSource:
     def _query(self):
         from engine.catalog.models import INDEXED, Slide, Tile
 
-        return sa.select(Tile.id, Slide.path, Tile.x, Tile.y, Tile.size).join(Slide, Tile.slide_id == Slide.id).where(Slide.status == INDEXED)
+        return (
+            sa.select(Tile.id, Slide.path, Tile.x, Tile.y, Tile.size)
+            .join(Slide, Tile.slide_id == Slide.id)
+            .where(Slide.status == INDEXED)
+        )
 
     def count(self) -> int:
         from engine.catalog.models import INDEXED, Slide, Tile
 
-        query = sa.select(sa.func.count()).select_from(Tile).join(Slide, Tile.slide_id == Slide.id).where(Slide.status == INDEXED)
+        query = (
+            sa.select(sa.func.count())
+            .select_from(Tile)
+            .join(Slide, Tile.slide_id == Slide.id)
+            .where(Slide.status == INDEXED)
+        )
         try:
             with self._db().connect() as conn:
                 return int(conn.execute(query).scalar_one())
         except sa.exc.SQLAlchemyError as exc:
-            raise ConfigError(f"cannot read tiles from the catalog {sa.engine.make_url(self.url).render_as_string(hide_password=True)}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from None
+            raise ConfigError(
+                f"cannot read tiles from the catalog {sa.engine.make_url(self.url).render_as_string(hide_password=True)}: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
+            ) from None
 
     def items(self) -> Iterator[tuple[int, str, int, int, int]]:
         from engine.catalog.models import Tile
@@ -141,13 +156,7 @@ class CatalogTileSource:
         from engine.slides import open_slide
 
         full = str(self.slide_root / path)
-        slide = self._slides.pop(full, None)
-        if slide is None:
-            slide = open_slide(full)
-            if len(self._slides) >= self.OPEN_SLIDES:
-                self._slides.popitem(last=False)[1].close()
-        self._slides[full] = slide
-        return slide
+        return self._slides.get_or_build(full, lambda: open_slide(full))
 
     def load(self, item: tuple[int, str, int, int, int]) -> Image.Image:
         from engine.slides import read_box
@@ -160,16 +169,20 @@ class CatalogTileSource:
         return f"tile {tile_id} of {path} at ({x}, {y}), {size0} px"
 
 
+def _slide_cache(size: int) -> LRUCache:
+    return LRUCache(size, on_evict=lambda slide: slide.close())
+
+
 def open_source(data: str, tile_px: int = 224, slide_root: Path | None = None):
-    """The tile source named by --data: a catalog URL, a folder, or a list file."""
+    """The tile source named by `data`: a catalog URL, a folder, or a list file."""
     if "://" in data:
         return CatalogTileSource(data, tile_px=tile_px, slide_root=slide_root)
     path = Path(data).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix.lower() in (".txt", ".lst")):
         return ImageFolderSource(path)
     if path.is_file():
-        raise ConfigError(f"--data {data}: expected a folder of tile images, a .txt list of image paths, or a catalog URL")
-    raise ConfigError(f"--data {data}: no such folder or file")
+        raise ConfigError(f"{data}: expected a folder of tile images, a .txt list of image paths, or a catalog URL")
+    raise ConfigError(f"{data}: no such folder or file")
 
 
 def shuffled_stream(source, seed: int, epoch: int, block: int) -> Iterator[tuple[int, Any]]:
@@ -205,7 +218,20 @@ class TwoViewBatches(IterableDataset):
     """Batches (index, views_q, views_k) of one rank for one epoch; views are uint8
     B x 3 x crop_px x crop_px. Use with DataLoader(batch_size=None)."""
 
-    def __init__(self, source, *, epoch: int, seed: int, rank: int, world: int, batch_size: int, num_batches: int, skip_batches: int = 0, augment: AugmentConfig = AugmentConfig(), shuffle_block: int = 16384):
+    def __init__(
+        self,
+        source,
+        *,
+        epoch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        batch_size: int,
+        num_batches: int,
+        skip_batches: int = 0,
+        augment: AugmentConfig = AugmentConfig(),
+        shuffle_block: int = 16384,
+    ):
         if not 0 <= skip_batches <= num_batches:
             raise ValueError(f"skip_batches must be in [0, {num_batches}], got {skip_batches}")
         self.source = source
@@ -238,15 +264,17 @@ class TwoViewBatches(IterableDataset):
 
     def _make_batch(self, batch: int, members: Sequence[tuple[int, Any]]):
         tiles: list[torch.Tensor | None] = []
-        for pos, item in members:
+        for _pos, item in members:
             try:
-                tiles.append(to_uint8_chw(self.source.load(item), None))
+                tiles.append(encoder_input(self.source.load(item), None))
             except HistoseekError as exc:
                 LOG.warning("skipping unreadable %s: %s", self.source.describe(item), exc)
                 tiles.append(None)
         good = [i for i, t in enumerate(tiles) if t is not None]
         if not good:
-            raise HistoseekError(f"batch {batch}: none of its {len(members)} tiles could be read (first: {self.source.describe(members[0][1])})")
+            raise HistoseekError(
+                f"batch {batch}: none of its {len(members)} tiles could be read (first: {self.source.describe(members[0][1])})"
+            )
         views_q, views_k = [], []
         for i, (pos, _) in enumerate(members):
             # an unreadable tile is replaced by a readable one of the same batch, so batches keep their size
@@ -283,4 +311,11 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 def make_loader(dataset: TwoViewBatches, workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers else None, worker_init_fn=_ignore_stop_signals if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=_ignore_stop_signals if workers else None,
+    )

@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from engine.encoder import Encoder
+from engine.errors import DatasetError
 from engine.evaluation.benchmark import embed_items
 from engine.evaluation.datasets import LabelledSet
 from engine.evaluation.datasets.reading import ItemImages
-from engine.features import collate_rows
-from engine.encoder import Encoder
-from engine.errors import DatasetError
-from engine.files import atomic_output
 from engine.evaluation.metrics import encode_labels
+from engine.features import collate_rows
+from engine.files import atomic_output
 
 LOG = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class ProbeOptions:
             raise ValueError("val_fraction must be between 0 and 1")
 
 
-def split_train_val(dataset: LabelledSet, val_fraction: float, exclusion: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    dataset: LabelledSet, val_fraction: float, exclusion: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices of the train and validation parts: stratified by label, groups whole."""
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -70,12 +72,16 @@ def split_train_val(dataset: LabelledSet, val_fraction: float, exclusion: str, s
     folds = max(2, round(1 / val_fraction))
     n_groups = len(np.unique(groups))
     if n_groups < folds:
-        raise DatasetError(f"a {val_fraction:.0%} validation split by {exclusion} needs at least {folds} {exclusion} groups; this data set has {n_groups} (use --exclude image, or a larger --val-fraction)")
+        raise DatasetError(
+            f"a {val_fraction:.0%} validation split by {exclusion} needs at least {folds} {exclusion} groups; this data set has {n_groups} (split by image instead, or use a larger validation fraction)"
+        )
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     train_idx, val_idx = next(cv.split(np.zeros(len(labels)), labels, groups))
     missing = sorted(set(labels) - set(labels[train_idx]))
     if missing:
-        raise DatasetError(f"classes {missing} have no training patch after the {exclusion}-level split; add patches or use --exclude image")
+        raise DatasetError(
+            f"classes {missing} have no training patch after the {exclusion}-level split; add patches or split by image instead"
+        )
     return train_idx, val_idx
 
 
@@ -99,7 +105,9 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     }
 
 
-def train_linear(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, epochs: int, lr: float, seed: int) -> tuple[nn.Linear, np.ndarray, np.ndarray]:
+def train_linear(
+    x_train: np.ndarray, y_train: np.ndarray, n_classes: int, epochs: int, lr: float, seed: int
+) -> tuple[nn.Linear, np.ndarray, np.ndarray]:
     """A linear classifier on standardised features (full-batch Adam, light weight decay).
     Returns the layer and the train mean and std used to standardise."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
@@ -115,9 +123,28 @@ def train_linear(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, epoch
     return layer, mean, std
 
 
-def linear_probe(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val_idx: np.ndarray, codes: np.ndarray, n_classes: int, opts: ProbeOptions, progress: bool) -> np.ndarray:
-    feats = embed_items(encoder, dataset, tile_px=opts.tile_px, mpp=opts.mpp, batch_size=opts.batch_size, workers=opts.workers, progress=progress)
-    layer, mean, std = train_linear(feats[train_idx], codes[train_idx], n_classes, opts.epochs or 300, opts.lr or 1e-2, opts.seed)
+def linear_probe(
+    encoder: Encoder,
+    dataset: LabelledSet,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    opts: ProbeOptions,
+    progress: bool,
+) -> np.ndarray:
+    feats = embed_items(
+        encoder,
+        dataset,
+        tile_px=opts.tile_px,
+        mpp=opts.mpp,
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        progress=progress,
+    )
+    layer, mean, std = train_linear(
+        feats[train_idx], codes[train_idx], n_classes, opts.epochs or 300, opts.lr or 1e-2, opts.seed
+    )
     with torch.no_grad():
         return layer(torch.from_numpy((feats[val_idx] - mean) / std).float()).argmax(1).numpy()
 
@@ -129,7 +156,16 @@ def _flip_rotate(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rot90(batch, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
 
 
-def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val_idx: np.ndarray, codes: np.ndarray, n_classes: int, opts: ProbeOptions, progress: bool) -> np.ndarray:
+def fine_tune(
+    encoder: Encoder,
+    dataset: LabelledSet,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    opts: ProbeOptions,
+    progress: bool,
+) -> np.ndarray:
     """Backbone + linear head trained end to end (SGD, cosine lr); predictions on val."""
     torch.manual_seed(opts.seed)
     device = encoder.device
@@ -146,7 +182,12 @@ def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val
     with tqdm(total=steps, unit="step", desc="fine-tune", disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(train_items), generator=gen).tolist()
-            loader = DataLoader(ItemImages([train_items[i] for i in order], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_rows)
+            loader = DataLoader(
+                ItemImages([train_items[i] for i in order], opts.tile_px, opts.mpp),
+                batch_size=opts.batch_size,
+                num_workers=workers,
+                collate_fn=collate_rows,
+            )
             model.train()
             for rows, batch, errors in loader:
                 if errors:
@@ -164,9 +205,14 @@ def fine_tune(encoder: Encoder, dataset: LabelledSet, train_idx: np.ndarray, val
     model.eval()
     val = dataset.items
     preds = []
-    loader = DataLoader(ItemImages([val[i] for i in val_idx], opts.tile_px, opts.mpp), batch_size=opts.batch_size, num_workers=workers, collate_fn=collate_rows)
+    loader = DataLoader(
+        ItemImages([val[i] for i in val_idx], opts.tile_px, opts.mpp),
+        batch_size=opts.batch_size,
+        num_workers=workers,
+        collate_fn=collate_rows,
+    )
     with torch.no_grad():
-        for rows, batch, errors in loader:
+        for _rows, batch, errors in loader:
             if errors:
                 raise DatasetError(f"item {val[val_idx[errors[0][0]]].key}: {errors[0][1]}")
             preds.append(model(encoder.normalise(batch)).argmax(1).cpu())
@@ -183,9 +229,20 @@ def run_probe(encoder: Encoder, dataset: LabelledSet, opts: ProbeOptions, progre
     report = classification_report(codes[val_idx], preds, classes)
     report.update(
         mode=opts.mode,
-        encoder={"name": encoder.info.name, "architecture": encoder.info.architecture, "checkpoint_sha256": encoder.info.checkpoint_sha256, "random": encoder.info.is_random},
+        encoder={
+            "name": encoder.info.name,
+            "architecture": encoder.info.architecture,
+            "checkpoint_sha256": encoder.info.checkpoint_sha256,
+            "random": encoder.info.is_random,
+        },
         dataset={"kind": dataset.kind, "root": str(dataset.root), "label_column": dataset.label_column},
-        split={"exclusion": exclusion, "train": int(len(train_idx)), "val": int(len(val_idx)), "val_fraction": opts.val_fraction, "seed": opts.seed},
+        split={
+            "exclusion": exclusion,
+            "train": int(len(train_idx)),
+            "val": int(len(val_idx)),
+            "val_fraction": opts.val_fraction,
+            "seed": opts.seed,
+        },
         epochs=opts.epochs or (300 if opts.mode == "linear" else 10),
         lr=opts.lr or 1e-2,
     )
@@ -195,7 +252,10 @@ def run_probe(encoder: Encoder, dataset: LabelledSet, opts: ProbeOptions, progre
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table: accuracy per class, then the totals."""
     width = max([len(c) for c in report["per_class"]] + [len("balanced accuracy")])
-    lines = [f"{report['mode']} probe of {report['encoder']['name']} on {report['dataset']['kind']} ({report['split']['train']} train / {report['split']['val']} val patches, split by {report['split']['exclusion']})", f"{'class':<{width}}  {'n':>5}  accuracy"]
+    lines = [
+        f"{report['mode']} probe of {report['encoder']['name']} on {report['dataset']['kind']} ({report['split']['train']} train / {report['split']['val']} val patches, split by {report['split']['exclusion']})",
+        f"{'class':<{width}}  {'n':>5}  accuracy",
+    ]
     for name, row in report["per_class"].items():
         lines.append(f"{name:<{width}}  {row['n']:>5}  {row['accuracy']:8.3f}")
     lines.append(f"{'accuracy':<{width}}  {report['n']:>5}  {report['accuracy']:8.3f}")

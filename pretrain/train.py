@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from engine import distributed as D
 from engine.encoder import ARCH_DIMS, IMAGENET_MEAN, IMAGENET_STD
 from engine.errors import ConfigError, HistoseekError
 from engine.files import atomic_write_text
-from pretrain import distributed as D
 from pretrain.augment import augment_config
 from pretrain.ccl import CCL
 from pretrain.checkpoint import RUN_FORMAT, atomic_save, checkpoint_path, load_run_checkpoint, rng_state, set_rng_state
@@ -82,22 +82,31 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.arch not in ARCH_DIMS:
-            raise ConfigError(f"--arch {self.arch!r}: choose one of {', '.join(sorted(ARCH_DIMS))}")
-        for name in ("batch_size", "accum_steps", "epochs", "checkpoint_every", "log_every", "crop_px", "tile_px", "shuffle_block"):
+            raise ConfigError(f"architecture {self.arch!r}: choose one of {', '.join(sorted(ARCH_DIMS))}")
+        for name in (
+            "batch_size",
+            "accum_steps",
+            "epochs",
+            "checkpoint_every",
+            "log_every",
+            "crop_px",
+            "tile_px",
+            "shuffle_block",
+        ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError("--max-steps must be at least 1")
+            raise ConfigError("max_steps must be at least 1")
         if self.lr <= 0:
-            raise ConfigError("--lr must be > 0")
+            raise ConfigError("the learning rate (lr) must be > 0")
         if not 0 < self.min_crop_scale <= 1 or self.jitter < 0:
-            raise ConfigError("--min-crop-scale must be in (0, 1] and --jitter >= 0")
+            raise ConfigError("min_crop_scale must be in (0, 1] and jitter >= 0")
         if not 0 <= self.same_cluster_weight <= 1:
-            raise ConfigError("--same-cluster-weight must be in [0, 1]")
+            raise ConfigError("same_cluster_weight must be in [0, 1]")
         if min(self.queue_size, self.num_clusters, self.proj_dim) < 1 or self.kmeans_iters < 0:
-            raise ConfigError("--queue-size, --num-clusters and --proj-dim must be at least 1, --kmeans-iters at least 0")
+            raise ConfigError("queue_size, num_clusters and proj_dim must be at least 1, kmeans_iters at least 0")
         if min(self.temperature, self.group_temperature) <= 0 or not 0 <= self.key_momentum < 1:
-            raise ConfigError("temperatures must be > 0 and --key-momentum in [0, 1)")
+            raise ConfigError("temperatures must be > 0 and key_momentum in [0, 1)")
 
 
 def _normalise(views: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -121,21 +130,27 @@ def _resolve_config(cfg: TrainConfig, explicit: set[str], resume: bool) -> tuple
     ckpt = checkpoint_path(Path(cfg.out))
     if not resume:
         if ckpt.exists():
-            raise ConfigError(f"{cfg.out} already holds a run ({ckpt.name}); pass --resume to continue it, or choose another --out")
+            raise ConfigError(
+                f"{cfg.out} already holds a run ({ckpt.name}); resume it to continue it, or choose another run folder"
+            )
         return cfg, None
     state = load_run_checkpoint(Path(cfg.out))
     saved = TrainConfig(**state["config"])
     clashes = sorted(k for k in explicit - RESUME_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
     if clashes:
-        raise ConfigError(f"--resume continues the run as it was configured; these flags differ from it: {', '.join(clashes)} (only {', '.join(sorted(RESUME_OVERRIDES))} may change)")
+        raise ConfigError(
+            f"resuming continues the run as it was configured; these settings differ from it: {', '.join(clashes)} (only {', '.join(sorted(RESUME_OVERRIDES))} may change)"
+        )
     # the run folder is where it is now, even if it was moved since
     return dataclasses.replace(saved, out=cfg.out, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDES}), state
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, explicit: set[str] = frozenset(), progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, explicit: set[str] = frozenset(), progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) CCL pretraining; returns the run summary (also in RUN_DIR/run.json)."""
     cfg.validate()
-    ctx = D.init_distributed(cfg.device)
+    ctx = D.init_training(cfg.device)
     try:
         with StopRequest() as stop:
             return _train(cfg, ctx, resume, set(explicit), progress, stop)
@@ -173,32 +188,38 @@ class StopRequest:
         """Whether any rank was asked to stop (every rank must call this at the same step)."""
         if D.dist_info()[1] == 1:
             return self.asked
-        flag = torch.tensor([int(self.asked)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(D.all_reduce_(torch.tensor([int(self.asked)], device=device), op="max").item())
 
 
-def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str], progress: bool, stop: StopRequest) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str], progress: bool, stop: StopRequest
+) -> dict[str, Any]:
     run_dir = Path(cfg.out)
-    cfg, state = D.on_main(_resolve_config, cfg, explicit, resume)
+    cfg, state = ctx.on_main(_resolve_config, cfg, explicit, resume)
     amp = ctx.device.type == "cuda" if cfg.amp is None else cfg.amp
     if amp and ctx.device.type != "cuda":
-        raise ConfigError("--amp needs a CUDA device; CPU training runs in fp32")
+        raise ConfigError("mixed precision (amp) needs a CUDA device; CPU training runs in fp32")
     if cfg.sync_bn and ctx.device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); without it, keys use MoCo's shuffle-BN across ranks")
+        raise ConfigError(
+            "synchronised batch norm (sync_bn) needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); without it, keys use MoCo's shuffle-BN across ranks"
+        )
     world, rank = ctx.world_size, ctx.rank
 
     source = open_source(cfg.data, tile_px=cfg.tile_px, slide_root=Path(cfg.slide_root) if cfg.slide_root else None)
-    n_items = D.on_main(source.count)
+    n_items = ctx.on_main(source.count)
     batches_per_epoch = n_items // (world * cfg.batch_size)
     steps_per_epoch = batches_per_epoch // cfg.accum_steps
     if steps_per_epoch == 0:
-        raise ConfigError(f"{cfg.data}: {n_items} tiles make no full step of {world} ranks x {cfg.batch_size} tiles x {cfg.accum_steps} accumulation steps; lower --batch-size or add tiles")
+        raise ConfigError(
+            f"{cfg.data}: {n_items} tiles make no full step of {world} ranks x {cfg.batch_size} tiles x {cfg.accum_steps} accumulation steps; lower the batch size or add tiles"
+        )
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     global_batch = world * cfg.batch_size * cfg.accum_steps
 
     if cfg.queue_size < world * cfg.batch_size:
-        raise ConfigError(f"--queue-size {cfg.queue_size} is smaller than one global batch ({world * cfg.batch_size}); raise it")
+        raise ConfigError(
+            f"the queue size {cfg.queue_size} is smaller than one global batch ({world * cfg.batch_size}); raise it"
+        )
     model, optimizer, scaler = _build(cfg, ctx.device, amp)
     step, images_seen = 0, 0
     if state is not None:
@@ -209,22 +230,44 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
         if state["world_size"] == world and len(state["rng"]) == world:
             set_rng_state(state["rng"][rank])
         else:
-            LOG.warning("resuming a %d-rank run on %d ranks: data order and RNG streams differ from the original run", state["world_size"], world)
+            LOG.warning(
+                "resuming a %d-rank run on %d ranks: data order and RNG streams differ from the original run",
+                state["world_size"],
+                world,
+            )
             torch.manual_seed(cfg.seed + rank)
         if state["n_items"] != n_items:
-            LOG.warning("the data changed since the checkpoint (%d tiles then, %d now): the resumed run will not repeat the original exactly", state["n_items"], n_items)
+            LOG.warning(
+                "the data changed since the checkpoint (%d tiles then, %d now): the resumed run will not repeat the original exactly",
+                state["n_items"],
+                n_items,
+            )
         LOG.info("resumed %s at step %d of %d", run_dir, step, total_steps)
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank streams from here on
     state = None
-    query_net = DistributedDataParallel(model.encoder_q, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if world > 1 else model.encoder_q
+    query_net = (
+        DistributedDataParallel(model.encoder_q, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if world > 1
+        else model.encoder_q
+    )
     model.shuffle_bn = not cfg.sync_bn
 
     metrics_path = run_dir / "metrics.jsonl"
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, step)
-        LOG.info("CCL %s on %d rank(s), %s, %d tiles, %d steps/epoch, %d steps, global batch %d, AMP %s", cfg.arch, world, ctx.device, n_items, steps_per_epoch, total_steps, global_batch, "on" if amp else "off")
+        LOG.info(
+            "CCL %s on %d rank(s), %s, %d tiles, %d steps/epoch, %d steps, global batch %d, AMP %s",
+            cfg.arch,
+            world,
+            ctx.device,
+            n_items,
+            steps_per_epoch,
+            total_steps,
+            global_batch,
+            "on" if amp else "off",
+        )
 
     augment = augment_config(cfg.crop_px, cfg.min_crop_scale, cfg.jitter)
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="pretrain", disable=not (progress and ctx.is_main))
@@ -234,7 +277,18 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
     stopping = False
     while step < total_steps and not stopping:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        dataset = TwoViewBatches(source, epoch=epoch, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size, num_batches=steps_per_epoch * cfg.accum_steps, skip_batches=in_epoch * cfg.accum_steps, augment=augment, shuffle_block=cfg.shuffle_block)
+        dataset = TwoViewBatches(
+            source,
+            epoch=epoch,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+            batch_size=cfg.batch_size,
+            num_batches=steps_per_epoch * cfg.accum_steps,
+            skip_batches=in_epoch * cfg.accum_steps,
+            augment=augment,
+            shuffle_block=cfg.shuffle_block,
+        )
         model.train()
         expected = in_epoch * cfg.accum_steps
         for batch_index, views_q, views_k in make_loader(dataset, cfg.workers, pin_memory=ctx.device.type == "cuda"):
@@ -246,9 +300,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
             with sync:
                 with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
                     seed = sample_seed(cfg.seed, epoch, batch_index, salt=2)
-                    loss, stats = model(_normalise(views_q, ctx.device), _normalise(views_k, ctx.device), seed=seed, encoder_q=query_net)
+                    loss, stats = model(
+                        _normalise(views_q, ctx.device), _normalise(views_k, ctx.device), seed=seed, encoder_q=query_net
+                    )
                 if not torch.isfinite(loss):
-                    raise HistoseekError(f"loss became {float(loss)} at step {step}; lower --lr or check the data")
+                    raise HistoseekError(
+                        f"loss became {float(loss)} at step {step}; lower the learning rate or check the data"
+                    )
                 scaler.scale(loss / cfg.accum_steps).backward()
             for key in ("loss", "loss_instance", "loss_group", "acc_instance"):
                 sums[key] = sums.get(key, 0.0) + float(stats[key]) / cfg.accum_steps
@@ -286,27 +344,59 @@ def _train(cfg: TrainConfig, ctx: D.DistContext, resume: bool, explicit: set[str
     bar.close()
     # the first window includes start-up (workers, first allocations); leave it out when there are more
     steady = throughput[1:] or throughput
-    summary = {"run_dir": str(run_dir), "arch": cfg.arch, "steps": step, "stopped_early": stopping, "images_seen": images_seen, "world_size": world, "device": str(ctx.device), "amp": amp, "global_batch": global_batch, "img_per_s": sum(steady) / len(steady) if steady else None}
+    summary = {
+        "run_dir": str(run_dir),
+        "arch": cfg.arch,
+        "steps": step,
+        "stopped_early": stopping,
+        "images_seen": images_seen,
+        "world_size": world,
+        "device": str(ctx.device),
+        "amp": amp,
+        "global_batch": global_batch,
+        "img_per_s": sum(steady) / len(steady) if steady else None,
+    }
     if ctx.is_main:
         summary["img_per_s_per_rank"] = summary["img_per_s"] / world if summary["img_per_s"] else None
         atomic_write_text(run_dir / "run.json", json.dumps(summary, indent=1))
         if stopping:
-            LOG.warning("stopped at step %d of %d on request; continue with the same command plus --resume", step, total_steps)
+            LOG.warning("stopped at step %d of %d on request; resume the run to continue", step, total_steps)
         else:
-            LOG.info("done: %d steps, %d images; checkpoint %s, loss curve %s", step, images_seen, checkpoint_path(run_dir), run_dir / "loss.png")
+            LOG.info(
+                "done: %d steps, %d images; checkpoint %s, loss curve %s",
+                step,
+                images_seen,
+                checkpoint_path(run_dir),
+                run_dir / "loss.png",
+            )
     return summary
 
 
-def _build(cfg: TrainConfig, device: torch.device, amp: bool) -> tuple[CCL, torch.optim.Optimizer, torch.amp.GradScaler]:
+def _build(
+    cfg: TrainConfig, device: torch.device, amp: bool
+) -> tuple[CCL, torch.optim.Optimizer, torch.amp.GradScaler]:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = CCL(cfg.arch, cfg.proj_dim, cfg.queue_size, cfg.key_momentum, cfg.temperature, cfg.num_clusters, cfg.kmeans_iters, cfg.group_temperature, cfg.group_weight, cfg.same_cluster_weight)
+    model = CCL(
+        cfg.arch,
+        cfg.proj_dim,
+        cfg.queue_size,
+        cfg.key_momentum,
+        cfg.temperature,
+        cfg.num_clusters,
+        cfg.kmeans_iters,
+        cfg.group_temperature,
+        cfg.group_weight,
+        cfg.same_cluster_weight,
+    )
     if cfg.sync_bn:
         model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
         model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
+    )
     return model, optimizer, torch.amp.GradScaler("cuda", enabled=amp)
 
 
@@ -314,15 +404,12 @@ def _reduce_stats(sums: dict[str, float], device: torch.device, steps: int) -> d
     """Mean of the logged statistics over the window's steps and over all ranks."""
     keys = sorted(sums)
     vec = torch.tensor([sums[k] / steps for k in keys], dtype=torch.float64, device=device)
-    world = D.dist_info()[1]
-    if world > 1:
-        torch.distributed.all_reduce(vec)
-        vec /= world
+    vec = D.all_reduce_(vec) / D.dist_info()[1]
     return {k: float(v) for k, v in zip(keys, vec.tolist())}
 
 
 def _save(cfg, ctx, run_dir, model, optimizer, scaler, step, steps_per_epoch, images_seen, n_items) -> None:
-    rngs = D.gather_objects(rng_state())  # every rank takes part; rank 0 writes
+    rngs = ctx.all_gather(rng_state())  # every rank takes part; rank 0 writes
     if not ctx.is_main:
         return
     atomic_save(

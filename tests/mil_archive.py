@@ -12,13 +12,22 @@ import numpy as np
 from engine.catalog.db import Catalog
 from engine.catalog.models import EncoderRecord, Slide
 from engine.config import Settings
+from engine.encoder import l2_normalise
 from engine.shards import ShardEncoder
 from engine.slides import SlideInfo
 from engine.tiling import TileBox
 from indexer.writer import commit_slide, tile_ids
 
 
-def synthetic_bag(rng: np.random.Generator, n_tiles: int, dim: int, signal: np.ndarray | None, n_signal: int, tissue: np.ndarray, strength: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_bag(
+    rng: np.random.Generator,
+    n_tiles: int,
+    dim: int,
+    signal: np.ndarray | None,
+    n_signal: int,
+    tissue: np.ndarray,
+    strength: float = 4.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Background tiles: a few shared 'tissue types' plus noise; with `signal`, `n_signal`
     tiles get the signal direction added (the evidence; at strength 4 a signal tile's
     cosine to the signal is ~0.5 against ~0.15 for others after L2 normalisation, while the
@@ -33,8 +42,19 @@ def synthetic_bag(rng: np.random.Generator, n_tiles: int, dim: int, signal: np.n
     return x.astype(np.float32), mask
 
 
-def make_feature_archive(tmp_path: Path, patients: list[tuple[str, str]], *, slides_per_patient: int = 2, n_tiles: int = 40, n_signal: int = 4,
-                         dim: int = 32, positive: str = "tumour", seed: int = 0, encoder_name: str = "synthetic-encoder", label_column: str = "diagnosis") -> tuple[Settings, dict[int, np.ndarray]]:
+def make_feature_archive(
+    tmp_path: Path,
+    patients: list[tuple[str, str]],
+    *,
+    slides_per_patient: int = 2,
+    n_tiles: int = 40,
+    n_signal: int = 4,
+    dim: int = 32,
+    positive: str = "tumour",
+    seed: int = 0,
+    encoder_name: str = "synthetic-encoder",
+    label_column: str = "diagnosis",
+) -> tuple[Settings, dict[int, np.ndarray]]:
     """An indexed archive under tmp_path: per (patient, label) `slides_per_patient` slides;
     slides of the `positive` label carry `n_signal` signal tiles each. Returns the settings
     and, per slide id, the tile ids of its signal tiles."""
@@ -42,29 +62,58 @@ def make_feature_archive(tmp_path: Path, patients: list[tuple[str, str]], *, sli
     tissue = rng.standard_normal((6, dim))
     signal = rng.standard_normal(dim)
     signal /= np.linalg.norm(signal)
-    settings = Settings.load(env={}, data_dir=str(tmp_path / "data"), catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}", index_dir=str(tmp_path / "index"), device="cpu")
+    settings = Settings.load(
+        env={},
+        data_dir=str(tmp_path / "data"),
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        index_dir=str(tmp_path / "index"),
+        device="cpu",
+    )
     sha = hashlib.sha256(encoder_name.encode()).hexdigest()
     shard_encoder = ShardEncoder(encoder_name, sha, dim, 1.0, 224)
     catalog = Catalog(settings.catalog_url)
     with catalog.session() as s:
-        enc = EncoderRecord(name=encoder_name, architecture="synthetic", checkpoint_sha256=sha, dim=dim, target_mpp=1.0, tile_px=224, normalisation={}, is_random=True)
+        enc = EncoderRecord(
+            name=encoder_name,
+            architecture="synthetic",
+            checkpoint_sha256=sha,
+            dim=dim,
+            target_mpp=1.0,
+            tile_px=224,
+            normalisation={},
+            is_random=True,
+        )
         s.add(enc)
         s.flush()
         encoder_id = enc.id
     side = int(np.ceil(np.sqrt(n_tiles)))
     boxes = [TileBox(224 * (i % side), 224 * (i // side), 224, 1.0) for i in range(n_tiles)]
     signal_tiles: dict[int, np.ndarray] = {}
-    for p, (patient, label) in enumerate(patients):
+    for patient, label in patients:
         for k in range(slides_per_patient):
             name = f"{patient}-{k}.svs"
             with catalog.session() as s:
-                row = Slide(path=str(tmp_path / "archive" / name), fingerprint=hashlib.sha256(name.encode()).hexdigest(), patient=patient, status="pending", **{label_column: label} if label_column != "extra" else {"extra": {"grade": label}})
+                row = Slide(
+                    path=str(tmp_path / "archive" / name),
+                    fingerprint=hashlib.sha256(name.encode()).hexdigest(),
+                    patient=patient,
+                    status="pending",
+                    **{label_column: label} if label_column != "extra" else {"extra": {"grade": label}},
+                )
                 s.add(row)
                 s.flush()
                 slide_id = row.id
             x, mask = synthetic_bag(rng, n_tiles, dim, signal if label == positive else None, n_signal, tissue)
-            info = SlideInfo(path=Path(name), vendor="synthetic", width=224 * side, height=224 * side, mpp=0.5, mpp_source="metadata", level_downsamples=(1.0,))
-            commit_slide(catalog, settings.index_dir, shard_encoder, encoder_id, slide_id, info, boxes, x)
+            info = SlideInfo(
+                path=Path(name),
+                vendor="synthetic",
+                width=224 * side,
+                height=224 * side,
+                mpp=0.5,
+                mpp_source="metadata",
+                level_downsamples=(1.0,),
+            )
+            commit_slide(catalog, settings.index_dir, shard_encoder, encoder_id, slide_id, info, boxes, l2_normalise(x))
             signal_tiles[slide_id] = tile_ids(slide_id, n_tiles)[mask]
     catalog.dispose()
     return settings, signal_tiles

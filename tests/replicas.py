@@ -1,4 +1,4 @@
-"""Miniature replicas of UniToPatho and TissueNet in their published layouts (DATASETS.md),
+"""Miniature replicas of UniToPatho and TissueNet in their published layouts (as the data sets' own documentation gives them),
 built from the real split/CSV rows under ../shared/data/datasets and real patches under
 ../shared/data/patches. They exercise the loaders on the real names (spaces, commas and
 parentheses in UniToPatho file names; WKT squares with a bottom-left y origin in TissueNet).
@@ -25,7 +25,22 @@ from PIL import Image
 
 from tests.synthetic_slides import write_pyramidal_tiff
 
-UNITO_COLUMNS = ["image_id", "top_label_name", "top_label", "type_name", "type", "grade_name", "grade", "wsi", "roi", "mpp", "x", "y", "w", "h"]
+UNITO_COLUMNS = [
+    "image_id",
+    "top_label_name",
+    "top_label",
+    "type_name",
+    "type",
+    "grade_name",
+    "grade",
+    "wsi",
+    "roi",
+    "mpp",
+    "x",
+    "y",
+    "w",
+    "h",
+]
 UNITO_TOP = {"HP": 0, "NORM": 1, "TA.HG": 2, "TA.LG": 3, "TVA.HG": 4, "TVA.LG": 5}
 UNITO_TYPE = {"HP": 0, "NORM": 1, "TA": 2, "TVA": 3}
 UNITO_GRADE = {"LG": 0, "HG": 1}
@@ -43,13 +58,17 @@ TISSUENET_SLIDES = (
     "C09_B045_S09.tif",
     "C12_B186_S12.tif",
 )
-_NAME = re.compile(r"^(?P<wsi>.+?)\.ndpi_ROI__mpp(?P<mpp>[\d.]+)_reg(?P<roi>\d+)_crop_sk\d+_\((?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)\)\.png$")
+_NAME = re.compile(
+    r"^(?P<wsi>.+?)\.ndpi_ROI__mpp(?P<mpp>[\d.]+)_reg(?P<roi>\d+)_crop_sk\d+_\((?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)\)\.png$"
+)
 
 
 def source_patches(shared: Path, nct_class: str) -> list[Path]:
     """The real CRC-VAL-HE-7K patches of one NCT class listed in patches/labels.csv."""
     with open(shared / "patches" / "labels.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["path"].startswith("crc-val-he-7k/") and r["label_nct9"] == nct_class]
+        rows = [
+            r for r in csv.DictReader(fh) if r["path"].startswith("crc-val-he-7k/") and r["label_nct9"] == nct_class
+        ]
     return [shared / "patches" / r["path"] for r in rows]
 
 
@@ -111,7 +130,9 @@ def make_unitopatho_replica(root: Path, shared: Path, *, slides_per_class: int =
         by_slide[(label, location.split("/", 1)[1].split(".ndpi")[0])].append(i)
     chosen: list[int] = []
     for label in UNITO_TOP:
-        slides = sorted((s for s in by_slide if s[0] == label and len(by_slide[s]) >= images_per_slide), key=lambda s: s[1])
+        slides = sorted(
+            (s for s in by_slide if s[0] == label and len(by_slide[s]) >= images_per_slide), key=lambda s: s[1]
+        )
         for s in slides[:slides_per_class]:
             chosen.extend(by_slide[s][:images_per_slide])
     folder = root / "unitopath-public" / "7000_224"
@@ -138,7 +159,9 @@ def _scaled_polygon(wkt: str, scale: float) -> str:
     return f"POLYGON (({pairs}))"
 
 
-def make_tissuenet_replica(root: Path, shared: Path, *, slides: tuple[str, ...] = TISSUENET_SLIDES, max_side_px: int = 2400) -> Path:
+def make_tissuenet_replica(
+    root: Path, shared: Path, *, slides: tuple[str, ...] = TISSUENET_SLIDES, max_side_px: int = 2400
+) -> Path:
     """Build root/tissuenet with the three CSVs (real rows of `slides`, scaled) and
     tif_images/<filename>; returns root/tissuenet."""
     src = shared / "datasets" / "tissuenet"

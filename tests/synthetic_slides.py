@@ -10,7 +10,9 @@ from engine.pyramid_tiff import write_pyramidal_tiff
 __all__ = ["tissue_blobs", "write_pyramidal_tiff"]
 
 
-def tissue_blobs(height: int, width: int, seed: int = 0, n_blobs: int = 3, radius: tuple[float, float] = (0.12, 0.25)) -> np.ndarray:
+def tissue_blobs(
+    height: int, width: int, seed: int = 0, n_blobs: int = 3, radius: tuple[float, float] = (0.12, 0.25)
+) -> np.ndarray:
     """An H x W x 3 uint8 'slide': white glass with a few pink-purple elliptical tissue blobs
     carrying texture, so tissue masks and encoders see something slide-like. Blob radii are
     drawn from `radius` (fractions of the slide's height and width)."""

@@ -12,15 +12,24 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import select
 
-from engine.evaluation.benchmark import BenchmarkOptions, EncoderResult, BenchmarkReport, cache_path, evaluate, run_benchmark, store_runs, svm_accuracy
-from engine.evaluation.report import table, write_plot
 from engine.catalog.db import Catalog
 from engine.catalog.models import BenchmarkRun
 from engine.cli.main import main
 from engine.config import Settings
-from engine.evaluation.datasets import Item, LabelledSet, load_dataset
 from engine.encoder import Encoder
-from engine.evaluation.metrics import majority_vote
+from engine.evaluation.benchmark import (
+    BenchmarkOptions,
+    BenchmarkReport,
+    EncoderResult,
+    cache_path,
+    evaluate,
+    run_benchmark,
+    store_runs,
+    svm_accuracy,
+)
+from engine.evaluation.datasets import Item, LabelledSet, load_dataset
+from engine.evaluation.report import table, write_plot
+from engine.vote import majority_vote
 from tests.replicas import make_tissuenet_replica, make_unitopatho_replica
 
 ENCODER = "random:resnet18"
@@ -55,11 +64,27 @@ def patches_run(shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("patches")
     catalog = f"sqlite:///{tmp / 'catalog.sqlite'}"
     args = [
-        "benchmark", "--dataset", f"csv:{shared_data / 'patches' / 'labels.csv'}", "--label-column", "label_nct9",
-        "--encoder", ENCODER, "--data-dir", str(tmp / "data"), "--catalog", catalog,
-        "--json", str(tmp / "report.json"), "--plot", str(tmp / "report.png"), "--workers", "0", "--svm",
+        "benchmark",
+        "--dataset",
+        f"csv:{shared_data / 'patches' / 'labels.csv'}",
+        "--label-column",
+        "label_nct9",
+        "--encoder",
+        ENCODER,
+        "--data-dir",
+        str(tmp / "data"),
+        "--catalog",
+        catalog,
+        "--json",
+        str(tmp / "report.json"),
+        "--plot",
+        str(tmp / "report.png"),
+        "--workers",
+        "0",
+        "--svm",
         # fp32 (eager) skips tracing the fast CPU graph, which costs more than it saves here
-        "--precision", "fp32",
+        "--precision",
+        "fp32",
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -106,7 +131,9 @@ def test_second_run_reuses_the_feature_cache(patches_run, shared_data):
 
 
 def _tiny_set(labels, slides):
-    items = [Item(key=str(i), label=lab, path=None, slide=s, patient=s) for i, (lab, s) in enumerate(zip(labels, slides))]
+    items = [
+        Item(key=str(i), label=lab, path=None, slide=s, patient=s) for i, (lab, s) in enumerate(zip(labels, slides))
+    ]
     return LabelledSet("csv", "tiny.csv", items, label_column="label")
 
 
@@ -129,7 +156,9 @@ def test_unitopatho_and_tissuenet_replicas_report(shared_data, tmp_path):
     uni = make_unitopatho_replica(tmp_path, shared_data, slides_per_class=2, images_per_slide=1)
     tn = make_tissuenet_replica(tmp_path, shared_data)
     # fp32 skips tracing the fast CPU graph, which costs more than it saves on ~40 patches
-    settings = Settings.load(data_dir=str(tmp_path / "data"), catalog_url=f"sqlite:///{tmp_path / 'c.sqlite'}", precision="fp32", env={})
+    settings = Settings.load(
+        data_dir=str(tmp_path / "data"), catalog_url=f"sqlite:///{tmp_path / 'c.sqlite'}", precision="fp32", env={}
+    )
     opts = BenchmarkOptions(ks=(1, 3, 5), workers=0, progress=False)
     for spec, exclusion in ((f"unitopatho:{uni}", "patient"), (f"tissuenet:{tn}", "slide")):
         ds = load_dataset(spec, tile_px=settings.tile_px)
@@ -156,8 +185,27 @@ def _tiny_folder(root):
 def test_several_encoders_in_one_table(tmp_path):
     _tiny_folder(tmp_path / "set")
     catalog = f"sqlite:///{tmp_path / 'c.sqlite'}"
-    args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--encoder", ENCODER + ":1", "--k", "1,2",
-            "--data-dir", str(tmp_path / "d"), "--catalog", catalog, "--json", str(tmp_path / "r.json"), "--workers", "0", "--precision", "fp32"]
+    args = [
+        "benchmark",
+        "--dataset",
+        f"folder:{tmp_path / 'set'}",
+        "--encoder",
+        ENCODER,
+        "--encoder",
+        ENCODER + ":1",
+        "--k",
+        "1,2",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--catalog",
+        catalog,
+        "--json",
+        str(tmp_path / "r.json"),
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| random:resnet18:0 |" in result.output and "| random:resnet18:1 |" in result.output
@@ -169,8 +217,25 @@ def test_several_encoders_in_one_table(tmp_path):
 
 def test_unreachable_catalog_is_a_clear_error_and_the_json_is_kept(tmp_path):
     _tiny_folder(tmp_path / "set")
-    args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--k", "1", "--data-dir", str(tmp_path / "d"),
-            "--catalog", "postgresql+psycopg://nobody:secret@127.0.0.1:1/none", "--json", str(tmp_path / "r.json"), "--workers", "0", "--precision", "fp32"]
+    args = [
+        "benchmark",
+        "--dataset",
+        f"folder:{tmp_path / 'set'}",
+        "--encoder",
+        ENCODER,
+        "--k",
+        "1",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--catalog",
+        "postgresql+psycopg://nobody:secret@127.0.0.1:1/none",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "cannot open the catalog" in result.output and "secret" not in result.output
     assert json.loads((tmp_path / "r.json").read_text())["encoders"][0]["catalog_run_id"] is None
@@ -178,21 +243,53 @@ def test_unreachable_catalog_is_a_clear_error_and_the_json_is_kept(tmp_path):
 
 def test_mpp_needs_known_patch_resolution(tmp_path):
     _tiny_folder(tmp_path / "set")
-    result = CliRunner().invoke(main, ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--mpp", "0.5", "--data-dir", str(tmp_path / "d")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "benchmark",
+            "--dataset",
+            f"folder:{tmp_path / 'set'}",
+            "--encoder",
+            ENCODER,
+            "--mpp",
+            "0.5",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+    )
     assert result.exit_code == 1 and "no known mpp" in result.output
 
 
 def test_cli_refuses_patient_exclusion_without_patients(tmp_path, shared_data):
-    result = CliRunner().invoke(main, ["benchmark", "--dataset", f"folder:{shared_data / 'patches' / 'kather2016'}", "--encoder", ENCODER, "--exclude", "patient", "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "benchmark",
+            "--dataset",
+            f"folder:{shared_data / 'patches' / 'kather2016'}",
+            "--encoder",
+            ENCODER,
+            "--exclude",
+            "patient",
+            "--data-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code != 0 and "no patient id" in result.output and "--exclude slide" in result.output
 
 
 def test_cli_bad_k_and_missing_encoder(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["benchmark", "--dataset", f"folder:{tmp_path}", "--k", "0,x"], env={"HISTOSEEK_ENCODER": ""})
+    result = runner.invoke(
+        main, ["benchmark", "--dataset", f"folder:{tmp_path}", "--k", "0,x"], env={"HISTOSEEK_ENCODER": ""}
+    )
     assert result.exit_code == 2 and "--k" in result.output
     (tmp_path / "a").mkdir()
-    result = runner.invoke(main, ["benchmark", "--dataset", f"folder:{tmp_path}", "--data-dir", str(tmp_path / "d")], env={"HISTOSEEK_ENCODER": ""})
+    result = runner.invoke(
+        main,
+        ["benchmark", "--dataset", f"folder:{tmp_path}", "--data-dir", str(tmp_path / "d")],
+        env={"HISTOSEEK_ENCODER": ""},
+    )
     assert result.exit_code == 1 and "no encoder given" in result.output
 
 
@@ -216,7 +313,12 @@ def test_runs_are_stored_on_every_catalog(catalog_url):
     feats = np.eye(4, dtype=np.float32)
     ds = _tiny_set(["a", "a", "b", "b"], ["s1", "s2", "s3", "s4"])
     metrics = evaluate(feats, ds, (1,), "slide")
-    report = BenchmarkReport(ds, {"k": [1], "exclusion": "slide", "exclusion_text": "x"}, [EncoderResult({"name": "e", "sha256": "0" * 64, "random": True}, metrics, None, False, 0.0)], "now")
+    report = BenchmarkReport(
+        ds,
+        {"k": [1], "exclusion": "slide", "exclusion_text": "x"},
+        [EncoderResult({"name": "e", "sha256": "0" * 64, "random": True}, metrics, None, False, 0.0)],
+        "now",
+    )
     ids = store_runs(catalog_url, report)
     cat = Catalog(catalog_url)
     with cat.session() as s:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.evaluation.knn import exact_neighbours, loo_neighbours
 from engine.encoder import l2_normalise
+from engine.evaluation.knn import exact_neighbours, loo_neighbours
 
 
 def brute_force(xb, groups, k):

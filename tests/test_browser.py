@@ -24,13 +24,20 @@ import sqlalchemy as sa
 from PIL import Image
 
 from engine.catalog import Catalog, models
-from engine.slides import read_box, open_slide
+from engine.slides import open_slide, read_box
 from tests.indexed_archive import make_indexed_archive
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import users
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 USER, PASSWORD = "pathologist", "browser test pw"
 REAL_SLIDE = "CMU-1-Small-Region.svs"
 
@@ -46,19 +53,47 @@ def archive(tmp_path_factory, shared_data):
     """A real slide plus two synthetic distractors, indexed with `indexer build`'s library
     function; a user to log in with."""
     tmp = tmp_path_factory.mktemp("browser")
-    distractors = [write_pyramidal_tiff(tmp / "src" / f"synthetic-{i}.tiff", tissue_blobs(1400, 1400, seed=10 + i), mpp=0.5) for i in range(2)]
+    distractors = [
+        write_pyramidal_tiff(tmp / "src" / f"synthetic-{i}.tiff", tissue_blobs(1400, 1400, seed=10 + i), mpp=0.5)
+        for i in range(2)
+    ]
     slides = [shared_data / "slides" / "real" / REAL_SLIDE, *distractors]
     rows = [
-        {"slide": REAL_SLIDE, "patient": "CMU-1", "site": "skin", "diagnosis": "real H&E sample", "label": "real", "collection": "test"},
-        {"slide": "synthetic-0.tiff", "patient": "S0", "site": "colon", "diagnosis": "synthetic", "label": "synthetic", "collection": "test"},
-        {"slide": "synthetic-1.tiff", "patient": "S1", "site": "colon", "diagnosis": "synthetic", "label": "synthetic", "collection": "test"},
+        {
+            "slide": REAL_SLIDE,
+            "patient": "CMU-1",
+            "site": "skin",
+            "diagnosis": "real H&E sample",
+            "label": "real",
+            "collection": "test",
+        },
+        {
+            "slide": "synthetic-0.tiff",
+            "patient": "S0",
+            "site": "colon",
+            "diagnosis": "synthetic",
+            "label": "synthetic",
+            "collection": "test",
+        },
+        {
+            "slide": "synthetic-1.tiff",
+            "patient": "S1",
+            "site": "colon",
+            "diagnosis": "synthetic",
+            "label": "synthetic",
+            "collection": "test",
+        },
     ]
     settings = make_indexed_archive(tmp, slides, metadata_rows=rows)
     catalog = Catalog(settings.catalog_url)
     users.create_user(catalog, USER, PASSWORD)
     with catalog.session() as s:
         slide = s.scalar(sa.select(models.Slide).where(models.Slide.path.like(f"%{REAL_SLIDE}")))
-        tiles = s.scalars(sa.select(models.Tile).where(models.Tile.slide_id == slide.id).order_by(models.Tile.tissue_fraction.desc(), models.Tile.id)).all()
+        tiles = s.scalars(
+            sa.select(models.Tile)
+            .where(models.Tile.slide_id == slide.id)
+            .order_by(models.Tile.tissue_fraction.desc(), models.Tile.id)
+        ).all()
     catalog.dispose()
     assert slide.status == "indexed" and tiles, "the real slide must be indexed for this test"
     return {"settings": settings, "tmp": tmp, "slide": slide, "tile": tiles[0]}
@@ -70,8 +105,28 @@ def server(archive):
     settings, tmp = archive["settings"], archive["tmp"]
     port = free_port()
     env = {**os.environ, "HISTOSEEK_INSTANCE_DIR": str(tmp / "instance")}
-    cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--threads", "4",
-           "--catalog", settings.catalog_url, "--index-dir", str(settings.index_dir), "--encoder", settings.encoder, "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "webapp.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--catalog",
+        settings.catalog_url,
+        "--index-dir",
+        str(settings.index_dir),
+        "--encoder",
+        settings.encoder,
+        "--device",
+        "cpu",
+    ]
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -121,7 +176,14 @@ def test_search_and_view_in_chromium(server, archive, region_file, test_output):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1366, "height": 900})
-        page.on("request", lambda r: outside.append(r.url) if urlsplit(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:") else None)
+        page.on(
+            "request",
+            lambda r: (
+                outside.append(r.url)
+                if urlsplit(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:")
+                else None
+            ),
+        )
         page.on("requestfailed", lambda r: failed.append(r.url))
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
@@ -144,10 +206,16 @@ def test_search_and_view_in_chromium(server, archive, region_file, test_output):
             assert first.locator(".rank").inner_text() == "#1"
             assert first.locator(".slide-link").inner_text() == REAL_SLIDE
             assert first.locator(".regions img").count() >= 1
-            page.wait_for_function("() => [...document.querySelectorAll('.regions img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.regions img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             page.screenshot(path=str(test_output / "2-results.png"), full_page=True)  # after the thumbnails loaded
             # majority vote over all three slides: two synthetic ones outvote the real one
-            votes = dict(zip(page.locator("table.votes th").all_inner_texts(), page.locator("table.votes td.n").all_inner_texts()))
+            votes = dict(
+                zip(
+                    page.locator("table.votes th").all_inner_texts(), page.locator("table.votes td.n").all_inner_texts()
+                )
+            )
             assert votes == {"synthetic": "2", "real": "1"}
             assert page.locator("#suggested-label").inner_text() == "synthetic"
 
@@ -196,8 +264,10 @@ def _multipart(filename: str, data: bytes, fields: dict) -> tuple[bytes, str]:
     boundary = "histoseek-test-boundary"
     out = io.BytesIO()
     for key, value in fields.items():
-        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n{value}\r\n".encode())
-    out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n".encode())
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+    out.write(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'.encode()
+    )
     out.write(data + f"\r\n--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
@@ -220,7 +290,9 @@ def test_gunicorn_refuses_hostile_uploads_and_keeps_serving(server, archive, reg
         code, doc = _post(server + "/api/v1/search/region", body, ctype, auth)
         assert code == status, (name, doc)
         assert set(doc) == {"error", "message"}
-    body, ctype = _multipart("region.png", region_file.read_bytes(), {"mpp": f"{archive['slide'].mpp:.4f}", "top_k": "3"})
+    body, ctype = _multipart(
+        "region.png", region_file.read_bytes(), {"mpp": f"{archive['slide'].mpp:.4f}", "top_k": "3"}
+    )
     code, doc = _post(server + "/api/v1/search/region", body, ctype, auth)
     assert code == 200 and doc["results"][0]["slide"]["path"].endswith(REAL_SLIDE)
     unauthenticated = urllib.request.Request(server + "/api/v1/slides")
@@ -245,11 +317,38 @@ def _mil_run_on(archive) -> int:
     parts = []
     for bag in whole.bags:
         for k, rows in enumerate(np.array_split(rng.permutation(len(bag.features)), 4)):
-            parts.append(type(bag)(bag.slide_id * 10 + k, bag.name, bag.label, f"{bag.slide_id}-{k}", bag.features[rows], bag.tile_ids[rows], bag.boxes[rows]))
+            parts.append(
+                type(bag)(
+                    bag.slide_id * 10 + k,
+                    bag.name,
+                    bag.label,
+                    f"{bag.slide_id}-{k}",
+                    bag.features[rows],
+                    bag.tile_ids[rows],
+                    bag.boxes[rows],
+                )
+            )
     bags = BagSet(parts, whole.classes, whole.contract, [])
     out = archive["tmp"] / "mil-run"
-    report = train_run(bags, out, MilOptions(folds=2, device="cpu", progress=False, train=TrainOptions(hidden=32, attention=16, max_epochs=3)))
-    return store_run(settings.catalog_url, out, report["contract"], {"label_column": "label", "group": "slide", "folds": 2, "classes": list(bags.classes), "counts": report["counts"]}, report["metrics"], None)
+    report = train_run(
+        bags,
+        out,
+        MilOptions(folds=2, device="cpu", progress=False, train=TrainOptions(hidden=32, attention=16, max_epochs=3)),
+    )
+    return store_run(
+        settings.catalog_url,
+        out,
+        report["contract"],
+        {
+            "label_column": "label",
+            "group": "slide",
+            "folds": 2,
+            "classes": list(bags.classes),
+            "counts": report["counts"],
+        },
+        report["metrics"],
+        None,
+    )
 
 
 @pytest.mark.slow
@@ -284,7 +383,9 @@ def test_attention_layer_in_chromium(server, archive, test_output):
             box = overlay.bounding_box()
             assert box and box["width"] > 50 and box["height"] > 50
             assert "Predicted label:" in page.locator("#attention-result").inner_text()
-            painted = page.evaluate("() => { const c = document.getElementById('attention-overlay'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return [n, c.width * c.height]; }")
+            painted = page.evaluate(
+                "() => { const c = document.getElementById('attention-overlay'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return [n, c.width * c.height]; }"
+            )
             assert painted[0] == archive["slide"].tile_count or painted[0] >= 0.5 * painted[1], painted
             page.wait_for_timeout(800)
             page.screenshot(path=str(test_output / "attention.png"), full_page=True)

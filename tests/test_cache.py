@@ -34,7 +34,7 @@ def test_threads_never_exceed_the_bound():
 
     def work(n):
         for i in range(500):
-            c.get_or_build((n, i % 20), lambda: i)
+            c.get_or_build((n, i % 20), lambda i=i: i)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
     for t in threads:

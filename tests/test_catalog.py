@@ -12,7 +12,16 @@ from engine.catalog.db import alembic_config
 def test_upgrade_head_creates_every_table(catalog_url):
     cat = Catalog(catalog_url)
     tables = set(sa.inspect(cat.engine).get_table_names())
-    assert {"slides", "tiles", "shards", "encoders", "benchmark_runs", "users", "audit_events", "alembic_version"} <= tables
+    assert {
+        "slides",
+        "tiles",
+        "shards",
+        "encoders",
+        "benchmark_runs",
+        "users",
+        "audit_events",
+        "alembic_version",
+    } <= tables
     cat.dispose()
 
 
@@ -37,8 +46,19 @@ def test_check_notices_a_model_without_migration(sqlite_url):
 def test_slide_tiles_round_trip_and_cascade(catalog_url):
     cat = Catalog(catalog_url)
     with cat.session() as s:
-        enc = models.EncoderRecord(name="random", architecture="resnet18", checkpoint_sha256="a" * 64, dim=512, target_mpp=1.0, tile_px=224, normalisation={"mean": [0.5]}, is_random=True)
-        slide = models.Slide(path="a/b.svs", fingerprint="f" * 64, patient="P1", extra={"stain": "H&E", "n": 3}, mpp=0.5, encoder=enc)
+        enc = models.EncoderRecord(
+            name="random",
+            architecture="resnet18",
+            checkpoint_sha256="a" * 64,
+            dim=512,
+            target_mpp=1.0,
+            tile_px=224,
+            normalisation={"mean": [0.5]},
+            is_random=True,
+        )
+        slide = models.Slide(
+            path="a/b.svs", fingerprint="f" * 64, patient="P1", extra={"stain": "H&E", "n": 3}, mpp=0.5, encoder=enc
+        )
         slide.tiles = [models.Tile(id=2**40 + i, x=i * 448, y=0, size=448, tissue_fraction=0.9) for i in range(3)]
         s.add(slide)
     with cat.session() as s:
@@ -72,7 +92,15 @@ def test_ids_are_never_reused_after_the_highest_row_is_removed(catalog_url, tabl
             if table is models.Slide:
                 row = models.Slide(path=f"s{n}.svs", fingerprint=f"{n:064d}")
             else:
-                enc = s.scalar(sa.select(models.EncoderRecord)) or models.EncoderRecord(name="r", architecture="resnet18", checkpoint_sha256="a" * 64, dim=4, target_mpp=1.0, tile_px=224, normalisation={})
+                enc = s.scalar(sa.select(models.EncoderRecord)) or models.EncoderRecord(
+                    name="r",
+                    architecture="resnet18",
+                    checkpoint_sha256="a" * 64,
+                    dim=4,
+                    target_mpp=1.0,
+                    tile_px=224,
+                    normalisation={},
+                )
                 row = models.Shard(encoder=enc, path=f"s{n}.faiss", sha256="0" * 64)
             s.add(row)
             s.flush()
@@ -91,10 +119,16 @@ def test_upgrade_from_0001_keeps_tiles_and_stops_id_reuse(sqlite_url):
     command.upgrade(alembic_config(sqlite_url), "0001")
     engine = sa.create_engine(sqlite_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO encoders VALUES (1,'r','resnet18','" + "a" * 64 + "',4,1.0,224,'{}',0,'2026-01-01')")
+        conn.exec_driver_sql(
+            "INSERT INTO encoders VALUES (1,'r','resnet18','" + "a" * 64 + "',4,1.0,224,'{}',0,'2026-01-01')"
+        )
         for sid in (1, 7):
-            conn.exec_driver_sql(f"INSERT INTO slides (id,path,fingerprint,extra,status,tile_count,created_at,updated_at) VALUES ({sid},'s{sid}','{sid:064d}','{{}}','indexed',1,'2026-01-01','2026-01-01')")
-            conn.exec_driver_sql(f"INSERT INTO tiles (id,slide_id,x,y,size,tissue_fraction) VALUES ({sid * 2**20},{sid},0,0,448,1.0)")
+            conn.exec_driver_sql(
+                f"INSERT INTO slides (id,path,fingerprint,extra,status,tile_count,created_at,updated_at) VALUES ({sid},'s{sid}','{sid:064d}','{{}}','indexed',1,'2026-01-01','2026-01-01')"
+            )
+            conn.exec_driver_sql(
+                f"INSERT INTO tiles (id,slide_id,x,y,size,tissue_fraction) VALUES ({sid * 2**20},{sid},0,0,448,1.0)"
+            )
     engine.dispose()
     cat = Catalog(sqlite_url)  # upgrades to head
     with cat.session() as s:

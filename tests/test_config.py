@@ -1,4 +1,3 @@
-
 import pytest
 
 from engine.config import Settings
@@ -34,7 +33,9 @@ def test_missing_encoder_says_where_the_weights_go(tmp_path):
         s.require_encoder()
 
 
-@pytest.mark.parametrize("env", [{"HISTOSEEK_PRECISION": "fp16"}, {"HISTOSEEK_TARGET_MPP": "abc"}, {"HISTOSEEK_TILE_PX": "0"}])
+@pytest.mark.parametrize(
+    "env", [{"HISTOSEEK_PRECISION": "fp16"}, {"HISTOSEEK_TARGET_MPP": "abc"}, {"HISTOSEEK_TILE_PX": "0"}]
+)
 def test_bad_settings_are_refused(tmp_path, env):
     with pytest.raises(ConfigError):
         Settings.load(env=env, data_dir=str(tmp_path))
@@ -43,3 +44,13 @@ def test_bad_settings_are_refused(tmp_path, env):
 def test_unknown_flag_is_a_programming_error():
     with pytest.raises(ValueError):
         Settings.load(env={}, colour="red")
+
+
+def test_instance_dir_is_under_the_data_dir_unless_named(tmp_path):
+    assert Settings.load(env={}, data_dir=str(tmp_path)).instance_dir == tmp_path / "webapp"
+    assert (
+        Settings.load(env={"HISTOSEEK_INSTANCE_DIR": str(tmp_path / "inst")}, data_dir=str(tmp_path)).instance_dir
+        == tmp_path / "inst"
+    )
+    built = Settings(data_dir=tmp_path, catalog_url="sqlite://", index_dir=tmp_path / "index", encoder=None)
+    assert built.instance_dir == tmp_path / "webapp"

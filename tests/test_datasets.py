@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.errors import DatasetError
 from engine.evaluation.datasets import load_dataset
 from engine.evaluation.datasets.reading import ItemImages, rescale_centre
 from engine.evaluation.datasets.tissuenet import parse_square, patch_grid
-from engine.errors import DatasetError
 from tests.replicas import make_tissuenet_replica, make_unitopatho_replica
 
 
@@ -117,7 +117,22 @@ def test_unitopatho_replica_layout_and_loader(replicas):
     assert folder.name == "7000_224" and folder.parent.name == "unitopath-public"
     with open(folder / "train.csv") as fh:
         header = fh.readline().strip().split(",")
-    assert header == ["image_id", "top_label_name", "top_label", "type_name", "type", "grade_name", "grade", "wsi", "roi", "mpp", "x", "y", "w", "h"]
+    assert header == [
+        "image_id",
+        "top_label_name",
+        "top_label",
+        "type_name",
+        "type",
+        "grade_name",
+        "grade",
+        "wsi",
+        "roi",
+        "mpp",
+        "x",
+        "y",
+        "w",
+        "h",
+    ]
     ds = load_dataset(f"unitopatho:{folder}")
     assert ds.classes == ["HP", "NORM", "TA.HG", "TA.LG", "TVA.HG", "TVA.LG"]
     assert all(i.slide == i.path.name.split(".ndpi")[0] == i.patient for i in ds.items)
@@ -154,7 +169,9 @@ def test_tissuenet_replica_patches_land_on_the_painted_squares(replicas):
     reader = ItemImages(ds.items, 64)
     assert not any(is_glass(reader.image(i)) for i in ds.items)
     assert len(reader._slides) <= 4 < len({i.slide for i in ds.items})  # old slides were closed
-    unflipped = [dataclasses.replace(i, box=(i.box[0], height[i.slide] - i.box[1] - i.box[2], i.box[2])) for i in ds.items]
+    unflipped = [
+        dataclasses.replace(i, box=(i.box[0], height[i.slide] - i.box[1] - i.box[2], i.box[2])) for i in ds.items
+    ]
     assert np.mean([is_glass(reader.image(i)) for i in unflipped]) > 0.5
 
 

@@ -117,8 +117,16 @@ def test_features_within_cosine_of_reference(shared_data, encoder):
         info = describe_slide(path, slide)
         size0 = tile_size0(info, 1.0, 224)
         boxes = _boxes(slide, size0, 12, edge=False)
-        ref = torch.from_numpy(np.stack([np.asarray(reference_read_box(slide, x, y, size0, 224)) for x, y in boxes]).transpose(0, 3, 1, 2).copy())
-        shifted = torch.from_numpy(np.stack([np.asarray(reference_read_box(slide, x + size0 // 4, y, size0, 224)) for x, y in boxes]).transpose(0, 3, 1, 2).copy())
+        ref = torch.from_numpy(
+            np.stack([np.asarray(reference_read_box(slide, x, y, size0, 224)) for x, y in boxes])
+            .transpose(0, 3, 1, 2)
+            .copy()
+        )
+        shifted = torch.from_numpy(
+            np.stack([np.asarray(reference_read_box(slide, x + size0 // 4, y, size0, 224)) for x, y in boxes])
+            .transpose(0, 3, 1, 2)
+            .copy()
+        )
     finally:
         slide.close()
     reader = TileReader()

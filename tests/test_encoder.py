@@ -81,7 +81,9 @@ def test_torchvision_and_exported_layouts_load_other_architectures(tmp_path):
     assert set(info.dropped_keys) == {"fc.weight", "fc.bias"}
 
     exported = tmp_path / "export.pth"
-    torch.save({"format": "histoseek-backbone", "arch": "resnet18", "state_dict": checkpoints.backbone_state(model)}, exported)
+    torch.save(
+        {"format": "histoseek-backbone", "arch": "resnet18", "state_dict": checkpoints.backbone_state(model)}, exported
+    )
     loaded, info = load_backbone(str(exported))
     assert (info.layout, info.architecture, info.dropped_keys) == ("histoseek", "resnet18", ())
     assert torch.equal(loaded.conv1.weight, model.conv1.weight)
@@ -93,7 +95,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     state["layer4.1.extra.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(EncoderError, match=r"missing keys \['layer4.1.bn2.weight'\].*unexpected keys \['layer4.1.extra.weight'\]"):
+    with pytest.raises(
+        EncoderError, match=r"missing keys \['layer4.1.bn2.weight'\].*unexpected keys \['layer4.1.extra.weight'\]"
+    ):
         load_backbone(str(path))
 
 
@@ -122,7 +126,14 @@ def test_random_encoder_is_seeded_and_flagged():
 
 
 def test_released_sha256_is_recognised():
-    info = EncoderInfo(name="RetCCL", architecture="resnet50", checkpoint_sha256=RELEASED_RETCCL_SHA256, dim=2048, layout="retccl", source="x")
+    info = EncoderInfo(
+        name="RetCCL",
+        architecture="resnet50",
+        checkpoint_sha256=RELEASED_RETCCL_SHA256,
+        dim=2048,
+        layout="retccl",
+        source="x",
+    )
     assert info.is_released_retccl and "released RetCCL" in info.describe()
 
 

@@ -6,13 +6,13 @@ own limit, a read-only folder `chattr +i` (tests run as root, which ignores perm
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,14 @@ def _verify(settings, **kwargs):
 
 
 def _shard_of(settings, slide_name: str) -> Path:
-    [(rel,)] = _rows(settings, sa.select(Shard.path).join(Tile, Tile.shard_id == Shard.id).join(Slide, Slide.id == Tile.slide_id).where(Slide.path.endswith(slide_name)).distinct())
+    [(rel,)] = _rows(
+        settings,
+        sa.select(Shard.path)
+        .join(Tile, Tile.shard_id == Shard.id)
+        .join(Slide, Slide.id == Tile.slide_id)
+        .where(Slide.path.endswith(slide_name))
+        .distinct(),
+    )
     return Path(settings.index_dir) / rel
 
 
@@ -100,7 +107,9 @@ def test_repair_leaves_a_live_builds_uncommitted_shard_alone(tmp_path, archive):
     try:
         b = _build(settings, other)
         assert b.indexed == 1
-        assert a_shard.is_file() and sidecar_of(a_shard).is_file() and a_temp.is_file(), "build B deleted build A's work in progress"
+        assert a_shard.is_file() and sidecar_of(a_shard).is_file() and a_temp.is_file(), (
+            "build B deleted build A's work in progress"
+        )
         assert any("another build is running" in n and lease_a.owner in n for n in b.notes), b.notes
         report = _verify(settings)  # verify says why the file is there
         assert any("slide-000000099.faiss" in p and "another build is running" in p for p in report.problems)
@@ -124,8 +133,24 @@ def test_dead_leases_do_not_block_repair(tmp_path, archive):
     old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
     cat = Catalog(settings.catalog_url)
     with cat.session() as s:
-        s.add(BuildLease(owner=f"{socket.gethostname()}:{dead}:x", host=socket.gethostname(), pid=dead, index_dir=index_key(settings.index_dir)))
-        s.add(BuildLease(owner="elsewhere:1:y", host="elsewhere", pid=1, index_dir=index_key(settings.index_dir), started_at=old, heartbeat_at=old))
+        s.add(
+            BuildLease(
+                owner=f"{socket.gethostname()}:{dead}:x",
+                host=socket.gethostname(),
+                pid=dead,
+                index_dir=index_key(settings.index_dir),
+            )
+        )
+        s.add(
+            BuildLease(
+                owner="elsewhere:1:y",
+                host="elsewhere",
+                pid=1,
+                index_dir=index_key(settings.index_dir),
+                started_at=old,
+                heartbeat_at=old,
+            )
+        )
     cat.dispose()
     orphan = folder / ".slide-000000097.1.tmp.faiss"
     orphan.write_bytes(b"left by a killed build")
@@ -183,16 +208,47 @@ def test_two_real_builds_on_two_folders_share_a_catalog(tmp_path):
     for i in range(3):
         _slide(one / f"one-{i}.tiff", seed=50 + i)
         _slide(two / f"two-{i}.tiff", seed=60 + i)
-    common = ["--catalog", f"sqlite:///{tmp_path / 'catalog.sqlite'}", "--index-dir", str(tmp_path / "index"), "--encoder", ENCODER, "--device", "cpu"]
+    common = [
+        "--catalog",
+        f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        "--index-dir",
+        str(tmp_path / "index"),
+        "--encoder",
+        ENCODER,
+        "--device",
+        "cpu",
+    ]
     # the schema first, so the two processes do not both create it
     subprocess.run([BIN / "indexer", "status", *common], check=True, capture_output=True)
-    procs = [subprocess.Popen([BIN / "indexer", "build", str(folder), "--workers", "0", "--batch-size", "4", "--min-tissue", "0.1", "--no-progress", *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for folder in (one, two)]
+    procs = [
+        subprocess.Popen(
+            [
+                BIN / "indexer",
+                "build",
+                str(folder),
+                "--workers",
+                "0",
+                "--batch-size",
+                "4",
+                "--min-tissue",
+                "0.1",
+                "--no-progress",
+                *common,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in (one, two)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
     verify = subprocess.run([BIN / "indexer", "verify", *common], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "6 slides" in verify.stdout
-    search = subprocess.run([BIN / "engine", "search", "--slide", "1", "--json", "--top-k", "5", *common], capture_output=True, text=True)
+    search = subprocess.run(
+        [BIN / "engine", "search", "--slide", "1", "--json", "--top-k", "5", *common], capture_output=True, text=True
+    )
     assert search.returncode == 0, search.stderr
     doc = json.loads(search.stdout)
     assert len(doc["results"]) == 5 and doc["degraded"] is False
@@ -224,7 +280,9 @@ def test_damaged_shard_is_quarantined_and_search_answers_from_the_rest(tmp_path,
 
     # not tried again on the next refresh (a web worker refreshes when the catalog changes)
     opened = []
-    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and str(args[0]) == str(bad) else None)
+    sys.addaudithook(
+        lambda event, args: opened.append(args[0]) if event == "open" and str(args[0]) == str(bad) else None
+    )
     engine.refresh()
     engine.refresh()
     assert opened == []
@@ -328,7 +386,10 @@ def test_full_index_disk_gives_one_line_and_no_orphan_sidecar(tmp_path, archive)
     from engine.shards import ShardEncoder, encoder_dir
 
     enc = Encoder.from_spec(ENCODER, device="cpu")
-    folder = encoder_dir(settings.index_dir, ShardEncoder(enc.info.name, enc.info.checkpoint_sha256, enc.dim, settings.target_mpp, settings.tile_px))
+    folder = encoder_dir(
+        settings.index_dir,
+        ShardEncoder(enc.info.name, enc.info.checkpoint_sha256, enc.dim, settings.target_mpp, settings.tile_px),
+    )
 
     def disk_full_after_first_shard(session):
         # once the first shard is committed, the next shards' temp files are /dev/full
@@ -350,7 +411,9 @@ def test_full_index_disk_gives_one_line_and_no_orphan_sidecar(tmp_path, archive)
         link.unlink()
     message = str(err.value)
     assert "is full" in message and "free space" in message and "\n" not in message
-    assert sorted(p.name for p in folder.iterdir()) == ["slide-000000001.faiss", "slide-000000001.json"], "orphan sidecar or temp file left behind"
+    assert sorted(p.name for p in folder.iterdir()) == ["slide-000000001.faiss", "slide-000000001.json"], (
+        "orphan sidecar or temp file left behind"
+    )
     assert _verify(settings).ok
     assert _rows(settings, sa.select(BuildLease.owner)) == []
     assert _build(settings, archive, encoder=enc).indexed == 2  # space freed: it resumes
@@ -382,7 +445,9 @@ def test_full_catalog_gives_one_line_and_no_orphan_shard(tmp_path):
     finally:
         sa.event.remove(sa.engine.Engine, "connect", limit)
     assert "catalog database" in str(err.value) and "is full" in str(err.value) and "\n" not in str(err.value)
-    assert [p.name for p in Path(settings.index_dir).rglob("*") if p.is_file() and p.name != "fingerprints.json"] == [], "a shard without its row was left"
+    assert [
+        p.name for p in Path(settings.index_dir).rglob("*") if p.is_file() and p.name != "fingerprints.json"
+    ] == [], "a shard without its row was left"
     assert _verify(settings).ok
 
 
@@ -404,7 +469,11 @@ def test_read_only_index_folder_gives_one_line(tmp_path, archive):
     try:
         _slide(archive / "d.tiff", seed=80)
         common = ["--catalog", settings.catalog_url, "--index-dir", str(index), "--encoder", ENCODER, "--device", "cpu"]
-        cli = subprocess.run([BIN / "indexer", "build", str(archive), "--workers", "0", "--no-progress", *common], capture_output=True, text=True)
+        cli = subprocess.run(
+            [BIN / "indexer", "build", str(archive), "--workers", "0", "--no-progress", *common],
+            capture_output=True,
+            text=True,
+        )
     finally:
         _immutable(index, False)
     assert cli.returncode != 0 and "Traceback" not in cli.stderr

@@ -44,7 +44,14 @@ NAMES = ["alpha.tiff", "beta.tiff", "gamma.tiff", "delta.tiff", "epsilon.tiff"]
 
 def run_script(code: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python (repo on the path); its crash is this test's failure."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
 
 
 # -- 1. the encoder's fast path is prepared once -------------------------------------------
@@ -97,7 +104,10 @@ def test_concurrent_first_embeds_on_a_fresh_encoder_neither_crash_nor_differ():
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    files = [write_pyramidal_tiff(tmp / "src" / name, tissue_blobs(1100, 1100, seed=40 + i, n_blobs=4), mpp=0.5) for i, name in enumerate(NAMES)]
+    files = [
+        write_pyramidal_tiff(tmp / "src" / name, tissue_blobs(1100, 1100, seed=40 + i, n_blobs=4), mpp=0.5)
+        for i, name in enumerate(NAMES)
+    ]
     settings = make_indexed_archive(tmp / "archive", files)
     return tmp, settings, files
 
@@ -114,7 +124,9 @@ def app(archive):
 def login(app):
     client = app.test_client()
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-    assert client.post("/login", data={"username": "path", "password": PASSWORD, "csrf_token": token}).status_code == 302
+    assert (
+        client.post("/login", data={"username": "path", "password": PASSWORD, "csrf_token": token}).status_code == 302
+    )
     return client
 
 
@@ -294,7 +306,9 @@ def test_a_catalog_row_that_now_names_another_file_never_gets_the_cached_slide(a
     cache = SlideCache(catalog, capacity=4)
     epsilon = slide_row(app, "epsilon.tiff")
     own = np.asarray(cache.thumbnail(epsilon.id, 64))
-    other_file = write_pyramidal_tiff(tmp / "other" / "zeta.tiff", tissue_blobs(1100, 1100, seed=99, n_blobs=2), mpp=0.5)
+    other_file = write_pyramidal_tiff(
+        tmp / "other" / "zeta.tiff", tissue_blobs(1100, 1100, seed=99, n_blobs=2), mpp=0.5
+    )
     with catalog.session() as s:
         row = s.get(models.Slide, epsilon.id)
         saved = (row.path, row.fingerprint)
@@ -302,7 +316,9 @@ def test_a_catalog_row_that_now_names_another_file_never_gets_the_cached_slide(a
         row.path, row.fingerprint = str(other_file), fingerprint(other_file)
     try:
         shown = np.asarray(cache.thumbnail(epsilon.id, 64))
-        expected = np.asarray(Image.fromarray(tifffile.imread(other_file)).resize(shown.shape[1::-1], Image.Resampling.BOX), np.float64)
+        expected = np.asarray(
+            Image.fromarray(tifffile.imread(other_file)).resize(shown.shape[1::-1], Image.Resampling.BOX), np.float64
+        )
         assert not np.array_equal(shown, own) and np.abs(shown - expected).mean() < 3
         assert [key for key in cache._open if key[0] == epsilon.id] == [(epsilon.id, fingerprint(other_file))]
     finally:
@@ -320,12 +336,18 @@ def test_unreadable_slide_gives_422_on_every_request(app, client, shared_data):
     path = shared_data / "slides" / "fixtures" / "unreadable.svs"
     catalog = app.extensions["histoseek"].catalog
     with catalog.session() as s:
-        row = models.Slide(path=str(path), fingerprint=fingerprint(path), status=models.INDEXED, width=16, height=16, mpp=0.5)
+        row = models.Slide(
+            path=str(path), fingerprint=fingerprint(path), status=models.INDEXED, width=16, height=16, mpp=0.5
+        )
         s.add(row)
         s.flush()
         slide_id = row.id
     try:
-        urls = [f"/api/v1/slides/{slide_id}/thumbnail.jpg", f"/api/v1/slides/{slide_id}/region.jpg?x=0&y=0&w=8&h=8&px=16", f"/tiles/{slide_id}_files/4/0_0.jpeg"]
+        urls = [
+            f"/api/v1/slides/{slide_id}/thumbnail.jpg",
+            f"/api/v1/slides/{slide_id}/region.jpg?x=0&y=0&w=8&h=8&px=16",
+            f"/tiles/{slide_id}_files/4/0_0.jpeg",
+        ]
         for url in urls * 2:
             response = client.get(url)
             assert response.status_code == 422, (url, response.status_code)
@@ -352,7 +374,17 @@ def write_single_level_tiff(path: Path, edge: int) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(tiles(), shape=(edge, edge, 3), dtype=np.uint8, photometric="rgb", tile=(256, 256), compression="zlib", metadata=None, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        tif.write(
+            tiles(),
+            shape=(edge, edge, 3),
+            dtype=np.uint8,
+            photometric="rgb",
+            tile=(256, 256),
+            compression="zlib",
+            metadata=None,
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+        )
     return path
 
 
@@ -363,7 +395,9 @@ def test_single_level_slide_is_read_in_bounded_blocks(tmp_path, sqlite_url):
     catalog = Catalog(sqlite_url)
     try:
         with catalog.session() as s:
-            row = models.Slide(path=str(path), fingerprint=fingerprint(path), status=models.INDEXED, width=3000, height=3000, mpp=0.5)
+            row = models.Slide(
+                path=str(path), fingerprint=fingerprint(path), status=models.INDEXED, width=3000, height=3000, mpp=0.5
+            )
             s.add(row)
             s.flush()
             slide_id = row.id
@@ -383,7 +417,12 @@ def test_single_level_slide_is_read_in_bounded_blocks(tmp_path, sqlite_url):
         middle = cache._read_tile(opened, dz.level_count - 4, 0, 0)  # 8x down: blocks or overview
         thumb = cache.thumbnail(slide_id, 16)
         finest = cache._read_tile(opened, dz.level_count - 1, 3, 2)
-        assert coarsest.size == (1, 1) and middle.size == (255, 255) and thumb.size == (16, 16) and finest.size == (256, 256)
+        assert (
+            coarsest.size == (1, 1)
+            and middle.size == (255, 255)
+            and thumb.size == (16, 16)
+            and finest.size == (256, 256)
+        )
         assert sizes and max(sizes) <= READ_MAX_PX, max(sizes)
         # the overview is built once: thumbnails and coarse tiles after it read nothing
         before = len(sizes)

@@ -37,18 +37,47 @@ def test_fp32_features_equal_torchvision_resnet50(tmp_path):
     model = checkpoints.torchvision_resnet("resnet50", seed=11)
     ckpt = checkpoints.save_released_layout(model, tmp_path / "best_ckpt.pth")
     out = tmp_path / "feats.npy"
-    result = run(["features", str(tmp_path / "tiles"), "--encoder", str(ckpt), "--precision", "fp32", "--out", str(out), "--workers", "0", "--data-dir", str(tmp_path)])
+    result = run(
+        [
+            "features",
+            str(tmp_path / "tiles"),
+            "--encoder",
+            str(ckpt),
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ]
+    )
     assert result.exit_code == 0, result.output
     feats = np.load(out)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["paths"] == [str(p) for p in paths] and side["dim"] == 2048 and not side["normalised"]
-    batch = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1) for p in paths])
+    batch = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1) for p in paths]
+    )
     assert rel_err(feats, torchvision_reference(checkpoints.torchvision_resnet("resnet50", seed=11), batch)) < 1e-4
 
 
 def test_shared_patches_of_every_size_are_embedded(tmp_path, shared_data):
     out = tmp_path / "patches.npy"
-    result = run(["features", str(shared_data / "patches" / "kather2016"), str(shared_data / "patches" / "nct-crc-he-100k"), "--encoder", "random:resnet18", "--out", str(out), "--data-dir", str(tmp_path)])
+    result = run(
+        [
+            "features",
+            str(shared_data / "patches" / "kather2016"),
+            str(shared_data / "patches" / "nct-crc-he-100k"),
+            "--encoder",
+            "random:resnet18",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp_path),
+        ]
+    )
     assert result.exit_code == 0, result.output
     feats = np.load(out)
     assert feats.shape == (24 + 9, 512) and np.isfinite(feats).all()
@@ -60,9 +89,20 @@ def test_unreadable_image_stops_with_its_name_unless_skip_bad(tmp_path):
     bad = tmp_path / "tiles" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "f.npy"
-    base = ["features", str(tmp_path / "tiles"), "--encoder", "random:resnet18", "--out", str(out), "--workers", "0", "--data-dir", str(tmp_path)]
+    base = [
+        "features",
+        str(tmp_path / "tiles"),
+        "--encoder",
+        "random:resnet18",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+    ]
     result = run(base)
-    assert result.exit_code != 0 and "broken.png" in result.output and "--skip-bad" in result.output
+    assert result.exit_code != 0 and "broken.png" in result.output and "skip unreadable images" in result.output
     assert not out.exists()
 
     result = run(base + ["--skip-bad"])
@@ -74,7 +114,9 @@ def test_unreadable_image_stops_with_its_name_unless_skip_bad(tmp_path):
 
 def test_no_encoder_is_a_helpful_error(tmp_path):
     write_tiles(tmp_path / "tiles", 1)
-    result = CliRunner(env={"HISTOSEEK_ENCODER": ""}).invoke(main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "f.npy"), "--data-dir", str(tmp_path)])
+    result = CliRunner(env={"HISTOSEEK_ENCODER": ""}).invoke(
+        main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "f.npy"), "--data-dir", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "best_ckpt.pth" in result.output
 
 
@@ -96,7 +138,9 @@ def test_int8_is_a_flag_of_engine_features_only(tmp_path, monkeypatch):
     assert cos.min() > 0.9 and not np.allclose(a, b, rtol=1e-4, atol=1e-5)
 
     monkeypatch.setenv("HISTOSEEK_PRECISION", "int8")
-    result = CliRunner().invoke(main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "env.npy"), *common])
+    result = CliRunner().invoke(
+        main, ["features", str(tmp_path / "tiles"), "--out", str(tmp_path / "env.npy"), *common]
+    )
     assert result.exit_code != 0 and "precision must be 'auto' or 'fp32'" in result.output
     monkeypatch.delenv("HISTOSEEK_PRECISION")
 

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from engine.errors import ShardError
-from engine.index import CompressedIndex, FlatShardIndex, IdFilter, choose_kind, exact_search, open_index, recall_at_k, sync_index
+from engine.index import (
+    CompressedIndex,
+    FlatShardIndex,
+    IdFilter,
+    choose_kind,
+    exact_search,
+    open_index,
+    recall_at_k,
+    sync_index,
+)
 from engine.index.synthetic import ClusteredVectors
 from engine.shards import ShardEncoder, write_shard
 
@@ -111,7 +120,7 @@ def test_compressed_ram_per_vector(data, trained, tmp_path):
     # per vector: 16-byte code + 8-byte list id + 8-byte row -> tile id; fast-scan lists
     # store codes in blocks of 32 vectors, so each list may carry up to 31 codes of padding
     per_vector = (index.ram_bytes() - fixed) / len(ids)
-    padding = index._ivf.nlist * 31 * 16 / len(ids)
+    padding = index.ivfpq.nlist * 31 * 16 / len(ids)
     assert 32 <= per_vector <= 32 + padding
 
 

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from engine.catalog.db import Catalog
 from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
 from engine.config import Settings
+from engine.distributed import DistContext
 from engine.errors import ConfigError, NotFound
 from engine.shards import shard_arrays, write_shard
 from indexer.build import build_archive
 from indexer.cli import main as indexer_cli
-from indexer.distributed import DistContext
 from indexer.remove import remove_slides
 from indexer.verify import verify_index
 from indexer.writer import TILE_ID_STRIDE
@@ -45,9 +45,18 @@ def archive(tmp_path) -> Path:
     """Three tissue slides (one in a sub-folder), one without mpp, one non-slide file and
     one file with a slide extension that is no slide."""
     root = tmp_path / "archive"
-    write_pyramidal_tiff(root / "a.tiff", tissue_blobs(900, 1400, seed=1, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256)
-    write_pyramidal_tiff(root / "b.tiff", tissue_blobs(900, 900, seed=2, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256)
-    write_pyramidal_tiff(root / "sub" / "c.tif", tissue_blobs(700, 1000, seed=3, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256)
+    write_pyramidal_tiff(
+        root / "a.tiff", tissue_blobs(900, 1400, seed=1, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256
+    )
+    write_pyramidal_tiff(
+        root / "b.tiff", tissue_blobs(900, 900, seed=2, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256
+    )
+    write_pyramidal_tiff(
+        root / "sub" / "c.tif",
+        tissue_blobs(700, 1000, seed=3, n_blobs=3, radius=(0.3, 0.45)),
+        mpp=0.5,
+        min_level_px=256,
+    )
     write_pyramidal_tiff(root / "nompp.tiff", tissue_blobs(500, 500, seed=4), mpp=None)
     (root / "notes.csv").write_text("not,a,slide\n")
     (root / "garbage.svs").write_bytes(b"this is not a slide" * 10)
@@ -75,7 +84,14 @@ def test_build_indexes_slides_and_records_failures(tmp_path, archive):
     csv = write_metadata_csv(
         tmp_path / "meta.csv",
         [
-            {"slide": "a.tiff", "patient": "P1", "site": "colon", "diagnosis": "adenocarcinoma", "label": "TUM", "stain": "HE"},
+            {
+                "slide": "a.tiff",
+                "patient": "P1",
+                "site": "colon",
+                "diagnosis": "adenocarcinoma",
+                "label": "TUM",
+                "stain": "HE",
+            },
             {"slide": "sub/c.tif", "patient": "P2", "label": "NORM", "collection": "study-1"},
             {"slide": "nowhere.svs", "patient": "P9"},
         ],
@@ -83,7 +99,7 @@ def test_build_indexes_slides_and_records_failures(tmp_path, archive):
     summary = _build(settings, archive, metadata=csv, collection="archive-2024")
     assert (summary.indexed, summary.failed, summary.skipped) == (3, 2, 0)
     failures = dict((Path(p).name, e) for p, e in summary.failures)
-    assert "--default-mpp" in failures["nompp.tiff"]
+    assert "default resolution" in failures["nompp.tiff"]
     assert "not a whole-slide format" in failures["garbage.svs"]
     assert any("nowhere.svs" in note for note in summary.notes)
 
@@ -92,7 +108,13 @@ def test_build_indexes_slides_and_records_failures(tmp_path, archive):
         rows = {Path(sl.path).name: sl for sl in s.scalars(sa.select(Slide))}
         assert set(rows) == {"a.tiff", "b.tiff", "c.tif", "nompp.tiff", "garbage.svs"}
         a, b, c = rows["a.tiff"], rows["b.tiff"], rows["c.tif"]
-        assert (a.patient, a.site, a.diagnosis, a.label, a.extra) == ("P1", "colon", "adenocarcinoma", "TUM", {"stain": "HE"})
+        assert (a.patient, a.site, a.diagnosis, a.label, a.extra) == (
+            "P1",
+            "colon",
+            "adenocarcinoma",
+            "TUM",
+            {"stain": "HE"},
+        )
         assert (a.collection, b.collection, c.collection) == ("archive-2024", "archive-2024", "study-1")
         assert (a.mpp, a.mpp_source, a.width, a.height) == (0.5, "metadata", 1400, 900)
         assert rows["nompp.tiff"].status == FAILED and rows["nompp.tiff"].tile_count == 0
@@ -151,7 +173,9 @@ def test_rerun_skips_moved_is_followed_changed_is_reindexed(tmp_path, archive):
     assert after_move["tiles"] == first["tiles"]
     assert sum(1 for v in after_move["slides"].values() if v[2] == "b-renamed.tiff") == 1
 
-    write_pyramidal_tiff(archive / "a.tiff", tissue_blobs(900, 1400, seed=11, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256)
+    write_pyramidal_tiff(
+        archive / "a.tiff", tissue_blobs(900, 1400, seed=11, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256
+    )
     changed = _build(settings, archive)
     assert changed.indexed == 1 and any("changed since" in n for n in changed.notes)
     final = _snapshot(settings)
@@ -166,7 +190,7 @@ def test_default_mpp_and_min_tissue(tmp_path, archive):
     shutil.copy(archive / "nompp.tiff", one / "nompp.tiff")
     settings = _settings(tmp_path)
     strict = _build(settings, one, min_tissue=1.0, default_mpp=0.5)
-    assert strict.failed == 1 and "lower --min-tissue" in strict.failures[0][1]
+    assert strict.failed == 1 and "lower the minimum tissue fraction" in strict.failures[0][1]
     loose = _build(settings, one, min_tissue=0.1, default_mpp=0.5)
     assert (loose.indexed, loose.failed, loose.tiles) == (1, 0, 1)
     cat = Catalog(settings.catalog_url)
@@ -185,7 +209,9 @@ def test_repair_after_kill_between_shard_write_and_commit(tmp_path, archive):
     cat = Catalog(settings.catalog_url)
     with cat.session() as s:
         victim = s.scalar(sa.select(Slide).where(Slide.status == INDEXED).order_by(Slide.id))
-        shard = s.scalar(sa.select(Shard).join(Tile, Tile.shard_id == Shard.id).where(Tile.slide_id == victim.id).limit(1))
+        shard = s.scalar(
+            sa.select(Shard).join(Tile, Tile.shard_id == Shard.id).where(Tile.slide_id == victim.id).limit(1)
+        )
         shard_file = Path(settings.index_dir) / shard.path
         shard_bytes = shard_file.read_bytes()
     # Undo the commit of one slide, keep its shard file: the state after a kill between
@@ -247,20 +273,31 @@ def test_refusals(tmp_path, archive):
     with pytest.raises(ConfigError, match="PostgreSQL|server database"):
         build_archive(settings, archive, ctx=DistContext(rank=0, world_size=4, local_rank=0, local_world_size=2))
     _build(settings, archive)
-    with pytest.raises(ConfigError, match="another --catalog"):
+    with pytest.raises(ConfigError, match="another catalog"):
         _build(_settings(tmp_path, encoder="random:resnet18:7"), archive)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("name,label\na.tiff,TUM\n")
     with pytest.raises(ValueError, match="no column naming the slide file"):
         _build(settings, archive, metadata=bad_csv)
-    with pytest.raises(ValueError, match="min-tissue"):
+    with pytest.raises(ConfigError, match="minimum tissue fraction"):
         _build(settings, archive, min_tissue=2.0)
 
 
 def test_cli_build_status_verify_remove(tmp_path, archive):
-    common = ["--catalog", f"sqlite:///{tmp_path / 'cli.sqlite'}", "--index-dir", str(tmp_path / "cli-index"), "--encoder", ENCODER, "--device", "cpu"]
+    common = [
+        "--catalog",
+        f"sqlite:///{tmp_path / 'cli.sqlite'}",
+        "--index-dir",
+        str(tmp_path / "cli-index"),
+        "--encoder",
+        ENCODER,
+        "--device",
+        "cpu",
+    ]
     runner = CliRunner()
-    result = runner.invoke(indexer_cli, ["build", str(archive), "--workers", "1", "--batch-size", "4", "--json", *common])
+    result = runner.invoke(
+        indexer_cli, ["build", str(archive), "--workers", "1", "--batch-size", "4", "--json", *common]
+    )
     assert result.exit_code == 1, result.output  # two slides failed
     doc = json.loads(result.stdout)
     assert (doc["indexed"], doc["failed"]) == (3, 2) and doc["tiles_per_s"] > 0
@@ -286,7 +323,14 @@ def test_cli_build_status_verify_remove(tmp_path, archive):
 
 def test_build_on_sqlite_and_postgres(tmp_path, archive, catalog_url):
     """The same build on each catalog backend: indexed, verified, and a rerun is a no-op."""
-    settings = Settings.load(env={}, data_dir=str(tmp_path / "data"), catalog_url=catalog_url, index_dir=str(tmp_path / "index"), encoder=ENCODER, device="cpu")
+    settings = Settings.load(
+        env={},
+        data_dir=str(tmp_path / "data"),
+        catalog_url=catalog_url,
+        index_dir=str(tmp_path / "index"),
+        encoder=ENCODER,
+        device="cpu",
+    )
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(archive / "sub" / "c.tif", one / "c.tif")
@@ -314,7 +358,7 @@ def test_preview_draws_the_tiles_build_would_embed(tmp_path, archive):
     green = (img[..., 1] == 200) & (img[..., 0] == 0) & (img[..., 2] == 0)
     assert green.sum() > 0
     nompp = CliRunner().invoke(indexer_cli, ["preview", str(archive / "nompp.tiff"), "--out", str(out)])
-    assert nompp.exit_code == 1 and "--default-mpp" in nompp.output
+    assert nompp.exit_code == 1 and "default resolution" in nompp.output
 
 
 def test_an_unforeseen_reader_error_fails_only_its_slide(tmp_path, archive, monkeypatch):

@@ -18,12 +18,12 @@ from tests.indexed_archive import link_into
 EXPECTED = {
     "CMU-1-Small-Region.svs": ("indexed", None),
     "CMU-1-Small-Region.generic-pyramid.tiff": ("indexed", None),
-    "tcga-cr-7395-01a-01-ts1.svs": ("failed", "--default-mpp"),
+    "tcga-cr-7395-01a-01-ts1.svs": ("failed", "default resolution"),
     "small.svs": ("failed", "smaller than one"),
     "boxes_0.dcm": ("failed", "smaller than one"),
     "unreadable.svs": ("failed", "cannot read the slide's pixels"),
-    "boxes.tiff": ("failed", "--default-mpp"),
-    "small_HE_levels.tiff": ("failed", "--default-mpp"),
+    "boxes.tiff": ("failed", "default resolution"),
+    "small_HE_levels.tiff": ("failed", "default resolution"),
     "broken.svs": ("failed", "not a whole-slide format"),
     "unopenable.tiff": ("failed", "Unsupported TIFF compression"),
     "tcga-frozen-section.dicom-wsi.dcm": ("failed", "OpenSlide cannot open it"),
@@ -36,7 +36,16 @@ def test_build_over_all_shared_slides(tmp_path, shared_data):
     files = sorted(p for p in (shared_data / "slides").rglob("*") if p.is_file())
     archive = tmp_path / "archive"
     link_into(archive, files)
-    common = ["--catalog", f"sqlite:///{tmp_path / 'cat.sqlite'}", "--index-dir", str(tmp_path / "index"), "--encoder", "random:resnet18", "--device", "cpu"]
+    common = [
+        "--catalog",
+        f"sqlite:///{tmp_path / 'cat.sqlite'}",
+        "--index-dir",
+        str(tmp_path / "index"),
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+    ]
     runner = CliRunner()
     result = runner.invoke(indexer_cli, ["build", str(archive), "--workers", "1", "--json", *common])
     assert result.exit_code == 1, result.output
@@ -62,7 +71,9 @@ def test_build_over_all_shared_slides(tmp_path, shared_data):
 
     # The frozen section has no mpp; given one, it is indexed on the rerun, and nothing else
     # is embedded again.
-    rerun = runner.invoke(indexer_cli, ["build", str(archive), "--default-mpp", "0.5", "--min-tissue", "0.5", "--json", *common])
+    rerun = runner.invoke(
+        indexer_cli, ["build", str(archive), "--default-mpp", "0.5", "--min-tissue", "0.5", "--json", *common]
+    )
     again = json.loads(rerun.stdout)
     assert again["skipped"] == 2 and again["indexed"] >= 1
     assert "tcga-cr-7395-01a-01-ts1.svs" not in {Path(f["path"]).name for f in again["failures"]}
@@ -75,7 +86,11 @@ def test_make_indexed_archive_on_a_real_slide(tmp_path, shared_data, name):
     from engine.catalog.models import Slide
     from tests.indexed_archive import make_indexed_archive, settings_summary
 
-    settings = make_indexed_archive(tmp_path, [shared_data / "slides" / "real" / name], metadata_rows=[{"slide": name, "label": "colon", "patient": "CMU-1"}])
+    settings = make_indexed_archive(
+        tmp_path,
+        [shared_data / "slides" / "real" / name],
+        metadata_rows=[{"slide": name, "label": "colon", "patient": "CMU-1"}],
+    )
     assert settings_summary(settings).indexed == 1
     cat = Catalog(settings.catalog_url)
     with cat.session() as s:

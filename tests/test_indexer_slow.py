@@ -22,14 +22,22 @@ from tests.test_indexer_build import _build, _settings, _snapshot
 pytestmark = pytest.mark.slow
 
 # Sizes differ so that slides finish at different times and the ranks get unequal shares.
-SLIDES = {"s1.tiff": (1400, 1400), "s2.tiff": (900, 1400), "s3.tiff": (900, 900), "s4.tiff": (1350, 900), "s5.tiff": (700, 1000)}
+SLIDES = {
+    "s1.tiff": (1400, 1400),
+    "s2.tiff": (900, 1400),
+    "s3.tiff": (900, 900),
+    "s4.tiff": (1350, 900),
+    "s5.tiff": (700, 1000),
+}
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slow") / "archive"
     for i, (name, (h, w)) in enumerate(SLIDES.items()):
-        write_pyramidal_tiff(root / name, tissue_blobs(h, w, seed=20 + i, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256)
+        write_pyramidal_tiff(
+            root / name, tissue_blobs(h, w, seed=20 + i, n_blobs=3, radius=(0.3, 0.45)), mpp=0.5, min_level_px=256
+        )
     return root
 
 
@@ -44,8 +52,19 @@ def reference(archive, tmp_path_factory):
 
 def _cli_args(tmp_path: Path, archive: Path) -> list[str]:
     return [
-        "build", str(archive), "--catalog", f"sqlite:///{tmp_path / 'catalog.sqlite'}", "--index-dir", str(tmp_path / "index"),
-        "--encoder", "random:resnet18", "--device", "cpu", "--batch-size", "4", "--no-progress",
+        "build",
+        str(archive),
+        "--catalog",
+        f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        "--index-dir",
+        str(tmp_path / "index"),
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--no-progress",
     ]
 
 
@@ -68,7 +87,13 @@ def _assert_equal(got: dict, want: dict) -> None:
 def _run_until(args: list[str], condition, timeout_s: float = 240) -> bool:
     """Start the CLI; SIGKILL it (and its decoding workers) once `condition()` holds.
     True when it was killed, False when it finished first."""
-    proc = subprocess.Popen([sys.executable, "-m", "indexer", *args], env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "indexer", *args],
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -110,7 +135,20 @@ def test_sigkill_at_several_points_then_rerun_equals_clean_build(tmp_path, archi
 
 
 def test_torchrun_two_processes_equals_one(tmp_path, archive, reference):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "indexer", *_cli_args(tmp_path, archive), "--workers", "0", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "indexer",
+        *_cli_args(tmp_path, archive),
+        "--workers",
+        "0",
+        "--json",
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     import json

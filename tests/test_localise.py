@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine.search.localise import ACCEPT_NCC, ViewCache, _Matcher, _transform, coarse_peaks, register_region, turn_margins, uniform_margins
 from engine.search import SearchEngine
+from engine.search.localise import ACCEPT_NCC, cached_view, register_region, view_cache
+from engine.search.ncc import Matcher, coarse_peaks, transform, turn_margins, uniform_margins
 from engine.slides import open_slide
 from engine.tissue import tissue_mask_rgb
 from tests.indexed_archive import make_indexed_archive
@@ -72,7 +74,7 @@ def test_ncc_by_fft_is_the_direct_ncc():
     rng = np.random.default_rng(1)
     image = rng.uniform(0, 200, (37, 53)).astype(np.float32)
     template = rng.uniform(0, 200, (7, 11)).astype(np.float32)
-    got = _Matcher(image).ncc(template)
+    got = Matcher(image).ncc(template)
     t = template - template.mean()
     want = np.empty((37 - 7 + 1, 53 - 11 + 1))
     for i in range(want.shape[0]):
@@ -85,16 +87,16 @@ def test_ncc_by_fft_is_the_direct_ncc():
     ncc, row, col, turns, mirrored = coarse_peaks(image, region)[0]
     assert ncc > 0.999 and (round(row), round(col)) == (12, 30)
     # the reported transform (mirror, then rot90 `turns` times) maps the region back
-    np.testing.assert_allclose(_transform(region, turns, mirrored), 1.5 * piece + 20, rtol=1e-5)
+    np.testing.assert_allclose(transform(region, turns, mirrored), 1.5 * piece + 20, rtol=1e-5)
 
 
-def test_turn_margins_follow_the_transform():
+def test_turn_margins_follow_thetransform():
     """The margins of a transformed image are the transformed margins (checked on a mask)."""
     h, w, margins = 7, 11, (1, 2, 3, 4)  # top, right, bottom, left
     mask = np.zeros((h, w), bool)
     mask[1 : h - 3, 4 : w - 2] = True
     for turns, mirrored in TRANSFORMS:
-        m = _transform(mask, turns, mirrored)
+        m = transform(mask, turns, mirrored)
         rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         found = (rows[0], m.shape[1] - 1 - cols[-1], m.shape[0] - 1 - rows[-1], cols[0])
         assert turn_margins(margins, turns, mirrored) == found, (turns, mirrored)
@@ -114,19 +116,22 @@ def test_uniform_margins_are_the_flat_bands_only():
 def test_view_cache_reuses_and_evicts(synthetic):
     _, a, b = synthetic
     built = []
-    cache = ViewCache(maxsize=1)
+    cache = view_cache(maxsize=1)
 
     def build(tag):
         return lambda: built.append(tag) or tag
 
-    assert cache.get(a, 4.0, build("a")) == "a" and cache.get(a, 4.0, build("a2")) == "a"
-    assert cache.get(b, 4.0, build("b")) == "b"  # evicts a
-    assert cache.get(a, 4.0, build("a3")) == "a3"
-    assert built == ["a", "b", "a3"]
+    assert cached_view(cache, a, 4.0, build("a")) == "a" and cached_view(cache, a, 4.0, build("a2")) == "a"
+    assert cached_view(cache, a, 2.0, build("a@2")) == "a@2"  # another resolution: another view
+    assert cached_view(cache, b, 4.0, build("b")) == "b"  # evicts a
+    assert cached_view(cache, a, 4.0, build("a3")) == "a3"
+    os.utime(a, ns=(0, 1))  # the file replaced (another mtime): read again
+    assert cached_view(cache, a, 4.0, build("a4")) == "a4"
+    assert built == ["a", "a@2", "b", "a3", "a4"]
 
 
 @pytest.mark.parametrize("turns,mirrored", TRANSFORMS)
-def test_synthetic_copy_is_placed_in_each_transform(synthetic, turns, mirrored):
+def test_synthetic_copy_is_placed_in_eachtransform(synthetic, turns, mirrored):
     _, a, _ = synthetic
     slide = open_slide(a)
     try:
@@ -163,7 +168,12 @@ def test_synthetic_refusals_and_edges(synthetic):
         edge = slide_a.read_region((x, y), 0, (600, 600)).convert("RGB")
         assert tissue_mask_rgb(np.asarray(edge)[:400]).mean() > 0.4 and np.asarray(edge)[400:].max() == 0
         placed = register_region(slide_a, 0.5, transformed(edge, 2, True), 0.5)
-        assert placed is not None and abs(placed.x - x) <= 4 and abs(placed.y - y) <= 4 and (placed.w, placed.h) == (600, 600)
+        assert (
+            placed is not None
+            and abs(placed.x - x) <= 4
+            and abs(placed.y - y) <= 4
+            and (placed.w, placed.h) == (600, 600)
+        )
     finally:
         slide_a.close()
         slide_b.close()
@@ -176,19 +186,21 @@ REAL_MPP = 0.499
 @pytest.fixture(scope="module")
 def real_slide(shared_data):
     slide = open_slide(shared_data / "slides" / "real" / REAL)
-    yield slide, ViewCache(), shared_data / "slides" / "real" / REAL
+    yield slide, view_cache(), shared_data / "slides" / "real" / REAL
     slide.close()
 
 
 @pytest.mark.parametrize("turns,mirrored", TRANSFORMS)
-def test_real_copy_is_placed_in_each_transform(real_slide, turns, mirrored):
+def test_real_copy_is_placed_in_eachtransform(real_slide, turns, mirrored):
     """An off-grid crop of a real slide (448 x 300 um), turned/mirrored, rescaled by 0.9 and
     JPEG q70-compressed, lands within a few pixels of its box (a tile here is 449 px)."""
     slide, views, path = real_slide
     x, y, w, h = 757, 1211, 898, 600
     crop = slide.read_region((x, y), 0, (w, h)).convert("RGB")
     assert tissue_mask_rgb(np.asarray(crop)).mean() > 0.5
-    placed = register_region(slide, REAL_MPP, transformed(crop, turns, mirrored, scale=0.9), REAL_MPP / 0.9, views=views, path=path)
+    placed = register_region(
+        slide, REAL_MPP, transformed(crop, turns, mirrored, scale=0.9), REAL_MPP / 0.9, views=views, path=path
+    )
     assert placed is not None
     assert (placed.turns, placed.mirrored) == undoing(turns, mirrored)
     assert abs(placed.x - x) <= 8 and abs(placed.y - y) <= 8  # < 2 % of a tile
@@ -236,7 +248,12 @@ def test_search_puts_the_pixel_box_first_unless_the_slide_is_unreadable(nuclei_a
         top = result["results"][0]
         assert top["slide"]["path"].endswith("nuclei-a.tiff")
         first = top["regions"][0]
-        assert first["match"] == "pixels" and abs(first["x"] - x) <= 4 and abs(first["y"] - y) <= 4 and first["score"] >= ACCEPT_NCC
+        assert (
+            first["match"] == "pixels"
+            and abs(first["x"] - x) <= 4
+            and abs(first["y"] - y) <= 4
+            and first["score"] >= ACCEPT_NCC
+        )
         assert {r["match"] for r in top["regions"][1:]} == {"features"}
         assert "pixels" not in {r["match"] for r in result["results"][1]["regions"]}  # the other slide
         assert result["timing_ms"]["refine"] > 0
@@ -262,7 +279,10 @@ def test_results_page_and_viewer_show_the_pixel_match(nuclei_archive, tmp_path):
         users.create_user(app.extensions["histoseek"].catalog, "path", "localise pw")
         client = app.test_client()
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-        assert client.post("/login", data={"username": "path", "password": "localise pw", "csrf_token": token}).status_code == 302
+        assert (
+            client.post("/login", data={"username": "path", "password": "localise pw", "csrf_token": token}).status_code
+            == 302
+        )
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/account").text).group(1)
         buf = io.BytesIO()
         query.save(buf, "PNG")
@@ -270,9 +290,15 @@ def test_results_page_and_viewer_show_the_pixel_match(nuclei_archive, tmp_path):
         page = client.post("/search/region", data=form, content_type="multipart/form-data")
         assert page.status_code == 200
         assert page.text.count('class="pixel-match-caption"') == 1  # the source slide's first region only
-        link = re.search(r'<a class="slide-link" href="([^"]+)">nuclei-a.tiff</a>', page.text).group(1).replace("&amp;", "&")
+        link = (
+            re.search(r'<a class="slide-link" href="([^"]+)">nuclei-a.tiff</a>', page.text)
+            .group(1)
+            .replace("&amp;", "&")
+        )
         viewer = client.get(link)
-        boxes = json.loads(re.search(r'<script type="application/json" id="viewer-boxes">(.*?)</script>', viewer.text, re.S).group(1))
+        boxes = json.loads(
+            re.search(r'<script type="application/json" id="viewer-boxes">(.*?)</script>', viewer.text, re.S).group(1)
+        )
         assert boxes[0]["match"] == "pixels" and {b["match"] for b in boxes[1:]} == {"features"}
         assert "exact copy of the query" in viewer.text
         assert client.get(link.split("?")[0] + "?box=1,2,3,4,0.5,guess").status_code == 400

@@ -11,12 +11,12 @@ from engine.evaluation.metrics import (
     average_precision_at_k,
     encode_labels,
     majority_at_k,
-    majority_vote,
     map_at_k,
     mmv_at_k,
     mv_at_k,
     retrieval_metrics,
 )
+from engine.vote import majority_vote
 
 
 def test_majority_vote_counts_and_plain_majority():
@@ -120,3 +120,34 @@ def test_retrieval_metrics_names_classes_and_counts():
 def test_k_larger_than_retrieved_is_a_clear_error():
     with pytest.raises(ValueError, match="k must be"):
         acc_at_k(Q, N, 6)
+
+
+def test_sish_map_normalises_by_k_and_histoseek_by_what_was_retrieved():
+    from engine.evaluation.metrics import average_precision_at_k
+
+    q = np.array([0, 1])
+    n = np.array([[1, 0, 0, -1], [-1, -1, -1, -1]])
+    # q0: relevant at ranks 2, 3 -> precision 1/2, 2/3
+    assert average_precision_at_k(q, n, 4, normalise="k").tolist() == pytest.approx([(1 / 2 + 2 / 3) / 4, 0.0])
+    assert average_precision_at_k(q, n, 4).tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 0.0])
+    with pytest.raises(ValueError, match="normalise"):
+        average_precision_at_k(q, n, 4, normalise="class")
+
+
+def test_macro_f1_is_sklearns_macro_average_including_missing_predictions():
+    from sklearn.metrics import f1_score
+
+    from engine.evaluation.metrics import MISSING, macro_f1, macro_f1_at_k
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        true = rng.integers(0, 4, 30)
+        pred = rng.integers(-1, 5, 30)  # -1: no prediction; 4: a class no query has
+        labels = sorted(set(true) | set(pred[pred != MISSING]))
+        want = f1_score(true, np.where(pred == MISSING, 99, pred), labels=labels, average="macro", zero_division=0)
+        assert macro_f1(true, pred) == pytest.approx(want)
+    # top-2 votes with a tie: [1, 0] -> 1 (best-ranked), [0, 0] -> 0, [-1, -1] -> nothing
+    q = np.array([0, 0, 1])
+    n = np.array([[1, 0], [0, 0], [-1, -1]])
+    # predictions 1, 0, none: class 0 tp1 fn1 -> 2/3; class 1 fp1 fn1 -> 0
+    assert macro_f1_at_k(q, n, 2) == pytest.approx((2 / 3 + 0) / 2)

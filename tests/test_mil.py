@@ -48,9 +48,16 @@ def test_bags_come_from_the_index_with_their_contract(learnable):
     bags = learnable["bags"]
     assert len(bags.bags) == 60 and bags.classes == ("normal", "tumour")
     assert all(b.features.shape == (30, 32) for b in bags.bags)
-    np.testing.assert_allclose(np.linalg.norm(bags.bags[0].features, axis=1), 1.0, atol=1e-5)  # as stored: L2-normalised
+    np.testing.assert_allclose(
+        np.linalg.norm(bags.bags[0].features, axis=1), 1.0, atol=1e-5
+    )  # as stored: L2-normalised
     c = bags.contract
-    assert (c.encoder_name, c.dim, c.label_column, c.classes) == ("synthetic-encoder", 32, "diagnosis", ("normal", "tumour"))
+    assert (c.encoder_name, c.dim, c.label_column, c.classes) == (
+        "synthetic-encoder",
+        32,
+        "diagnosis",
+        ("normal", "tumour"),
+    )
     assert len(c.encoder_sha256) == 64
 
 
@@ -80,7 +87,9 @@ def test_learns_the_label_from_a_few_tiles_and_attends_to_them(trained):
     assert (run_dir / "roc.png").stat().st_size > 5_000
     assert json.loads((run_dir / "report.json").read_text())["metrics"]["overall"] == metrics["overall"]
     ckpt = __import__("torch").load(run_dir / "fold-0" / "model.pt", weights_only=True)
-    assert ckpt["contract"]["encoder_sha256"] == learnable["bags"].contract.encoder_sha256 and ckpt["contract"]["classes"] == ["normal", "tumour"]
+    assert ckpt["contract"]["encoder_sha256"] == learnable["bags"].contract.encoder_sha256 and ckpt["contract"][
+        "classes"
+    ] == ["normal", "tumour"]
     # the evidence tiles are the most attended ones of every tumour slide
     run, settings = load_run(run_dir), learnable["settings"]
     catalog = Catalog(settings.catalog_url)
@@ -155,10 +164,28 @@ def test_clear_errors_for_unusable_labels(learnable, tmp_path):
 
 def test_cli_train_predict_and_catalog_run(tmp_path):
     """`engine mil train` then `engine mil predict`, as a user runs them (3 classes: OvR AUC)."""
-    settings, _ = make_feature_archive(tmp_path, patients(12, labels=("a", "b", "c")), slides_per_patient=1, n_tiles=12, n_signal=2)
+    settings, _ = make_feature_archive(
+        tmp_path, patients(12, labels=("a", "b", "c")), slides_per_patient=1, n_tiles=12, n_signal=2
+    )
     args = ["--catalog", settings.catalog_url, "--index-dir", str(settings.index_dir), "--device", "cpu"]
     out = tmp_path / "run"
-    result = CliRunner().invoke(engine_cli, ["mil", "train", "--label-column", "diagnosis", "--folds", "2", "--epochs", "3", "--out", str(out), "--quiet", *args])
+    result = CliRunner().invoke(
+        engine_cli,
+        [
+            "mil",
+            "train",
+            "--label-column",
+            "diagnosis",
+            "--folds",
+            "2",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "mean ± sd" in result.output and "one-vs-rest macro" in result.output
     catalog = Catalog(settings.catalog_url)
@@ -167,16 +194,42 @@ def test_cli_train_predict_and_catalog_run(tmp_path):
     assert len(runs) == 1 and runs[0].dataset_kind == "mil" and runs[0].parameters["classes"] == ["a", "b", "c"]
     assert "auc" in runs[0].metrics["overall"] and len(runs[0].metrics["folds"]) == 2
     # a rerun of the finished run updates the same catalog row
-    assert CliRunner().invoke(engine_cli, ["mil", "train", "--label-column", "diagnosis", "--folds", "2", "--epochs", "3", "--out", str(out), "--quiet", *args]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            engine_cli,
+            [
+                "mil",
+                "train",
+                "--label-column",
+                "diagnosis",
+                "--folds",
+                "2",
+                "--epochs",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+                *args,
+            ],
+        )
+        .exit_code
+        == 0
+    )
     with catalog.session() as s:
         assert s.scalar(sa.select(sa.func.count(models.BenchmarkRun.id))) == 1
     catalog.dispose()
-    result = CliRunner().invoke(engine_cli, ["mil", "predict", "--run", str(out), "--slide", "1", "--json", str(tmp_path / "p.json"), *args])
+    result = CliRunner().invoke(
+        engine_cli, ["mil", "predict", "--run", str(out), "--slide", "1", "--json", str(tmp_path / "p.json"), *args]
+    )
     assert result.exit_code == 0, result.output
     answer = json.loads((tmp_path / "p.json").read_text())
     assert set(answer["probabilities"]) == {"a", "b", "c"} and abs(sum(answer["probabilities"].values()) - 1) < 1e-4
     assert len(answer["tiles"]) == 12 and abs(sum(t["attention"] for t in answer["tiles"]) - 1) < 1e-4
-    bad = CliRunner().invoke(engine_cli, ["mil", "train", "--label-column", "diagnosis", "--out", str(tmp_path / "r2"), "--encoder", "nope", *args])
+    bad = CliRunner().invoke(
+        engine_cli,
+        ["mil", "train", "--label-column", "diagnosis", "--out", str(tmp_path / "r2"), "--encoder", "nope", *args],
+    )
     assert bad.exit_code != 0 and "matches 0 of the encoders" in bad.output
 
 
@@ -189,13 +242,31 @@ def test_web_benchmarks_page_run_page_and_attention_api(learnable):
 
     settings, tmp = learnable["settings"], learnable["tmp"]
     report = json.loads((tmp / "run" / "report.json").read_text())
-    run_id = store_run(settings.catalog_url, tmp / "run", report["contract"], {"label_column": "diagnosis", "group": "patient", "folds": 5, "classes": ["normal", "tumour"], "counts": report["counts"]}, report["metrics"], None)
+    run_id = store_run(
+        settings.catalog_url,
+        tmp / "run",
+        report["contract"],
+        {
+            "label_column": "diagnosis",
+            "group": "patient",
+            "folds": 5,
+            "classes": ["normal", "tumour"],
+            "counts": report["counts"],
+        },
+        report["metrics"],
+        None,
+    )
     app = create_app({"TESTING": True, "SETTINGS": settings, "INSTANCE_PATH": str(tmp / "instance")})
     catalog = app.extensions["histoseek"].catalog
     users.create_user(catalog, "pathologist", "mil test password")
     client = app.test_client()
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-    assert client.post("/login", data={"username": "pathologist", "password": "mil test password", "csrf_token": token}).status_code == 302
+    assert (
+        client.post(
+            "/login", data={"username": "pathologist", "password": "mil test password", "csrf_token": token}
+        ).status_code
+        == 302
+    )
 
     page = client.get("/benchmarks").text
     assert 'id="mil-runs"' in page and f"#{run_id}" in page and "normal, tumour" in page
@@ -223,8 +294,17 @@ def test_demo_mil_run_is_small_and_recorded_once(tmp_path):
 
     from webapp.demo import demo_mil_run
 
-    sites = [("CMU-1a", "demo site A"), ("CMU-1b", "demo site A"), ("CMU-1c", "demo site B"), ("CMU-1d", "demo site A"), ("CMU-1e", "demo site B"), ("CMU-1f", "demo site A")]
-    settings, _ = make_feature_archive(tmp_path, sites, slides_per_patient=1, n_tiles=30, n_signal=3, positive="demo site B", label_column="site")
+    sites = [
+        ("CMU-1a", "demo site A"),
+        ("CMU-1b", "demo site A"),
+        ("CMU-1c", "demo site B"),
+        ("CMU-1d", "demo site A"),
+        ("CMU-1e", "demo site B"),
+        ("CMU-1f", "demo site A"),
+    ]
+    settings, _ = make_feature_archive(
+        tmp_path, sites, slides_per_patient=1, n_tiles=30, n_signal=3, positive="demo site B", label_column="site"
+    )
     t0 = time.perf_counter()
     first = demo_mil_run(settings, tmp_path / "mil-site")
     assert time.perf_counter() - t0 < 10
@@ -245,11 +325,23 @@ def test_predicting_a_new_slide_file_embeds_it_like_the_indexer(tmp_path):
     from tests.indexed_archive import make_indexed_archive
     from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 
-    slides = [write_pyramidal_tiff(tmp_path / f"s{i}.tiff", tissue_blobs(1536, 1536, seed=i), mpp=0.5) for i in range(4)]
+    slides = [
+        write_pyramidal_tiff(tmp_path / f"s{i}.tiff", tissue_blobs(1536, 1536, seed=i), mpp=0.5) for i in range(4)
+    ]
     rows = [{"slide": p.name, "diagnosis": "a" if i % 2 else "b"} for i, p in enumerate(slides)]
     settings = make_indexed_archive(tmp_path / "arch", slides, "random:resnet18", rows)
     bags = load_bags(settings.catalog_url, settings.index_dir, "diagnosis", group="slide")
-    train_run(bags, tmp_path / "run", MilOptions(folds=2, group="slide", device="cpu", progress=False, train=TrainOptions(hidden=16, attention=8, max_epochs=3, patience=2)))
+    train_run(
+        bags,
+        tmp_path / "run",
+        MilOptions(
+            folds=2,
+            group="slide",
+            device="cpu",
+            progress=False,
+            train=TrainOptions(hidden=16, attention=8, max_epochs=3, patience=2),
+        ),
+    )
     run = load_run(tmp_path / "run")
     catalog = Catalog(settings.catalog_url)
     with catalog.session() as s:
@@ -257,7 +349,9 @@ def test_predicting_a_new_slide_file_embeds_it_like_the_indexer(tmp_path):
     stored = predict_indexed(catalog, settings.index_dir, run, slide_id)
     catalog.dispose()
     fresh = predict_file(slides[1], run, "random:resnet18", device="cpu")
-    assert [(t["x"], t["y"], t["size"]) for t in fresh["tiles"]] == [(t["x"], t["y"], t["size"]) for t in stored["tiles"]]
+    assert [(t["x"], t["y"], t["size"]) for t in fresh["tiles"]] == [
+        (t["x"], t["y"], t["size"]) for t in stored["tiles"]
+    ]
     for label, p in stored["probabilities"].items():
         assert fresh["probabilities"][label] == pytest.approx(p, abs=0.02)
     att_fresh = np.array([t["attention"] for t in fresh["tiles"]])

@@ -64,7 +64,15 @@ def test_losses_match_plain_reference(weight):
     """Instance loss = weighted InfoNCE written out with explicit sums; group loss = cross
     entropy of the query's group feature against its key's k-means cluster."""
     torch.manual_seed(0)
-    model = CCL("resnet18", proj_dim=8, queue_size=16, temperature=0.1, num_clusters=3, kmeans_iters=4, same_cluster_weight=weight)
+    model = CCL(
+        "resnet18",
+        proj_dim=8,
+        queue_size=16,
+        temperature=0.1,
+        num_clusters=3,
+        kmeans_iters=4,
+        same_cluster_weight=weight,
+    )
     x, y = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
     queue, queue_group = model.queue.clone(), model.queue_group.clone()
     _, stats = model(x, y, seed=7)
@@ -77,7 +85,10 @@ def test_losses_match_plain_reference(weight):
     losses = []
     for i in range(6):
         pos = math.exp(float(q[i] @ k[i]) / 0.1)
-        neg = sum((weight if queue_assign[j] == assign[i] else 1.0) * math.exp(float(q[i] @ queue[j]) / 0.1) for j in range(16))
+        neg = sum(
+            (weight if queue_assign[j] == assign[i] else 1.0) * math.exp(float(q[i] @ queue[j]) / 0.1)
+            for j in range(16)
+        )
         losses.append(-math.log(pos / (pos + neg)))
     assert float(stats["loss_instance"]) == pytest.approx(np.mean(losses), rel=1e-4)
     group = F.cross_entropy(qg @ centroids.T / model.group_temperature, assign)
@@ -137,7 +148,18 @@ def test_stream_partition_workers_and_skip(tmp_path):
     assert order != [item for _, item in shuffled_stream(source, seed=0, epoch=1, block=8)]
 
     def batches(rank, workers=0, skip=0):
-        ds = TwoViewBatches(source, epoch=0, seed=0, rank=rank, world=2, batch_size=3, num_batches=3, skip_batches=skip, augment=AugmentConfig(crop_px=16), shuffle_block=8)
+        ds = TwoViewBatches(
+            source,
+            epoch=0,
+            seed=0,
+            rank=rank,
+            world=2,
+            batch_size=3,
+            num_batches=3,
+            skip_batches=skip,
+            augment=AugmentConfig(crop_px=16),
+            shuffle_block=8,
+        )
         return list(make_loader(ds, workers))
 
     plain = batches(0)
@@ -177,7 +199,24 @@ def test_catalog_source_reads_indexed_tiles(catalog_url, tmp_path):
     slide = open_slide(tmp_path / "slides" / "a.tiff")
     assert np.array_equal(np.asarray(img), np.asarray(read_box(slide, 448, 448, 448, 64)))
     # and it trains: two steps straight from the slide, no tile written anywhere
-    summary = train(TrainConfig(data=catalog_url, out=str(tmp_path / "run"), arch="resnet18", batch_size=3, max_steps=2, crop_px=32, tile_px=64, slide_root=str(tmp_path / "slides"), queue_size=6, num_clusters=2, workers=0, checkpoint_every=1, log_every=1), progress=False)
+    summary = train(
+        TrainConfig(
+            data=catalog_url,
+            out=str(tmp_path / "run"),
+            arch="resnet18",
+            batch_size=3,
+            max_steps=2,
+            crop_px=32,
+            tile_px=64,
+            slide_root=str(tmp_path / "slides"),
+            queue_size=6,
+            num_clusters=2,
+            workers=0,
+            checkpoint_every=1,
+            log_every=1,
+        ),
+        progress=False,
+    )
     assert summary["steps"] == 2 and summary["images_seen"] == 6
 
 
@@ -188,7 +227,25 @@ def test_loss_falls_on_small_overfit_run(tmp_path):
     """32 tiles in 4 batches of 8, light augmentation, a queue of the last 2 batches: the
     instance loss must fall well below its level once the queue holds real keys."""
     data = _tile_folder(tmp_path / "tiles", 32, size=64)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", batch_size=8, max_steps=STEPS_OVERFIT, lr=0.32, temperature=0.2, crop_px=48, min_crop_scale=0.6, jitter=0.0, queue_size=16, num_clusters=2, kmeans_iters=3, key_momentum=0.9, workers=0, checkpoint_every=STEPS_OVERFIT, log_every=1)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        arch="resnet18",
+        batch_size=8,
+        max_steps=STEPS_OVERFIT,
+        lr=0.32,
+        temperature=0.2,
+        crop_px=48,
+        min_crop_scale=0.6,
+        jitter=0.0,
+        queue_size=16,
+        num_clusters=2,
+        kmeans_iters=3,
+        key_momentum=0.9,
+        workers=0,
+        checkpoint_every=STEPS_OVERFIT,
+        log_every=1,
+    )
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     loss = [r["loss_instance"] for r in rows]
@@ -202,7 +259,27 @@ def test_cli_refusals_and_export(tmp_path):
     runner = CliRunner()
     data = _tile_folder(tmp_path / "tiles", 4, size=32)
     run = tmp_path / "run"
-    base = ["train", "--data", str(data), "--out", str(run), "--arch", "resnet18", "--batch-size", "2", "--max-steps", "1", "--crop-px", "32", "--queue-size", "4", "--num-clusters", "1", "--workers", "0"]
+    base = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--crop-px",
+        "32",
+        "--queue-size",
+        "4",
+        "--num-clusters",
+        "1",
+        "--workers",
+        "0",
+    ]
 
     result = runner.invoke(pretrain_cli, ["export", str(run), "--out", str(tmp_path / "x.pth")])
     assert result.exit_code != 0 and "no checkpoint" in result.output
@@ -214,10 +291,10 @@ def test_cli_refusals_and_export(tmp_path):
     result = runner.invoke(pretrain_cli, base)
     assert result.exit_code == 0, result.output
     result = runner.invoke(pretrain_cli, base)
-    assert result.exit_code != 0 and "--resume" in result.output
+    assert result.exit_code != 0 and "resume" in result.output
     result = runner.invoke(pretrain_cli, base + ["--resume", "--temperature", "0.5"])
     assert result.exit_code != 0 and "temperature" in result.output
-    result = runner.invoke(pretrain_cli, [*base[:base.index("--max-steps")], "--max-steps", "2", "--resume"])
+    result = runner.invoke(pretrain_cli, [*base[: base.index("--max-steps")], "--max-steps", "2", "--resume"])
     assert result.exit_code == 0, result.output
 
     out = tmp_path / "backbone.pth"
@@ -232,7 +309,22 @@ def test_cli_refusals_and_export(tmp_path):
 
 def test_accumulation_counts_steps_and_images(tmp_path):
     data = _tile_folder(tmp_path / "tiles", 8, size=32)
-    summary = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", batch_size=2, accum_steps=2, max_steps=3, crop_px=32, queue_size=4, num_clusters=1, workers=0, log_every=1), progress=False)
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            out=str(tmp_path / "run"),
+            arch="resnet18",
+            batch_size=2,
+            accum_steps=2,
+            max_steps=3,
+            crop_px=32,
+            queue_size=4,
+            num_clusters=1,
+            workers=0,
+            log_every=1,
+        ),
+        progress=False,
+    )
     # 8 tiles = 4 micro-batches of 2 = 2 steps per epoch; step 3 starts epoch 1
     assert summary["steps"] == 3 and summary["images_seen"] == 12
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -251,17 +343,48 @@ def test_sigterm_stops_with_a_checkpoint(tmp_path):
 
     data = _tile_folder(tmp_path / "tiles", 16, size=32)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain", "train", "--data", str(data), "--out", str(run), "--arch", "resnet18", "--batch-size", "4", "--crop-px", "32", "--queue-size", "8", "--num-clusters", "2", "--workers", "1", "--max-steps", "200", "--checkpoint-every", "1000", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--crop-px",
+        "32",
+        "--queue-size",
+        "8",
+        "--num-clusters",
+        "2",
+        "--workers",
+        "1",
+        "--max-steps",
+        "200",
+        "--checkpoint-every",
+        "1000",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+    while (
+        time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip())
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "--resume" in err and json.loads(out)["stopped_early"] is True
+    assert "resume the run" in err and json.loads(out)["stopped_early"] is True
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 1 <= state["step"] < 200 and logged[-1] == state["step"]
@@ -271,7 +394,22 @@ def test_sigterm_stops_with_a_checkpoint(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_training_on_cuda(tmp_path):
     data = _tile_folder(tmp_path / "tiles", 16, size=64)
-    summary = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", batch_size=8, max_steps=3, crop_px=64, queue_size=16, num_clusters=2, workers=0, device="cuda", log_every=1), progress=False)
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            out=str(tmp_path / "run"),
+            arch="resnet18",
+            batch_size=8,
+            max_steps=3,
+            crop_px=64,
+            queue_size=16,
+            num_clusters=2,
+            workers=0,
+            device="cuda",
+            log_every=1,
+        ),
+        progress=False,
+    )
     assert summary["amp"] is True and summary["steps"] == 3
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["scaler"]["scale"] > 0

@@ -20,8 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import EncoderRecord
-from engine.catalog.models import Slide, Tile
+from engine.catalog.models import EncoderRecord, Slide, Tile
 from engine.cli.main import main as engine_cli
 from engine.encoder import Encoder, load_backbone
 from engine.files import file_sha256
@@ -33,7 +32,30 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 # 2 ranks x 4 tiles x 2 accumulated micro-batches = 16 tiles per step (DDP no_sync exercised)
-ARGS = ["--arch", "resnet18", "--batch-size", "4", "--accum-steps", "2", "--crop-px", "64", "--queue-size", "24", "--num-clusters", "3", "--kmeans-iters", "3", "--workers", "1", "--checkpoint-every", "1", "--log-every", "1", "--max-steps", str(STEPS)]
+ARGS = [
+    "--arch",
+    "resnet18",
+    "--batch-size",
+    "4",
+    "--accum-steps",
+    "2",
+    "--crop-px",
+    "64",
+    "--queue-size",
+    "24",
+    "--num-clusters",
+    "3",
+    "--kmeans-iters",
+    "3",
+    "--workers",
+    "1",
+    "--checkpoint-every",
+    "1",
+    "--log-every",
+    "1",
+    "--max-steps",
+    str(STEPS),
+]
 
 
 def _free_port() -> int:
@@ -43,7 +65,26 @@ def _free_port() -> int:
 
 
 def _torchrun(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "pretrain", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "pretrain",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -111,19 +152,37 @@ def test_two_rank_gloo_kill_resume_export(shared_data, tmp_path, test_output):
     assert result.exit_code == 0, result.output
     model, info = load_backbone(str(export))
     assert info.architecture == "resnet18" and info.layout == "histoseek" and info.dim == 512
-    backbone = {k[len("encoder_q.backbone.") :]: v for k, v in got["model"].items() if k.startswith("encoder_q.backbone.")}
+    backbone = {
+        k[len("encoder_q.backbone.") :]: v for k, v in got["model"].items() if k.startswith("encoder_q.backbone.")
+    }
     for key, value in model.state_dict().items():
         assert torch.equal(value, backbone[key])
 
     # --encoder for `engine features`: same numbers as the backbone called directly
     feats = test_output / "feats.npy"
     images = find_images([data / "kather2016"])[:4]
-    result = runner.invoke(engine_cli, ["features", *map(str, images), "--encoder", str(export), "--precision", "fp32", "--workers", "0", "--out", str(feats)])
+    result = runner.invoke(
+        engine_cli,
+        [
+            "features",
+            *map(str, images),
+            "--encoder",
+            str(export),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--out",
+            str(feats),
+        ],
+    )
     assert result.exit_code == 0, result.output
     x = np.load(feats)
     assert x.shape == (4, 512)
     with torch.no_grad():
-        expected = Encoder(model, info, device="cpu", precision="fp32").embed(torch.stack([to_uint8_chw(open_rgb(p)) for p in images]))
+        expected = Encoder(model, info, device="cpu", precision="fp32").embed(
+            torch.stack([to_uint8_chw(open_rgb(p)) for p in images])
+        )
     np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-5)
 
     # --encoder for `indexer build`: a real slide indexed with the pretrained backbone
@@ -131,7 +190,26 @@ def test_two_rank_gloo_kill_resume_export(shared_data, tmp_path, test_output):
     archive.mkdir()
     os.symlink(shared_data / "slides" / "real" / "CMU-1-Small-Region.svs", archive / "cmu.svs")
     catalog = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-    result = runner.invoke(indexer_cli, ["build", str(archive), "--encoder", str(export), "--catalog", catalog, "--index-dir", str(tmp_path / "index"), "--data-dir", str(tmp_path / "data"), "--workers", "0", "--no-progress", "--device", "cpu"])
+    result = runner.invoke(
+        indexer_cli,
+        [
+            "build",
+            str(archive),
+            "--encoder",
+            str(export),
+            "--catalog",
+            catalog,
+            "--index-dir",
+            str(tmp_path / "index"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     cat = Catalog(catalog)
     with cat.session() as s:

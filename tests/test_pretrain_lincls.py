@@ -72,7 +72,25 @@ def test_report_matches_sklearn():
 def test_lincls_cli(tmp_path, mode):
     root = _patch_set(tmp_path / "p")
     out, plot = tmp_path / "report.json", tmp_path / "confusion.png"
-    args = ["lincls", "--dataset", f"folder:{root}", "--encoder", "random:resnet18", "--device", "cpu", "--mode", mode, "--tile-px", "64", "--workers", "0", "--out", str(out), "--plot", str(plot)]
+    args = [
+        "lincls",
+        "--dataset",
+        f"folder:{root}",
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+        "--mode",
+        mode,
+        "--tile-px",
+        "64",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    ]
     if mode == "finetune":
         args += ["--epochs", "2", "--batch-size", "8"]
     result = CliRunner().invoke(pretrain_cli, args)
@@ -88,8 +106,23 @@ def test_lincls_cli(tmp_path, mode):
 
 def test_lincls_refuses_bad_input(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(pretrain_cli, ["lincls", "--dataset", f"folder:{tmp_path / 'none'}", "--encoder", "random:resnet18"])
+    result = runner.invoke(
+        pretrain_cli, ["lincls", "--dataset", f"folder:{tmp_path / 'none'}", "--encoder", "random:resnet18"]
+    )
     assert result.exit_code != 0 and "does not exist" in result.output
     root = _patch_set(tmp_path / "p", per_class=2)
-    result = runner.invoke(pretrain_cli, ["lincls", "--dataset", f"csv:{root}/labels.csv", "--encoder", "random:resnet18", "--exclude", "slide", "--val-fraction", "0.1"])
+    result = runner.invoke(
+        pretrain_cli,
+        [
+            "lincls",
+            "--dataset",
+            f"csv:{root}/labels.csv",
+            "--encoder",
+            "random:resnet18",
+            "--exclude",
+            "slide",
+            "--val-fraction",
+            "0.1",
+        ],
+    )
     assert result.exit_code != 0 and "groups" in result.output

@@ -17,7 +17,7 @@ from PIL import Image
 from engine.catalog.models import Slide, Tile
 from engine.cli.main import main
 from engine.errors import EncoderError, QueryError
-from engine.search import SearchEngine, locate_region
+from engine.search import SearchEngine, place_on_features
 from engine.slides import open_slide
 from tests.indexed_archive import make_indexed_archive
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
@@ -27,8 +27,18 @@ REAL = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region.generic-pyramid.tiff", "tc
 # "the source" of a crop from the other
 META = {
     "CMU-1-Small-Region.svs": {"patient": "CMU-1", "site": "skin", "diagnosis": "normal", "label": "CMU"},
-    "CMU-1-Small-Region.generic-pyramid.tiff": {"patient": "CMU-1", "site": "skin", "diagnosis": "normal", "label": "CMU"},
-    "tcga-cr-7395-01a-01-ts1.svs": {"patient": "TCGA-CR-7395", "site": "head and neck", "diagnosis": "squamous cell carcinoma", "label": "TCGA"},
+    "CMU-1-Small-Region.generic-pyramid.tiff": {
+        "patient": "CMU-1",
+        "site": "skin",
+        "diagnosis": "normal",
+        "label": "CMU",
+    },
+    "tcga-cr-7395-01a-01-ts1.svs": {
+        "patient": "TCGA-CR-7395",
+        "site": "head and neck",
+        "diagnosis": "squamous cell carcinoma",
+        "label": "TCGA",
+    },
     "blobs-a.tiff": {"patient": "SYN-A", "site": "synthetic", "diagnosis": "none", "label": "SYN"},
     "blobs-b.tiff": {"patient": "SYN-B", "site": "synthetic", "diagnosis": "none", "label": "SYN"},
 }
@@ -38,7 +48,10 @@ META = {
 def archive(shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     files = [shared_data / "slides" / "real" / name for name in REAL]
-    files += [write_pyramidal_tiff(tmp / "src" / f"blobs-{c}.tiff", tissue_blobs(1800, 1800, seed=s, n_blobs=4), mpp=0.5) for c, s in (("a", 31), ("b", 32))]
+    files += [
+        write_pyramidal_tiff(tmp / "src" / f"blobs-{c}.tiff", tissue_blobs(1800, 1800, seed=s, n_blobs=4), mpp=0.5)
+        for c, s in (("a", 31), ("b", 32))
+    ]
     rows = [{"slide": name, **meta} for name, meta in META.items()]
     # the TCGA frozen section has no resolution metadata; it was scanned at 20x
     settings = make_indexed_archive(tmp / "archive", files, metadata_rows=rows, default_mpp=0.5)
@@ -63,7 +76,12 @@ def perturb(crop: Image.Image, scale: float, turn: int) -> Image.Image:
 
 
 def overlaps(region: dict, x0: int, y0: int, size: int) -> bool:
-    return region["x"] < x0 + size and region["x"] + region["w"] > x0 and region["y"] < y0 + size and region["y"] + region["h"] > y0
+    return (
+        region["x"] < x0 + size
+        and region["x"] + region["w"] > x0
+        and region["y"] < y0 + size
+        and region["y"] + region["h"] > y0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +94,11 @@ def perturbed_crops(archive):
     report = []
     for name in ("tcga-cr-7395-01a-01-ts1.svs", "CMU-1-Small-Region.svs"):
         with engine.catalog.session() as s:
-            tiles = s.execute(sa.select(Tile.x, Tile.y, Tile.size).where(Tile.slide_id == ids[name], Tile.tissue_fraction >= 0.9).order_by(Tile.id)).all()
+            tiles = s.execute(
+                sa.select(Tile.x, Tile.y, Tile.size)
+                .where(Tile.slide_id == ids[name], Tile.tissue_fraction >= 0.9)
+                .order_by(Tile.id)
+            ).all()
         slide = open_slide(tmp / "archive" / "archive" / name)
         mpp = 0.5 if name.startswith("tcga") else float(slide.properties["openslide.mpp-x"])
         for trial in range(3):
@@ -88,12 +110,20 @@ def perturbed_crops(archive):
             scale = (0.9, 1.1)[trial % 2]
             result = engine.search_region(perturb(crop, scale, turn=1 + trial), mpp=mpp / scale, top_k=3).to_json()
             top = result["results"][0]
-            report.append({
-                "slide": name, "crop": [x0, y0, crop_size], "scale": scale, "turns": 1 + trial,
-                "rank1": top["slide"]["path"].rsplit("/", 1)[-1], "score": top["score"], "second": result["results"][1]["score"],
-                "best_region": top["regions"][0], "located": overlaps(top["regions"][0], x0, y0, crop_size),
-                "any_region_located": any(overlaps(r, x0, y0, crop_size) for r in top["regions"]),
-            })
+            report.append(
+                {
+                    "slide": name,
+                    "crop": [x0, y0, crop_size],
+                    "scale": scale,
+                    "turns": 1 + trial,
+                    "rank1": top["slide"]["path"].rsplit("/", 1)[-1],
+                    "score": top["score"],
+                    "second": result["results"][1]["score"],
+                    "best_region": top["regions"][0],
+                    "located": overlaps(top["regions"][0], x0, y0, crop_size),
+                    "any_region_located": any(overlaps(r, x0, y0, crop_size) for r in top["regions"]),
+                }
+            )
         slide.close()
     return report
 
@@ -127,7 +157,9 @@ def test_unperturbed_crop_is_located_exactly(archive):
     with engine.catalog.session() as s:
         boxes = {(t.x, t.y): t.size for t in s.scalars(sa.select(Tile).where(Tile.slide_id == ids[name]))}
     size = next(iter(boxes.values()))
-    x, y = next((x, y) for (x, y) in sorted(boxes) if all((x + dx, y + dy) in boxes for dx in (0, size) for dy in (0, size)))
+    x, y = next(
+        (x, y) for (x, y) in sorted(boxes) if all((x + dx, y + dy) in boxes for dx in (0, size) for dy in (0, size))
+    )
     slide = open_slide(tmp / "archive" / "archive" / name)
     crop = slide.read_region((x, y), 0, (2 * size, 2 * size)).convert("RGB")
     slide.close()
@@ -141,7 +173,7 @@ def test_unperturbed_crop_is_located_exactly(archive):
     assert {(r.x, r.y) for r in features} == {(x + dx, y + dy) for dx in (0, size) for dy in (0, size)}
 
 
-def test_locate_region_on_a_feature_grid():
+def test_place_on_features_on_a_feature_grid():
     """Placement is exact on vectors where it should be: a 2 x 3 query cut out of a 10 x 10
     grid of distinct vectors, rotated 90 degrees and mirrored, is put back where it was."""
     rng = np.random.default_rng(0)
@@ -150,7 +182,7 @@ def test_locate_region_on_a_feature_grid():
     src = [(4 + i, 6 + j) for j in range(3) for i in range(2)]
     xq = np.stack([xs[c[1] * 10 + c[0]] for c in src]) + 0.1 * rng.standard_normal((6, 32)).astype(np.float32)
     q_cells = np.array([(-(c[1] - 6), -(c[0] - 4)) for c in src])  # rotated + mirrored layout
-    pick, sims = locate_region(xq, q_cells, xs, cells)
+    pick, sims = place_on_features(xq, q_cells, xs, cells)
     np.testing.assert_array_equal(pick, [c[1] * 10 + c[0] for c in src])
     assert (sims > 0.9).all()
 
@@ -163,7 +195,9 @@ def test_slide_query_finds_the_twin(archive):
     assert result["query"]["mosaic"] and all(set(b) == {"x", "y", "w", "h"} for b in result["query"]["mosaic"])
     assert result["suggestion"]["label"] == result["results"][0]["slide"]["label"] or result["suggestion"]["votes"]
     # a slide file that is not in the archive: the same pixels as blobs-a, written anew
-    fresh = write_pyramidal_tiff(tmp / "outside" / "blobs-a-rescan.tiff", tissue_blobs(1800, 1800, seed=31, n_blobs=4), mpp=0.5, tile=512)
+    fresh = write_pyramidal_tiff(
+        tmp / "outside" / "blobs-a-rescan.tiff", tissue_blobs(1800, 1800, seed=31, n_blobs=4), mpp=0.5, tile=512
+    )
     result = engine.search_slide(fresh, top_k=2).to_json()
     assert result["query"]["slide_id"] is None
     assert result["results"][0]["slide"]["id"] == ids["blobs-a.tiff"]
@@ -177,18 +211,22 @@ def test_filters_and_exclusions(archive):
     res = engine.search_region(query, mpp=0.5, top_k=10, exclude_patient="TCGA-CR-7395")
     assert ids["tcga-cr-7395-01a-01-ts1.svs"] not in [h.slide["id"] for h in res.results]
     assert len(res.results) == 4  # top_k larger than the archive: every other slide
-    res = engine.search_region(query, mpp=0.5, top_k=2, exclude_slide_id=ids["tcga-cr-7395-01a-01-ts1.svs"], filters={"site": "skin"})
+    res = engine.search_region(
+        query, mpp=0.5, top_k=2, exclude_slide_id=ids["tcga-cr-7395-01a-01-ts1.svs"], filters={"site": "skin"}
+    )
     assert [h.slide["patient"] for h in res.results] == ["CMU-1", "CMU-1"]
     assert res.suggestion == {"label": "CMU", "votes": {"CMU": 2}}
     assert engine.search_region(query, mpp=0.5, filters={"site": "nowhere"}).results == []
-    with pytest.raises(ValueError, match="unknown filter"):
+    with pytest.raises(QueryError, match="unknown filter"):
         engine.search_region(query, mpp=0.5, filters={"colour": "pink"})
 
 
 def _png_of_tile(engine, slide_id: int, mpp: float) -> bytes:
     with engine.catalog.session() as s:
         sl = s.get(Slide, slide_id)
-        tile = s.scalars(sa.select(Tile).where(Tile.slide_id == slide_id).order_by(Tile.tissue_fraction.desc(), Tile.id)).first()
+        tile = s.scalars(
+            sa.select(Tile).where(Tile.slide_id == slide_id).order_by(Tile.tissue_fraction.desc(), Tile.id)
+        ).first()
         path, x, y, size = sl.path, tile.x, tile.y, tile.size
     slide = open_slide(path)
     img = slide.read_region((x, y), 0, (size, size)).convert("RGB")
@@ -208,14 +246,33 @@ def test_bad_queries_get_clear_errors(archive):
     with pytest.raises(QueryError, match="at least 112"):
         engine.search_region(tissue.resize((60, 60)), mpp=1.0)
     with pytest.raises(EncoderError, match="not the one the index was built with"):
-        SearchEngine(settings.__class__.load(env={}, catalog_url=settings.catalog_url, index_dir=str(settings.index_dir), encoder="random:resnet18:1", device="cpu"), catalog=engine.catalog)
+        SearchEngine(
+            settings.__class__.load(
+                env={},
+                catalog_url=settings.catalog_url,
+                index_dir=str(settings.index_dir),
+                encoder="random:resnet18:1",
+                device="cpu",
+            ),
+            catalog=engine.catalog,
+        )
 
 
 def test_cli_table_and_json(archive, tmp_path):
     settings, engine, ids, _ = archive
     crop = tmp_path / "crop.png"
     crop.write_bytes(_png_of_tile(engine, ids["tcga-cr-7395-01a-01-ts1.svs"], mpp=0.5))
-    common = ["search", "--catalog", settings.catalog_url, "--index-dir", str(settings.index_dir), "--encoder", "random:resnet18", "--device", "cpu"]
+    common = [
+        "search",
+        "--catalog",
+        settings.catalog_url,
+        "--index-dir",
+        str(settings.index_dir),
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+    ]
     runner = CliRunner()
     out = runner.invoke(main, [*common, "--image", str(crop), "--mpp", "0.5", "--top-k", "3", "--json"])
     assert out.exit_code == 0, out.output

@@ -30,21 +30,49 @@ def encoder():
     return Encoder.from_spec("random:resnet18", device="cpu")
 
 
-def add_slide(catalog: Catalog, settings: Settings, shard_enc: ShardEncoder, encoder_id: int, gen: ClusteredVectors, n: int) -> int:
+def add_slide(
+    catalog: Catalog, settings: Settings, shard_enc: ShardEncoder, encoder_id: int, gen: ClusteredVectors, n: int
+) -> int:
     """Slide n of the generator as catalog rows + its shard file; returns the slide id."""
     ids, xb = gen.chunk(n * TILES_PER_SLIDE, (n + 1) * TILES_PER_SLIDE)
     label = f"class-{int(gen.class_of_slide(np.array([n]))[0])}"
     path = encoder_dir(settings.index_dir, shard_enc) / f"slide-{n:09d}.faiss"
     sha = write_shard(path, ids + 1, xb, shard_enc)
     with catalog.session() as s:
-        slide = Slide(path=f"/archive/s{n}.svs", fingerprint=f"fp{n}", patient=f"P{n}", label=label, site="synthetic", status=INDEXED, tile_count=len(ids), encoder_id=encoder_id, mpp=0.5)
+        slide = Slide(
+            path=f"/archive/s{n}.svs",
+            fingerprint=f"fp{n}",
+            patient=f"P{n}",
+            label=label,
+            site="synthetic",
+            status=INDEXED,
+            tile_count=len(ids),
+            encoder_id=encoder_id,
+            mpp=0.5,
+        )
         s.add(slide)
         s.flush()
-        shard = Shard(encoder_id=encoder_id, path=path.relative_to(settings.index_dir).as_posix(), count=len(ids), sha256=sha)
+        shard = Shard(
+            encoder_id=encoder_id, path=path.relative_to(settings.index_dir).as_posix(), count=len(ids), sha256=sha
+        )
         s.add(shard)
         s.flush()
         side = 40
-        s.execute(sa.insert(Tile), [{"id": int(i) + 1, "slide_id": slide.id, "shard_id": shard.id, "x": int(j % side) * 448, "y": int(j // side) * 448, "size": 448, "tissue_fraction": 1.0} for j, i in enumerate(ids)])
+        s.execute(
+            sa.insert(Tile),
+            [
+                {
+                    "id": int(i) + 1,
+                    "slide_id": slide.id,
+                    "shard_id": shard.id,
+                    "x": int(j % side) * 448,
+                    "y": int(j // side) * 448,
+                    "size": 448,
+                    "tissue_fraction": 1.0,
+                }
+                for j, i in enumerate(ids)
+            ],
+        )
         return slide.id
 
 
@@ -54,7 +82,16 @@ def fill_archive(settings: Settings, encoder, n_slides: int):
     catalog = Catalog(settings.catalog_url)
     info = encoder.info
     with catalog.session() as s:
-        row = EncoderRecord(name=info.name, architecture=info.architecture, checkpoint_sha256=info.checkpoint_sha256, dim=info.dim, target_mpp=1.0, tile_px=224, normalisation=info.normalisation, is_random=True)
+        row = EncoderRecord(
+            name=info.name,
+            architecture=info.architecture,
+            checkpoint_sha256=info.checkpoint_sha256,
+            dim=info.dim,
+            target_mpp=1.0,
+            tile_px=224,
+            normalisation=info.normalisation,
+            is_random=True,
+        )
         s.add(row)
         s.flush()
         encoder_id = row.id
@@ -67,7 +104,13 @@ def fill_archive(settings: Settings, encoder, n_slides: int):
 @pytest.fixture(scope="module")
 def synthetic_archive(tmp_path_factory, encoder):
     tmp = tmp_path_factory.mktemp("synthetic")
-    settings = Settings.load(env={}, catalog_url=f"sqlite:///{tmp / 'catalog.sqlite'}", index_dir=str(tmp / "index"), encoder="random:resnet18", device="cpu")
+    settings = Settings.load(
+        env={},
+        catalog_url=f"sqlite:///{tmp / 'catalog.sqlite'}",
+        index_dir=str(tmp / "index"),
+        encoder="random:resnet18",
+        device="cpu",
+    )
     catalog, slide_ids, (shard_enc, encoder_id, gen) = fill_archive(settings, encoder, N_SLIDES)
     # Train the compressed index here, small (training is the slow part on a busy CPU); the
     # engines below find it in its folder, fill it from the shards and keep it in step.
@@ -130,7 +173,9 @@ def test_search_and_refresh_on_postgres(tmp_path, encoder):
 
     url = postgres_url()
     _reset_postgres(url)
-    settings = Settings.load(env={}, catalog_url=url, index_dir=str(tmp_path / "index"), encoder="random:resnet18", device="cpu")
+    settings = Settings.load(
+        env={}, catalog_url=url, index_dir=str(tmp_path / "index"), encoder="random:resnet18", device="cpu"
+    )
     catalog, ids, _ = fill_archive(settings, encoder, 3)
     try:
         engine = SearchEngine(settings, catalog=catalog, encoder=encoder)

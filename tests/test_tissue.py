@@ -53,7 +53,9 @@ def test_pen_marks_are_not_tissue(shared_data, colour):
     pen = np.asarray(Image.open(folder / f"pen_{colour}_mask.png")) > 0
     without = tissue_mask_rgb(rgb, remove_pen=False)
     mask = tissue_mask_rgb(rgb)
-    assert (without & pen).sum() / pen.sum() > 0.1  # saturation alone takes ink for tissue
+    if colour == "black":
+        assert (without & pen).sum() / pen.sum() > 0.1  # colour alone takes dark ink for tissue
+    # Green ink absorbs red and blue, not green: no stain excess, never tissue even unremoved.
     assert (mask & pen).sum() / pen.sum() < 0.02
 
 
@@ -77,3 +79,121 @@ def test_slide_mask_is_aligned_with_level0(tmp_path):
     assert downsample == pytest.approx(2400 / mask.shape[1], rel=0.01)
     truth = np.asarray(Image.fromarray(tissue_mask_rgb(rgb)).resize(mask.shape[::-1], Image.Resampling.NEAREST))
     assert (mask == truth).mean() > 0.97
+
+
+# --- "Tissue is tissue": whole fields of real tissue, real glass, real slides --------------
+
+
+def _shared_images() -> tuple[list[str], list[str]]:
+    """(all-tissue images, no-tissue images) under ../shared/data, as paths relative to it:
+    the HistoQC templates, the tiatoolbox TCGA region and every labelled patch that is not
+    BACK/EMPTY; the histolab no-tissue and almost-white tiles and the BACK/EMPTY patches."""
+    import csv
+
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        return [], []
+    tissue = [f"images/histoqc/templates/template{i}.png" for i in range(1, 5)]
+    tissue.append("images/tiatoolbox/TCGA-HE-7130-01Z-00-DX1.png")
+    glass = [
+        f"images/histolab-tiles/{name}"
+        for name in (
+            "no-tissue.png",
+            "no-tissue2.png",
+            "no-tissue-line.png",
+            "no-tissue-green-pen.png",
+            "no-tissue-red-pen.png",
+            "almost-white-1.png",
+            "almost-white-2.png",
+            "almost-white-ihc.png",
+        )
+    ]
+    with open(SHARED_DATA / "patches" / "labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            (glass if row["label_nct9"] == "BACK" else tissue).append(f"patches/{row['path']}")
+    return tissue, glass
+
+
+ALL_TISSUE, NO_TISSUE = _shared_images()
+
+# Fields that are not >= 90 % tissue, each for a stated reason; strict, so a fix shows up.
+_FAT_IS_GLASS = (
+    "adipose: the fat vacuoles are grey-white like glass (no stain at all), walled by a single thin membrane"
+)
+TISSUE_EXCEPTIONS = {
+    "patches/kather2016/07_ADIPOSE/10A0_CRC-Prim-HE-05_032.tif_Row_1051_Col_1501.tif": _FAT_IS_GLASS,
+    "patches/kather2016/07_ADIPOSE/10B4E_CRC-Prim-HE-05_032.tif_Row_901_Col_1051.tif": _FAT_IS_GLASS,
+    "patches/nct-crc-he-100k/ADI-AAQEFMRI.tif": _FAT_IS_GLASS,
+    "patches/nct-crc-he-100k/TUM-AACHEHDV.tif": "not all tissue: half the patch is bare glass beside a tumour strip",
+    "patches/tcga-uniform-tumor/TCGA-AD-6964-01Z-00-DX1/Tile_(16896,20480).jpg": "not all tissue: ~10 % open glass between the tumour sheets",
+}
+GLASS_EXCEPTIONS = {
+    "images/histolab-tiles/no-tissue-red-pen.png": "blurred red ink: its pale halo and dark core are not told from eosin yet",
+}
+
+
+def _param(path: str, exceptions: dict[str, str]):
+    marks = [pytest.mark.xfail(strict=True, reason=exceptions[path])] if path in exceptions else []
+    return pytest.param(path, marks=marks, id=path.rsplit("/", 1)[-1][:48])
+
+
+@pytest.mark.parametrize("path", [_param(p, TISSUE_EXCEPTIONS) for p in ALL_TISSUE])
+def test_all_tissue_field_is_tissue(shared_data, path):
+    """Pale stroma, loose connective tissue, mucin, fat and dense lymphocytes are tissue: a
+    field that is tissue from edge to edge is at least 90 % tissue, whatever its stain."""
+    rgb = np.asarray(Image.open(shared_data / path).convert("RGB"))
+    assert tissue_mask_rgb(rgb).mean() >= 0.90
+
+
+@pytest.mark.parametrize("path", [_param(p, GLASS_EXCEPTIONS) for p in NO_TISSUE])
+def test_glass_is_not_tissue(shared_data, path):
+    rgb = np.asarray(Image.open(shared_data / path).convert("RGB"))
+    assert tissue_mask_rgb(rgb).mean() <= 0.05
+
+
+def test_template4_pale_stroma_is_tissue(shared_data):
+    """The issue's case: HistoQC template 4, pale eosinophilic stroma edge to edge, was 31-36 %."""
+    rgb = np.asarray(Image.open(shared_data / "images/histoqc/templates/template4.png").convert("RGB"))
+    assert tissue_mask_rgb(rgb).mean() >= 0.95
+
+
+def test_pale_pink_without_glass_is_tissue():
+    """No glass in the field: the threshold is absolute, not a split of the image in two."""
+    rng = np.random.default_rng(4)
+    pale = np.clip(np.array([232, 218, 230]) + rng.normal(0, 4, (256, 256, 3)), 0, 255).astype(np.uint8)
+    assert tissue_mask_rgb(pale).mean() > 0.95
+    grey = np.clip(np.array([232, 232, 232]) + rng.normal(0, 4, (256, 256, 3)), 0, 255).astype(np.uint8)
+    assert tissue_mask_rgb(grey).mean() < 0.01
+
+
+def test_dark_grey_is_not_tissue_but_dark_purple_is():
+    rgb = np.full((200, 200, 3), 240, np.uint8)
+    rgb[:, :100] = (30, 30, 32)  # scanner edge / black border
+    rgb[50:150, 120:180] = (55, 20, 60)  # packed lymphocytes
+    mask = tissue_mask_rgb(rgb)
+    assert mask[:, :90].mean() < 0.01
+    assert mask[60:140, 130:170].mean() > 0.95
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("CMU-1-Small-Region.svs", 0.30, 0.45),  # 0.348 with the saturation-Otsu mask
+        ("CMU-1-Small-Region.generic-pyramid.tiff", 0.30, 0.45),
+        ("tcga-cr-7395-01a-01-ts1.svs", 0.55, 0.70),  # 0.621 before; pink-tinted frozen glass
+    ],
+)
+def test_real_slide_background_stays_background(shared_data, name, low, high):
+    slide = openslide.OpenSlide(str(shared_data / "slides" / "real" / name))
+    mask, _ = slide_tissue_mask(slide)
+    slide.close()
+    assert low <= mask.mean() <= high
+    h, w = mask.shape
+    corners = [
+        mask[: h // 20, : w // 20],
+        mask[: h // 20, -w // 20 :],
+        mask[-h // 20 :, : w // 20],
+        mask[-h // 20 :, -w // 20 :],
+    ]
+    assert min(c.mean() for c in corners) < 0.05  # some corner of the slide is bare glass

@@ -18,7 +18,8 @@ from PIL import Image
 from engine.catalog import models
 from engine.config import Settings
 from engine.slides import fingerprint
-from tests.conftest import _reset_postgres as reset_postgres, postgres_url
+from tests.conftest import _reset_postgres as reset_postgres
+from tests.conftest import postgres_url
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
 from webapp.cli import main as web_cli
@@ -28,14 +29,19 @@ PASSWORD = "correct horse"
 # The layout `engine benchmark` stores (overall, per-class, curve, svm).
 BENCHMARK_METRICS = {
     "overall": {"acc@1": 0.5, "acc@3": 0.75, "acc@5": 0.9, "mv@5": 0.55, "mmv@5": 0.4, "map@5": 0.45},
-    "per_class": {"TUMOR": {"count": 3, "acc@1": 0.67, "mv@5": 1.0}, "STROMA": {"count": 3, "acc@1": 0.33, "mv@5": 0.0}},
+    "per_class": {
+        "TUMOR": {"count": 3, "acc@1": 0.67, "mv@5": 1.0},
+        "STROMA": {"count": 3, "acc@1": 0.33, "mv@5": 0.0},
+    },
     "curve": {"k": [1, 2, 3, 4, 5], "acc": [0.5, 0.6, 0.75, 0.8, 0.9], "mv": [0.5, 0.5, 0.55, 0.5, 0.55]},
     "svm": {"folds": 3, "accuracy": 0.625, "balanced_accuracy": 0.6},
 }
 
 
 def make_app(tmp_path, catalog_url, **config):
-    settings = Settings.load(env={}, data_dir=str(tmp_path / "data"), catalog_url=catalog_url, encoder="random:resnet18")
+    settings = Settings.load(
+        env={}, data_dir=str(tmp_path / "data"), catalog_url=catalog_url, encoder="random:resnet18"
+    )
     app = create_app({"TESTING": True, "SETTINGS": settings, "INSTANCE_PATH": str(tmp_path / "instance"), **config})
     return app
 
@@ -56,13 +62,52 @@ def app(request, tmp_path_factory):
     users.create_user(catalog, "path", PASSWORD)
     slide_file = write_pyramidal_tiff(tmp_path / "slides" / "blobs.tiff", tissue_blobs(1200, 1600, seed=3), mpp=0.5)
     with catalog.session() as s:
-        s.add_all([
-            models.Slide(path=str(slide_file), fingerprint=fingerprint(slide_file), status="indexed", tile_count=12, width=1600, height=1200, mpp=0.5, mpp_source="metadata", diagnosis="adenocarcinoma", site="colon", label="TUM", patient="P1", collection="demo"),
-            models.Slide(path=str(tmp_path / "slides" / "gone.svs"), fingerprint="b" * 64, status="failed", error="gone.svs: no such file"),
-            *[models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status="pending") for i in range(60)],
-        ])
-        s.add(models.BenchmarkRun(dataset_kind="kather2016", dataset_path="patches/kather2016", encoder_name="random:resnet18", metrics=BENCHMARK_METRICS, parameters={"exclusion": "slide"}))
-        s.add(models.BenchmarkRun(dataset_kind="flat", dataset_path="y", encoder_name="e", metrics={"acc@1": 0.25, "acc@5": 0.5}))
+        s.add_all(
+            [
+                models.Slide(
+                    path=str(slide_file),
+                    fingerprint=fingerprint(slide_file),
+                    status=models.INDEXED,
+                    tile_count=12,
+                    width=1600,
+                    height=1200,
+                    mpp=0.5,
+                    mpp_source="metadata",
+                    diagnosis="adenocarcinoma",
+                    site="colon",
+                    label="TUM",
+                    patient="P1",
+                    collection="demo",
+                ),
+                models.Slide(
+                    path=str(tmp_path / "slides" / "gone.svs"),
+                    fingerprint="b" * 64,
+                    status=models.FAILED,
+                    error="gone.svs: no such file",
+                ),
+                *[
+                    models.Slide(path=f"/archive/s{i:03d}.svs", fingerprint=f"{i:064d}", status=models.PENDING)
+                    for i in range(60)
+                ],
+            ]
+        )
+        s.add(
+            models.BenchmarkRun(
+                dataset_kind="kather2016",
+                dataset_path="patches/kather2016",
+                encoder_name="random:resnet18",
+                metrics=BENCHMARK_METRICS,
+                parameters={"exclusion": "slide"},
+            )
+        )
+        s.add(
+            models.BenchmarkRun(
+                dataset_kind="flat",
+                dataset_path="y",
+                encoder_name="e",
+                metrics={"overall": {"acc@1": 0.25, "acc@5": 0.5}},
+            )
+        )
         s.add(models.BenchmarkRun(dataset_kind="empty", dataset_path="x", encoder_name="e", metrics={}))
     yield app
     catalog.dispose()
@@ -156,9 +201,15 @@ def test_repeated_failed_logins_are_throttled(app):
 
 def test_login_follows_only_local_next(app):
     client = app.test_client()
-    for target, expected in (("/archive?page=2", "/archive?page=2"), ("//evil.example/x", "/"), ("https://evil.example/", "/")):
+    for target, expected in (
+        ("/archive?page=2", "/archive?page=2"),
+        ("//evil.example/x", "/"),
+        ("https://evil.example/", "/"),
+    ):
         token = csrf_from(client.get("/login").text)
-        response = client.post(f"/login?next={target}", data={"username": "path", "password": PASSWORD, "csrf_token": token})
+        response = client.post(
+            f"/login?next={target}", data={"username": "path", "password": PASSWORD, "csrf_token": token}
+        )
         assert response.headers["Location"] == expected
 
 
@@ -189,7 +240,10 @@ def test_api_token(app):
 def test_account_page_issues_token(client):
     response = client.post("/account", data={"csrf_token": csrf(client)})
     token = re.search(r'id="token" readonly value="([^"]+)"', response.text).group(1)
-    assert client.application.test_client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        client.application.test_client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code
+        == 200
+    )
 
 
 def test_slides_list_filter_and_page(app, client):
@@ -222,11 +276,16 @@ def test_slide_detail_dzi_tiles_and_regions(app, client):
     assert Image.open(io.BytesIO(client.get(f"/tiles/{slide}_files/{top}/6_4.png").data)).size[0] > 0
     again = client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data
     assert again == client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data
-    assert any(key[0] == slide and key[2:] == (top, 0, 0, "JPEG") for key in app.extensions["histoseek"].slides.tile_bytes._items)
+    assert any(
+        key[0] == slide and key[2:] == (top, 0, 0, "JPEG")
+        for key in app.extensions["histoseek"].slides.tile_bytes._items
+    )
     assert client.get(f"/tiles/{slide}_files/{top}/99_0.jpeg").status_code == 404
     assert client.get(f"/tiles/{slide}_files/40/0_0.jpeg").status_code == 404
     assert client.get(f"/tiles/{slide}_files/{top}/0_0.gif").status_code == 404
-    region = Image.open(io.BytesIO(client.get(f"/api/v1/slides/{slide}/region.jpg?x=100&y=200&w=448&h=224&px=128").data))
+    region = Image.open(
+        io.BytesIO(client.get(f"/api/v1/slides/{slide}/region.jpg?x=100&y=200&w=448&h=224&px=128").data)
+    )
     assert region.size == (128, 64)
     assert client.get(f"/api/v1/slides/{slide}/region.jpg?x=1500&y=0&w=448&h=224").status_code == 404
     thumb = Image.open(io.BytesIO(client.get(f"/api/v1/slides/{slide}/thumbnail.jpg?px=200").data))
@@ -261,7 +320,9 @@ def test_viewer_page(app, client):
 
 
 def test_static_openseadragon_is_served_locally(client):
-    assert client.get("/static/node_modules/openseadragon/build/openseadragon/openseadragon.min.js").status_code == 200, "run `make setup` (npm ci in webapp/static)"
+    assert (
+        client.get("/static/node_modules/openseadragon/build/openseadragon/openseadragon.min.js").status_code == 200
+    ), "run `make setup` (npm ci in webapp/static)"
 
 
 def test_benchmark_pages_and_plot(app, client):
@@ -275,7 +336,10 @@ def test_benchmark_pages_and_plot(app, client):
     assert "62.50" in detail.text  # SVM accuracy
     assert re.search(r"<th scope=\"row\">STROMA</th><td class=\"num\">3</td>", detail.text)
     plot = client.get(f"/benchmarks/{run}/plot.png")
-    assert plot.mimetype == "image/png" and Image.open(io.BytesIO(plot.data)).size == (1280, 360)  # curve + per-class bars
+    assert plot.mimetype == "image/png" and Image.open(io.BytesIO(plot.data)).size == (
+        1280,
+        360,
+    )  # curve + per-class bars
     flat = next(r["id"] for r in runs if r["dataset_kind"] == "flat")
     assert Image.open(io.BytesIO(client.get(f"/benchmarks/{flat}/plot.png").data)).size == (640, 360)
     assert "25.00" in client.get(f"/benchmarks/{flat}").text
@@ -364,7 +428,11 @@ def test_hostile_or_bad_uploads_refused(client, case, status, message):
     elif case == "bad_top_k":
         fields = {"top_k": "1000"}
     if case == "no_file":
-        response = client.post("/api/v1/search/region", data={"magnification": "20", "csrf_token": csrf(client)}, content_type="multipart/form-data")
+        response = client.post(
+            "/api/v1/search/region",
+            data={"magnification": "20", "csrf_token": csrf(client)},
+            content_type="multipart/form-data",
+        )
     else:
         response = post_region(client, data, filename, **fields)
     assert response.status_code == status, response.json
@@ -373,7 +441,15 @@ def test_hostile_or_bad_uploads_refused(client, case, status, message):
 
 
 def test_page_upload_errors_return_to_the_form(app, client):
-    response = client.post("/search/region", data={"image": (io.BytesIO(region_png(blank=True)), "blank.png"), "magnification": "20", "csrf_token": csrf(client)}, content_type="multipart/form-data")
+    response = client.post(
+        "/search/region",
+        data={
+            "image": (io.BytesIO(region_png(blank=True)), "blank.png"),
+            "magnification": "20",
+            "csrf_token": csrf(client),
+        },
+        content_type="multipart/form-data",
+    )
     assert response.status_code == 422
     assert "looks blank" in response.text and 'id="region-form"' in response.text
     response = client.get("/search/slide?slide_id=abc")
@@ -384,7 +460,9 @@ def test_users_cli(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.sqlite'}"
     runner = CliRunner()
     base = ["--catalog", url]
-    result = runner.invoke(web_cli, ["users", "add", "carol", "--admin", "--password-stdin", *base], input="long enough pw\n")
+    result = runner.invoke(
+        web_cli, ["users", "add", "carol", "--admin", "--password-stdin", *base], input="long enough pw\n"
+    )
     assert result.exit_code == 0, result.output
     assert "created user carol (admin)" in result.output
     again = runner.invoke(web_cli, ["users", "add", "carol", "--password-stdin", *base], input="long enough pw\n")
@@ -397,7 +475,12 @@ def test_users_cli(tmp_path):
     assert missing.exit_code == 1 and "users add nobody" in missing.output
     listing = runner.invoke(web_cli, ["users", "list", *base])
     assert "carol\tadmin\ttoken" in listing.output
-    assert runner.invoke(web_cli, ["users", "passwd", "carol", "--password-stdin", *base], input="another long pw\n").exit_code == 0
+    assert (
+        runner.invoke(
+            web_cli, ["users", "passwd", "carol", "--password-stdin", *base], input="another long pw\n"
+        ).exit_code
+        == 0
+    )
     app = make_app(tmp_path, url)
     assert users.authenticate(app.extensions["histoseek"].catalog, "carol", "another long pw") is not None
     assert "gunicorn" in runner.invoke(web_cli, ["serve", "--help"]).output

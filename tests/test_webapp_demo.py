@@ -32,7 +32,14 @@ def test_demo_variants_are_real_pyramids(tmp_path):
     metadata = build_demo_archive(source, tmp_path / "archive")
     with open(metadata) as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["slide"] for r in rows] == ["source.tiff", "cmu1-mirrored.tiff", "cmu1-stain-shifted.tiff", "cmu1-top-half.tiff", "cmu1-bottom-half.tiff", "cmu1-half-resolution.tiff"]
+    assert [r["slide"] for r in rows] == [
+        "source.tiff",
+        "cmu1-mirrored.tiff",
+        "cmu1-stain-shifted.tiff",
+        "cmu1-top-half.tiff",
+        "cmu1-bottom-half.tiff",
+        "cmu1-half-resolution.tiff",
+    ]
     assert {r["collection"] for r in rows} == {"demo"} and all(r["diagnosis"].startswith("demo:") for r in rows)
 
     mirrored, mpp, levels = level0(tmp_path / "archive" / "cmu1-mirrored.tiff")

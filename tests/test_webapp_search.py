@@ -28,7 +28,10 @@ SLIDES = [
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    files = [write_pyramidal_tiff(tmp / "src" / name, tissue_blobs(1100, 1100, seed=seed, n_blobs=4), mpp=0.5) for name, seed, _ in SLIDES]
+    files = [
+        write_pyramidal_tiff(tmp / "src" / name, tissue_blobs(1100, 1100, seed=seed, n_blobs=4), mpp=0.5)
+        for name, seed, _ in SLIDES
+    ]
     rows = [{"slide": name, "collection": "test", **meta} for name, _, meta in SLIDES]
     settings = make_indexed_archive(tmp / "archive", files, metadata_rows=rows)
     app = create_app({"TESTING": True, "SETTINGS": settings, "INSTANCE_PATH": str(tmp / "instance")})
@@ -41,7 +44,9 @@ def app(tmp_path_factory):
 def client(app):
     client = app.test_client()
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-    assert client.post("/login", data={"username": "path", "password": PASSWORD, "csrf_token": token}).status_code == 302
+    assert (
+        client.post("/login", data={"username": "path", "password": PASSWORD, "csrf_token": token}).status_code == 302
+    )
     return client
 
 
@@ -52,7 +57,11 @@ def csrf(client) -> str:
 def slide_and_tile(app, name):
     with app.extensions["histoseek"].catalog.session() as s:
         slide = s.scalar(sa.select(models.Slide).where(models.Slide.path.like(f"%{name}")))
-        tile = s.scalars(sa.select(models.Tile).where(models.Tile.slide_id == slide.id).order_by(models.Tile.tissue_fraction.desc(), models.Tile.id)).first()
+        tile = s.scalars(
+            sa.select(models.Tile)
+            .where(models.Tile.slide_id == slide.id)
+            .order_by(models.Tile.tissue_fraction.desc(), models.Tile.id)
+        ).first()
     return slide, tile
 
 
@@ -66,7 +75,12 @@ def crop_png(slide, tile) -> bytes:
 @pytest.mark.parametrize("name", ["alpha.tiff", "gamma.tiff"])
 def test_api_region_search_finds_the_source_slide(app, client, name):
     slide, tile = slide_and_tile(app, name)
-    form = {"image": (io.BytesIO(crop_png(slide, tile)), "crop.png"), "mpp": "0.5", "top_k": "3", "csrf_token": csrf(client)}
+    form = {
+        "image": (io.BytesIO(crop_png(slide, tile)), "crop.png"),
+        "mpp": "0.5",
+        "top_k": "3",
+        "csrf_token": csrf(client),
+    }
     response = client.post("/api/v1/search/region", data=form, content_type="multipart/form-data")
     assert response.status_code == 200, response.json
     result = response.json
@@ -83,14 +97,21 @@ def test_api_region_search_with_token_and_filters(app, client):
     token = users.issue_token(app.extensions["histoseek"].catalog, "path")
     fresh = app.test_client()
     form = {"image": (io.BytesIO(crop_png(slide, tile)), "crop.png"), "magnification": "20", "site": "liver"}
-    response = fresh.post("/api/v1/search/region", data=form, content_type="multipart/form-data", headers={"Authorization": f"Bearer {token}"})
+    response = fresh.post(
+        "/api/v1/search/region",
+        data=form,
+        content_type="multipart/form-data",
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert response.status_code == 200, response.json
     assert {r["slide"]["site"] for r in response.json["results"]} == {"liver"}
 
 
 def test_api_slide_search_leaves_the_query_out(app, client):
     slide, _ = slide_and_tile(app, "beta.tiff")
-    response = client.post("/api/v1/search/slide", json={"slide_id": slide.id, "top_k": 5}, headers={"X-CSRF-Token": csrf(client)})
+    response = client.post(
+        "/api/v1/search/slide", json={"slide_id": slide.id, "top_k": 5}, headers={"X-CSRF-Token": csrf(client)}
+    )
     assert response.status_code == 200, response.json
     ids = [r["slide"]["id"] for r in response.json["results"]]
     assert ids and slide.id not in ids
@@ -104,7 +125,12 @@ def test_api_slide_search_leaves_the_query_out(app, client):
 
 def test_results_page_and_viewer_link(app, client):
     slide, tile = slide_and_tile(app, "gamma.tiff")
-    form = {"image": (io.BytesIO(crop_png(slide, tile)), "crop.png"), "mpp": "0.5", "top_k": "3", "csrf_token": csrf(client)}
+    form = {
+        "image": (io.BytesIO(crop_png(slide, tile)), "crop.png"),
+        "mpp": "0.5",
+        "top_k": "3",
+        "csrf_token": csrf(client),
+    }
     page = client.post("/search/region", data=form, content_type="multipart/form-data")
     assert page.status_code == 200
     first = re.search(r'<a class="slide-link" href="([^"]+)">([^<]+)</a>', page.text)
@@ -122,7 +148,11 @@ def test_searches_are_audited(app, client):
     form = {"image": (io.BytesIO(crop_png(slide, tile)), "audit-me.png"), "mpp": "0.5", "csrf_token": csrf(client)}
     assert client.post("/api/v1/search/region", data=form, content_type="multipart/form-data").status_code == 200
     with app.extensions["histoseek"].catalog.session() as s:
-        event = s.scalars(sa.select(models.AuditEvent).where(models.AuditEvent.action == "search_region").order_by(models.AuditEvent.id.desc())).first()
+        event = s.scalars(
+            sa.select(models.AuditEvent)
+            .where(models.AuditEvent.action == "search_region")
+            .order_by(models.AuditEvent.id.desc())
+        ).first()
         username = s.get(models.User, event.user_id).username
     assert username == "path" and event.detail["filename"] == "audit-me.png" and event.detail["mpp"] == 0.5
     assert event.detail["top_slide_ids"][0] == slide.id

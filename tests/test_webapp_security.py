@@ -28,7 +28,9 @@ from click.testing import CliRunner
 
 from engine.catalog import models
 from engine.config import Settings
-from tests.conftest import _reset_postgres as reset_postgres, postgres_url
+from engine.errors import QueryError
+from tests.conftest import _reset_postgres as reset_postgres
+from tests.conftest import postgres_url
 from webapp import create_app, users
 from webapp.cli import main as web_cli
 from webapp.errors import public_message
@@ -52,12 +54,16 @@ def app(request, tmp_path_factory):
     app = create_app({"TESTING": True, "SETTINGS": settings, "INSTANCE_PATH": str(tmp_path / "instance")})
     catalog = app.extensions["histoseek"].catalog
     with catalog.session() as s:
-        s.add_all([
-            models.Slide(path=str(tmp_path / "slides" / "gone.svs"), fingerprint="a" * 64, status="indexed", tile_count=1),
-            models.Slide(path="/archive/case_7.svs", fingerprint="b" * 64, status="pending"),
-            models.Slide(path="/archive/case7.svs", fingerprint="c" * 64, status="pending", label="100% tumour"),
-            models.Slide(path="/archive/other.svs", fingerprint="d" * 64, status="pending"),
-        ])
+        s.add_all(
+            [
+                models.Slide(
+                    path=str(tmp_path / "slides" / "gone.svs"), fingerprint="a" * 64, status="indexed", tile_count=1
+                ),
+                models.Slide(path="/archive/case_7.svs", fingerprint="b" * 64, status="pending"),
+                models.Slide(path="/archive/case7.svs", fingerprint="c" * 64, status="pending", label="100% tumour"),
+                models.Slide(path="/archive/other.svs", fingerprint="d" * 64, status="pending"),
+            ]
+        )
         s.add(models.BenchmarkRun(dataset_kind="flat", dataset_path="y", encoder_name="e", metrics={"acc@1": 0.5}))
     app.config["CATALOG_URL"] = url
     app.config["TMP"] = tmp_path
@@ -73,7 +79,7 @@ def ensure_user(app, username: str) -> None:
     """Create the user unless an earlier parametrisation of the test did."""
     try:
         users.create_user(catalog_of(app), username, PASSWORD)
-    except ValueError:
+    except QueryError:  # exists already
         pass
 
 
@@ -103,7 +109,11 @@ def copy_of(app, client):
 
 def audit_rows(app, action: str, username: str) -> list[dict]:
     with catalog_of(app).session() as s:
-        return [e.detail for e in s.scalars(sa.select(models.AuditEvent).where(models.AuditEvent.action == action)) if e.detail.get("username") == username]
+        return [
+            e.detail
+            for e in s.scalars(sa.select(models.AuditEvent).where(models.AuditEvent.action == action))
+            if e.detail.get("username") == username
+        ]
 
 
 def token_client(app, username: str):
@@ -227,7 +237,16 @@ def test_non_finite_and_huge_numbers_in_json_are_400(app, body, names):
     assert names in response.json["message"], response.json
 
 
-@pytest.mark.parametrize("field,value", [("slide_id", "inf"), ("slide_id", "1e20"), ("slide_id", "99999999999999999999"), ("top_k", "nan"), ("top_k", "inf")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("slide_id", "inf"),
+        ("slide_id", "1e20"),
+        ("slide_id", "99999999999999999999"),
+        ("top_k", "nan"),
+        ("top_k", "inf"),
+    ],
+)
 def test_non_finite_numbers_in_forms_are_400(app, field, value):
     ensure_user(app, "s9form")
     data = {"slide_id": "1", field: value}
@@ -246,7 +265,11 @@ def test_region_search_refuses_non_finite_mpp(app):
 def test_deeply_nested_json_is_400_not_500(app):
     users.create_user(catalog_of(app), "s9deep", PASSWORD)
     client = token_client(app, "s9deep")
-    for body in ("[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000, '{"slide_id": 1, "filters": ' + "[" * 40 + "]" * 40 + "}"):
+    for body in (
+        "[" * 5000 + "]" * 5000,
+        '{"a":' * 5000 + "1" + "}" * 5000,
+        '{"slide_id": 1, "filters": ' + "[" * 40 + "]" * 40 + "}",
+    ):
         response = client.post("/api/v1/search/slide", data=body, content_type="application/json")
         assert response.status_code == 400, response.text[:200]
         assert "nested deeper than 32" in response.json["message"]
@@ -266,7 +289,9 @@ def test_viewer_refuses_or_ignores_non_finite_boxes(app):
         assert client.get(f"/viewer/{slide_id}?box={box}").status_code == 400, box
     page = client.get(f"/viewer/{slide_id}?box=0,0,10,10,nan")
     assert page.status_code == 200
-    boxes = json.loads(re.search(r'<script type="application/json" id="viewer-boxes">(.*?)</script>', page.text, re.S).group(1))
+    boxes = json.loads(
+        re.search(r'<script type="application/json" id="viewer-boxes">(.*?)</script>', page.text, re.S).group(1)
+    )
     assert boxes == [{"x": 0, "y": 0, "w": 10, "h": 10, "score": None, "match": "features"}]
     assert client.get("/archive?page=" + "9" * 30).status_code == 200
 
@@ -287,7 +312,11 @@ def test_concurrent_wrong_logins_check_exactly_the_limit(app):
 
     def attempt(client, token):
         barrier.wait()
-        statuses.append(client.post("/login", data={"username": "s10victim", "password": "wrong guess", "csrf_token": token}).status_code)
+        statuses.append(
+            client.post(
+                "/login", data={"username": "s10victim", "password": "wrong guess", "csrf_token": token}
+            ).status_code
+        )
 
     threads = [threading.Thread(target=attempt, args=pair) for pair in zip(clients, tokens)]
     for t in threads:
@@ -338,12 +367,19 @@ def test_failed_login_audit_rows_are_bounded_and_success_resets(app, monkeypatch
 def test_error_messages_hide_server_paths_and_memory_addresses(app):
     message = "cannot open /srv/archive/2024/case 1/x.svs: <openslide.OpenSlide object at 0x7f3a2c1d9e50> at /srv/idx/shard_1.faiss"
     assert public_message(message) == "cannot open case 1/x.svs: <openslide.OpenSlide object> at shard_1.faiss"
-    assert public_message("see http://127.0.0.1:8000/api/v1/slides and relative/x.svs") == "see http://127.0.0.1:8000/api/v1/slides and relative/x.svs"
+    assert (
+        public_message("see http://127.0.0.1:8000/api/v1/slides and relative/x.svs")
+        == "see http://127.0.0.1:8000/api/v1/slides and relative/x.svs"
+    )
     users.create_user(catalog_of(app), "s11err", PASSWORD)
     client = token_client(app, "s11err")
     with catalog_of(app).session() as s:
         slide_id = s.scalar(sa.select(models.Slide.id).where(models.Slide.path.like("%gone.svs")))
-    for url in (f"/api/v1/slides/{slide_id}/thumbnail.jpg", f"/tiles/{slide_id}.dzi", f"/api/v1/slides/{slide_id}/region.jpg"):
+    for url in (
+        f"/api/v1/slides/{slide_id}/thumbnail.jpg",
+        f"/tiles/{slide_id}.dzi",
+        f"/api/v1/slides/{slide_id}/region.jpg",
+    ):
         response = client.get(url)
         assert 400 <= response.status_code < 500, (url, response.status_code)
         text = response.json["message"]
@@ -356,7 +392,9 @@ def test_archive_search_text_is_not_a_like_pattern(app):
     client = token_client(app, "s11like")
 
     def names(q):
-        return sorted(s["name"] for s in client.get("/api/v1/slides", query_string={"q": q, "per_page": 500}).json["slides"])
+        return sorted(
+            s["name"] for s in client.get("/api/v1/slides", query_string={"q": q, "per_page": 500}).json["slides"]
+        )
 
     assert names("_7") == ["case_7.svs"]
     assert names("%") == ["case7.svs"]  # its label is "100% tumour"
@@ -373,7 +411,9 @@ def test_pages_and_api_are_no_store_static_files_cacheable(app):
         assert client.get(url).headers.get("Cache-Control") == "no-store", url
     static = client.get("/static/style.css") if os.path.exists(os.path.join(app.static_folder, "style.css")) else None
     if static is None:
-        name = next(n for n in sorted(os.listdir(app.static_folder)) if os.path.isfile(os.path.join(app.static_folder, n)))
+        name = next(
+            n for n in sorted(os.listdir(app.static_folder)) if os.path.isfile(os.path.join(app.static_folder, n))
+        )
         static = client.get(f"/static/{name}")
     assert static.status_code == 200 and "no-store" not in static.headers.get("Cache-Control", "")
 
@@ -399,9 +439,35 @@ def start_server(tmp_path, catalog_url, *, threads: int, env_extra: dict):
     port = free_port()
     home = tmp_path / "home"
     (home / "run").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"), "HISTOSEEK_INSTANCE_DIR": str(tmp_path / "instance"), **env_extra}
-    cmd = [sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", str(threads),
-           "--catalog", catalog_url, "--index-dir", str(tmp_path / "index"), "--encoder", "random:resnet18", "--device", "cpu"]
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "HISTOSEEK_INSTANCE_DIR": str(tmp_path / "instance"),
+        **env_extra,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "webapp.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--threads",
+        str(threads),
+        "--catalog",
+        catalog_url,
+        "--index-dir",
+        str(tmp_path / "index"),
+        "--encoder",
+        "random:resnet18",
+        "--device",
+        "cpu",
+    ]
     log = open(tmp_path / f"server-{port}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -430,7 +496,9 @@ def stop_server(proc, log):
 def slow_body(port: int) -> socket.socket:
     """A POST /login that announces 1,000 bytes of body and sends one."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(f"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nu".encode())
+    sock.sendall(
+        "POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nu".encode()
+    )
     return sock
 
 
@@ -480,6 +548,10 @@ def test_login_counter_starts_over_after_its_window(app):
     assert users.count_login_try(catalog, keys, window) == [2, 2]
     with catalog.session() as s:  # as if the last try were six minutes ago
         six_minutes_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=6)
-        s.execute(sa.update(models.LoginThrottle).where(models.LoginThrottle.key.in_(keys)).values(window_start=six_minutes_ago))
+        s.execute(
+            sa.update(models.LoginThrottle)
+            .where(models.LoginThrottle.key.in_(keys))
+            .values(window_start=six_minutes_ago)
+        )
     assert users.count_login_try(catalog, keys, window) == [1, 1]
     assert users.count_login_try(catalog, keys, window) == [2, 2]

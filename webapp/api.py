@@ -128,7 +128,15 @@ def slides():
         )
     except ValueError as exc:
         abort(400, description=str(exc))
-    return jsonify({"slides": [archive.slide_json(r) for r in page.items], "total": page.total, "page": page.page, "per_page": page.per_page, "pages": page.pages})
+    return jsonify(
+        {
+            "slides": [archive.slide_json(r) for r in page.items],
+            "total": page.total,
+            "page": page.page,
+            "per_page": page.per_page,
+            "pages": page.pages,
+        }
+    )
 
 
 @bp.get("/slides/<int:slide_id>")

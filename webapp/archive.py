@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from engine.catalog import Catalog, models
 from engine.errors import NotFound
+from engine.search.filters import FILTER_FIELDS
 
 
 @dataclasses.dataclass
@@ -51,19 +52,32 @@ def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def list_slides(catalog: Catalog, *, status=None, q=None, site=None, diagnosis=None, collection=None, page=1, per_page=50) -> Page:
+def list_slides(
+    catalog: Catalog, *, status=None, q=None, site=None, diagnosis=None, collection=None, page=1, per_page=50
+) -> Page:
     if status is not None and status not in models.SLIDE_STATUSES:
         raise ValueError(f"status must be one of {', '.join(models.SLIDE_STATUSES)}")
     query = sa.select(models.Slide)
     if status:
         query = query.where(models.Slide.status == status)
-    for column, value in ((models.Slide.site, site), (models.Slide.diagnosis, diagnosis), (models.Slide.collection, collection)):
+    for column, value in (
+        (models.Slide.site, site),
+        (models.Slide.diagnosis, diagnosis),
+        (models.Slide.collection, collection),
+    ):
         if value:
             query = query.where(column == value)
     if q:
         # q is text to find, not a pattern: % and _ in it are escaped (q=_ matched every slide)
         like = "%" + escape_like(q.lower()) + "%"
-        query = query.where(sa.or_(*(sa.func.lower(c).like(like, escape="\\") for c in (models.Slide.path, models.Slide.patient, models.Slide.label, models.Slide.diagnosis))))
+        query = query.where(
+            sa.or_(
+                *(
+                    sa.func.lower(c).like(like, escape="\\")
+                    for c in (models.Slide.path, models.Slide.patient, models.Slide.label, models.Slide.diagnosis)
+                )
+            )
+        )
     with catalog.session() as s:
         total = s.scalar(sa.select(sa.func.count()).select_from(query.subquery()))
         rows = s.scalars(query.order_by(models.Slide.id).offset((page - 1) * per_page).limit(per_page)).all()
@@ -85,16 +99,21 @@ def get_slide(catalog: Catalog, slide_id: int) -> models.Slide:
 
 def indexed_slides(catalog: Catalog) -> list[models.Slide]:
     with catalog.session() as s:
-        return list(s.scalars(sa.select(models.Slide).where(models.Slide.status == models.INDEXED).order_by(models.Slide.path)))
+        return list(
+            s.scalars(sa.select(models.Slide).where(models.Slide.status == models.INDEXED).order_by(models.Slide.path))
+        )
 
 
 def filter_choices(catalog: Catalog) -> dict[str, list[str]]:
-    """Distinct site / diagnosis / collection values of indexed slides, for the filter menus."""
+    """Distinct values of each search filter field (site, diagnosis, ...) in the catalog,
+    for the filter menus."""
     choices = {}
     with catalog.session() as s:
-        for name in ("site", "diagnosis", "collection", "label"):
+        for name in FILTER_FIELDS:
             column = getattr(models.Slide, name)
-            choices[name] = [v for v in s.scalars(sa.select(column).where(column.is_not(None)).distinct().order_by(column)) if v]
+            choices[name] = [
+                v for v in s.scalars(sa.select(column).where(column.is_not(None)).distinct().order_by(column)) if v
+            ]
     return choices
 
 
@@ -119,7 +138,13 @@ def benchmark_json(row: models.BenchmarkRun) -> dict:
 
 def list_benchmarks(catalog: Catalog) -> list[models.BenchmarkRun]:
     with catalog.session() as s:
-        return list(s.scalars(sa.select(models.BenchmarkRun).order_by(models.BenchmarkRun.created_at.desc(), models.BenchmarkRun.id.desc())))
+        return list(
+            s.scalars(
+                sa.select(models.BenchmarkRun).order_by(
+                    models.BenchmarkRun.created_at.desc(), models.BenchmarkRun.id.desc()
+                )
+            )
+        )
 
 
 def get_benchmark(catalog: Catalog, run_id: int) -> models.BenchmarkRun:

@@ -28,7 +28,13 @@ def safe_next(target: str | None) -> str:
     """Only same-site relative paths are followed after login (no open redirect)."""
     if target:
         parts = urlsplit(target)
-        if not parts.scheme and not parts.netloc and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        if (
+            not parts.scheme
+            and not parts.netloc
+            and target.startswith("/")
+            and not target.startswith("//")
+            and "\\" not in target
+        ):
             return target
     return url_for("pages.search")
 
@@ -42,11 +48,17 @@ def load_user() -> None:
     g.user, g.auth_method = None, None
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        user = users.user_for_token(state().catalog, header[len("Bearer "):].strip())
+        user = users.user_for_token(state().catalog, header[len("Bearer ") :].strip())
         if user is None:
-            abort(401, description="the API token is not valid; create a new one with `histoseek-web users token NAME` or on the account page")
+            abort(
+                401,
+                description="the API token is not valid; create a new one with `histoseek-web users token NAME` or on the account page",
+            )
         if user.disabled:
-            abort(401, description="this account is disabled; an administrator can enable it with `histoseek-web users enable NAME`")
+            abort(
+                401,
+                description="this account is disabled; an administrator can enable it with `histoseek-web users enable NAME`",
+            )
         g.user, g.auth_method = user, "token"
         return
     user_id = session.get("user_id")
@@ -62,7 +74,9 @@ def require_login():
     load_user()
     if request.endpoint not in PUBLIC_ENDPOINTS and g.user is None:
         if is_api_request() or request.endpoint is None:
-            abort(401, description="log in first: send 'Authorization: Bearer <token>' (histoseek-web users token NAME)")
+            abort(
+                401, description="log in first: send 'Authorization: Bearer <token>' (histoseek-web users token NAME)"
+            )
         return redirect(url_for("auth.login", next=request.full_path if request.query_string else request.path))
     check_csrf()
     return None
@@ -86,7 +100,10 @@ def security_headers(response):
     files stay cacheable."""
     if request.endpoint != "static":
         response.headers.setdefault("Cache-Control", "no-store")
-    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
+    )
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "same-origin")
@@ -109,8 +126,16 @@ def login():
             # flood of tries must not push real events off the audit page.
             for key, count, limit in ((user_key, per_user, user_limit), (address_key, per_address, address_limit)):
                 if count == limit + 1:
-                    users.record(catalog, None, "login_throttled", {"username": username, "ip": address, "key": key.split(":", 1)[0], "limit": limit})
-            flash(f"Too many failed logins from this address; wait {LOGIN_WINDOW.seconds // 60} minutes and try again.", "error")
+                    users.record(
+                        catalog,
+                        None,
+                        "login_throttled",
+                        {"username": username, "ip": address, "key": key.split(":", 1)[0], "limit": limit},
+                    )
+            flash(
+                f"Too many failed logins from this address; wait {LOGIN_WINDOW.seconds // 60} minutes and try again.",
+                "error",
+            )
             return render_template("login.html", username=username), 429
         user = users.authenticate(catalog, username, request.form.get("password", ""))
         if user is None:

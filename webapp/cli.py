@@ -8,6 +8,7 @@ import click
 
 from engine.cli.common import handle_errors, run_edge, settings_options, setup_logging
 from engine.config import Settings
+from engine.errors import QueryError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,7 +18,9 @@ def main(verbose: int) -> None:
 
     Every page needs a login: create the first user with `histoseek-web users add NAME --admin`,
     then `histoseek-web serve`. Settings come from flags, then HISTOSEEK_* environment
-    variables (and HISTOSEEK_INSTANCE_DIR/histoseek.cfg for the web app's own settings).
+    variables, then defaults; the web app's own settings (upload limits, login throttling,
+    ...) also from histoseek.cfg in its instance folder (HISTOSEEK_INSTANCE_DIR, default
+    <data dir>/webapp). docs/webapp.md lists them.
     """
     setup_logging(verbose)
 
@@ -29,13 +32,24 @@ def _catalog(settings: Settings):
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only)."
+)
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
-@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes (each loads the encoder and index).")
-@click.option("--threads", default=16, show_default=True, help="Threads per worker (slide tiles are served concurrently).")
+@click.option(
+    "--workers", default=2, show_default=True, help="gunicorn worker processes (each loads the encoder and index)."
+)
+@click.option(
+    "--threads", default=16, show_default=True, help="Threads per worker (slide tiles are served concurrently)."
+)
 @click.option("--timeout", default=120, show_default=True, help="Seconds before a silent worker is restarted.")
 @click.option("--access-log/--no-access-log", default=False, help="Log each request to stderr.")
-@click.option("--control-socket", type=click.Path(dir_okay=False), default=None, help="Open gunicorn's control socket (gunicornc) at this path; off by default.")
+@click.option(
+    "--control-socket",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Open gunicorn's control socket (gunicornc) at this path; off by default.",
+)
 @settings_options
 @handle_errors
 def serve(host, port, workers, threads, timeout, access_log, control_socket, settings: Settings) -> None:
@@ -47,13 +61,27 @@ def serve(host, port, workers, threads, timeout, access_log, control_socket, set
     buffers request bodies (docs/webapp.md has an nginx example; then set
     HISTOSEEK_TRUSTED_PROXIES=1).
     """
-    from webapp import instance_dir, persistent_secret_key
+    from webapp import load_config
     from webapp.server import run_gunicorn
 
     _catalog(settings).dispose()  # bring the schema to head once, before workers start
-    persistent_secret_key(instance_dir(None))
-    click.echo(f"histoseek web app on http://{host}:{port}/  (catalog {settings.catalog_url}, encoder {settings.encoder or 'not set'})", err=True)
-    run_gunicorn(settings, host=host, port=port, workers=workers, threads=threads, timeout=timeout, access_log=access_log, control_socket=control_socket)
+    # what every worker reads again (webapp.create_app): a bad setting stops here, with one
+    # message, and the instance folder's secret key exists before the workers start
+    load_config({"SETTINGS": settings})
+    click.echo(
+        f"histoseek web app on http://{host}:{port}/  (catalog {settings.catalog_url}, encoder {settings.encoder or 'not set'})",
+        err=True,
+    )
+    run_gunicorn(
+        settings,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        timeout=timeout,
+        access_log=access_log,
+        control_socket=control_socket,
+    )
 
 
 @main.group()
@@ -74,7 +102,7 @@ def users_add(username, admin, password_stdin, settings: Settings) -> None:
     password = _read_password(password_stdin)
     try:
         u.create_user(_catalog(settings), username, password, is_admin=admin)
-    except ValueError as exc:
+    except QueryError as exc:
         raise click.BadParameter(str(exc)) from None
     click.echo(f"created user {username}{' (admin)' if admin else ''}")
 
@@ -90,7 +118,7 @@ def users_passwd(username, password_stdin, settings: Settings) -> None:
 
     try:
         u.set_password(_catalog(settings), username, _read_password(password_stdin))
-    except ValueError as exc:
+    except QueryError as exc:
         raise click.BadParameter(str(exc)) from None
     click.echo(f"password of {username} changed")
 
@@ -157,7 +185,9 @@ def users_list(settings: Settings) -> None:
 
     for user in u.list_users(_catalog(settings)):
         state = "disabled" if user.disabled else "active"
-        click.echo(f"{user.username}\t{'admin' if user.is_admin else 'user'}\t{'token' if user.api_token_hash else 'no token'}\t{user.created_at:%Y-%m-%d}\t{state}")
+        click.echo(
+            f"{user.username}\t{'admin' if user.is_admin else 'user'}\t{'token' if user.api_token_hash else 'no token'}\t{user.created_at:%Y-%m-%d}\t{state}"
+        )
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -32,7 +32,10 @@ def check_csrf() -> None:
     sent = request.headers.get(HEADER) or request.form.get(FIELD, "")
     expected = session.get(FIELD, "")
     if not expected or not hmac.compare_digest(sent, expected):
-        abort(400, description="the form has expired or did not come from this site (CSRF check failed); reload the page and try again")
+        abort(
+            400,
+            description="the form has expired or did not come from this site (CSRF check failed); reload the page and try again",
+        )
 
 
 def init_app(app) -> None:

@@ -19,6 +19,7 @@ import click
 from engine.catalog import Catalog
 from engine.cli.common import run_edge, setup_logging
 from engine.config import Settings
+from engine.encoder import is_random_spec
 from webapp import users
 from webapp.demo_data import build_demo_archive, fetch_cmu_small_region
 
@@ -28,12 +29,21 @@ DEMO_PASSWORD = "histoseek-demo"
 
 def index_archive(settings: Settings, archive: Path, metadata: Path) -> None:
     cmd = [
-        sys.executable, "-m", "indexer", "build", str(archive),
-        "--metadata", str(metadata),
-        "--catalog", settings.catalog_url,
-        "--index-dir", str(settings.index_dir),
-        "--encoder", settings.encoder,
-        "--device", settings.device,
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        str(archive),
+        "--metadata",
+        str(metadata),
+        "--catalog",
+        settings.catalog_url,
+        "--index-dir",
+        str(settings.index_dir),
+        "--encoder",
+        settings.encoder,
+        "--device",
+        settings.device,
     ]
     click.echo("indexing the demo archive: indexer build " + " ".join(cmd[4:]), err=True)
     done = subprocess.run(cmd)
@@ -51,9 +61,35 @@ def demo_mil_run(settings: Settings, run_dir: Path) -> int:
     from engine.mil.train import TrainOptions
 
     bags = load_bags(settings.catalog_url, settings.index_dir, "site", group="slide")
-    report = train_run(bags, run_dir, MilOptions(folds=2, group="slide", device="cpu", progress=False, train=TrainOptions(hidden=64, attention=32, max_epochs=15)))
-    params = {"label_column": "site", "group": "slide", "folds": len(report["metrics"]["folds"]), "classes": list(bags.classes), "counts": report["counts"], "notes": report["notes"] + ["demo: six variants of one slide, so the numbers say nothing"], "options": report["options"], "run_dir": report["run_dir"]}
-    return store_run(settings.catalog_url, Path(report["run_dir"]), bags.contract.to_json(), params, report["metrics"], Path(report["plot"]))
+    report = train_run(
+        bags,
+        run_dir,
+        MilOptions(
+            folds=2,
+            group="slide",
+            device="cpu",
+            progress=False,
+            train=TrainOptions(hidden=64, attention=32, max_epochs=15),
+        ),
+    )
+    params = {
+        "label_column": "site",
+        "group": "slide",
+        "folds": len(report["metrics"]["folds"]),
+        "classes": list(bags.classes),
+        "counts": report["counts"],
+        "notes": report["notes"] + ["demo: six variants of one slide, so the numbers say nothing"],
+        "options": report["options"],
+        "run_dir": report["run_dir"],
+    }
+    return store_run(
+        settings.catalog_url,
+        Path(report["run_dir"]),
+        bags.contract.to_json(),
+        params,
+        report["metrics"],
+        Path(report["plot"]),
+    )
 
 
 def ensure_demo_user(catalog: Catalog) -> None:
@@ -62,8 +98,20 @@ def ensure_demo_user(catalog: Catalog) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("histoseek-data/demo"), show_default=True, help="Folder for the demo slides, catalog and index.")
-@click.option("--encoder", default=None, metavar="SPEC", help="Encoder: a RetCCL checkpoint; default: the released weights when installed (HISTOSEEK_ENCODER or <data dir>/weights/best_ckpt.pth), else random weights (not for diagnosis).")
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("histoseek-data/demo"),
+    show_default=True,
+    help="Folder for the demo slides, catalog and index.",
+)
+@click.option(
+    "--encoder",
+    default=None,
+    metavar="SPEC",
+    help="Encoder: a RetCCL checkpoint; default: the released weights when installed (HISTOSEEK_ENCODER or <data dir>/weights/best_ckpt.pth), else random weights (not for diagnosis).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
@@ -92,14 +140,23 @@ def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
     ensure_demo_user(catalog)
     catalog.dispose()
     url = f"http://{host}:{port}/"
-    is_random = settings.encoder.startswith("random")
-    click.echo(f"\ndemo archive ready in {demo_dir}\nencoder: {settings.encoder}" + ("  (random weights: for trying the tool, not for diagnosis)" if is_random else ""))
+    click.echo(
+        f"\ndemo archive ready in {demo_dir}\nencoder: {settings.encoder}"
+        + ("  (random weights: for trying the tool, not for diagnosis)" if is_random_spec(settings.encoder) else "")
+    )
     if not serve:
         return
     click.echo(f"open {url}  and log in as  {DEMO_USER} / {DEMO_PASSWORD}   (Ctrl-C stops the server)\n")
     from webapp.server import run_gunicorn
 
-    run_gunicorn(settings, host=host, port=port, workers=workers, threads=8, app_config={"INSTANCE_PATH": str(demo_dir / "instance")})
+    run_gunicorn(
+        settings,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=8,
+        app_config={"INSTANCE_PATH": str(demo_dir / "instance")},
+    )
 
 
 if __name__ == "__main__":

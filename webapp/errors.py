@@ -30,6 +30,17 @@ STATUS = {
     E.CatalogError: 503,
 }
 
+# What a web user reads of a problem in the server's own set-up (the 503 kinds). The engine's
+# messages speak to an operator at a command line ("pass --encoder", "run `indexer verify`",
+# HISTOSEEK_* variables, file paths); they go to the server log, and the user reads what the
+# problem means here and who can fix it.
+EDGE_MESSAGES = {
+    E.ConfigError: "searching is not set up on this server yet (no encoder, or a setting is wrong); an administrator finds the reason in the server log",
+    E.EncoderError: "the server's encoder cannot be used for this archive (missing, unreadable, or not the one the index was built with); an administrator finds the reason in the server log",
+    E.ShardError: "the search index of this server is damaged or not built yet; an administrator finds the reason in the server log",
+    E.CatalogError: "the server cannot use its slide catalog right now; try again later, or ask an administrator (the reason is in the server log)",
+}
+
 
 # " at 0x7f3a2c1d9e50" in reprs of objects, and other long hex addresses.
 _ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
@@ -44,11 +55,21 @@ def public_message(message: str) -> str:
     return _ABS_PATH.sub("", _ADDRESS.sub("", message))
 
 
+def _nearest(table: dict, exc: E.HistoseekError):
+    """The entry of `table` for the most specific class of `exc` it names, else None."""
+    return next((table[cls] for cls in type(exc).__mro__ if cls in table), None)
+
+
 def status_for(exc: E.HistoseekError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
+    status = _nearest(STATUS, exc)
+    return 500 if status is None else status
+
+
+def message_for(exc: E.HistoseekError) -> str:
+    """What the client is told of `exc`: the edge wording of a set-up problem, else the
+    engine's message fit for the client (public_message)."""
+    edge = _nearest(EDGE_MESSAGES, exc)
+    return edge if edge is not None else public_message(str(exc))
 
 
 def error_response(status: int, code: str, message: str):
@@ -65,7 +86,7 @@ def init_app(app) -> None:
     @app.errorhandler(E.HistoseekError)
     def histoseek_error(exc):
         status = status_for(exc)
-        message = public_message(str(exc))
+        message = message_for(exc)
         if status >= 500:
             LOG.error("%s on %s %s: %s", type(exc).__name__, request.method, request.path, exc)
         elif message != str(exc):

@@ -23,11 +23,26 @@ def runs_for_slide(catalog: Catalog, slide_id: int) -> list[dict]:
     """MIL runs trained on the features of the encoder this slide is indexed with (newest
     first): only those can say anything about it."""
     with catalog.session() as s:
-        sha = s.scalar(sa.select(models.EncoderRecord.checkpoint_sha256).join(models.Slide, models.Slide.encoder_id == models.EncoderRecord.id).where(models.Slide.id == slide_id, models.Slide.status == models.INDEXED))
+        sha = s.scalar(
+            sa.select(models.EncoderRecord.checkpoint_sha256)
+            .join(models.Slide, models.Slide.encoder_id == models.EncoderRecord.id)
+            .where(models.Slide.id == slide_id, models.Slide.status == models.INDEXED)
+        )
         if sha is None:
             return []
-        rows = s.scalars(sa.select(models.BenchmarkRun).where(models.BenchmarkRun.dataset_kind == MIL_KIND, models.BenchmarkRun.encoder_sha256 == sha).order_by(models.BenchmarkRun.id.desc())).all()
-    return [{"id": r.id, "label_column": (r.parameters or {}).get("label_column", "?"), "auc": (r.metrics or {}).get("overall", {}).get("auc")} for r in rows]
+        rows = s.scalars(
+            sa.select(models.BenchmarkRun)
+            .where(models.BenchmarkRun.dataset_kind == MIL_KIND, models.BenchmarkRun.encoder_sha256 == sha)
+            .order_by(models.BenchmarkRun.id.desc())
+        ).all()
+    return [
+        {
+            "id": r.id,
+            "label_column": (r.parameters or {}).get("label_column", "?"),
+            "auc": (r.metrics or {}).get("overall", {}).get("auc"),
+        }
+        for r in rows
+    ]
 
 
 def attention(catalog: Catalog, index_dir: str | Path, run_id: int, slide_id: int) -> dict:
@@ -40,7 +55,9 @@ def attention(catalog: Catalog, index_dir: str | Path, run_id: int, slide_id: in
         raise NotFound(f"no MIL run with id {run_id} (`engine mil train` records them)")
     run_dir = Path(run.dataset_path)
     if not run_dir.is_dir():
-        raise NotFound(f"the folder of MIL run {run_id} ({run_dir.name}) is gone; train it again with `engine mil train`")
+        raise NotFound(
+            f"the folder of MIL run {run_id} ({run_dir.name}) is gone; train it again with `engine mil train`"
+        )
     answer = predict_indexed(catalog, index_dir, cached_run(run_dir), slide_id)
     answer["run"] = run_id  # never the server's path
     answer["label_column"] = (run.parameters or {}).get("label_column")
@@ -53,7 +70,17 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     for run in runs:
         m, p = run["metrics"], run["parameters"]
         o = m.get("overall", {})
-        out.append({**run, "label_column": p.get("label_column"), "classes": p.get("classes") or m.get("classes") or [], "folds": p.get("folds"),
-                    "slides": (p.get("counts") or {}).get("slides"), "auc": o.get("auc"), "auc_sd": o.get("auc_sd"),
-                    "bacc": o.get("balanced_accuracy"), "bacc_sd": o.get("balanced_accuracy_sd")})
+        out.append(
+            {
+                **run,
+                "label_column": p.get("label_column"),
+                "classes": p.get("classes") or m.get("classes") or [],
+                "folds": p.get("folds"),
+                "slides": (p.get("counts") or {}).get("slides"),
+                "auc": o.get("auc"),
+                "auc_sd": o.get("auc_sd"),
+                "bacc": o.get("balanced_accuracy"),
+                "bacc_sd": o.get("balanced_accuracy_sd"),
+            }
+        )
     return out

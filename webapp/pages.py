@@ -9,11 +9,12 @@ import math
 from flask import Blueprint, Response, abort, current_app, flash, g, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from engine.catalog.models import SLIDE_STATUSES
 from engine.errors import ImageError, NotFound, QueryError
-from webapp import archive, mil, users
-from webapp.errors import status_for
-from webapp import plots
-from webapp.queries import FILTER_FIELDS, MAGNIFICATIONS
+from engine.search.filters import FILTER_FIELDS
+from webapp import archive, mil, plots, users
+from webapp.errors import message_for, status_for
+from webapp.queries import MAGNIFICATIONS
 from webapp.searching import region_search, slide_search
 from webapp.state import state
 
@@ -46,7 +47,7 @@ def _form_error(exc: Exception):
             raise exc
         flash(exc.description, "error")
         return _search_form(exc.code)
-    flash(str(exc), "error")
+    flash(message_for(exc), "error")
     return _search_form(status_for(exc))
 
 
@@ -71,7 +72,13 @@ def search_region():
         result, image = region_search(storage, request.form)
     except (HTTPException, *FORM_ERRORS) as exc:
         return _form_error(exc)
-    return render_template("results.html", result=result, query_kind="region", query_image=_query_thumbnail(image), query_name=storage.filename)
+    return render_template(
+        "results.html",
+        result=result,
+        query_kind="region",
+        query_image=_query_thumbnail(image),
+        query_name=storage.filename,
+    )
 
 
 @bp.get("/search/slide")
@@ -81,7 +88,9 @@ def search_slide():
         query_slide = archive.get_slide(state().catalog, int(request.args["slide_id"]))
     except (HTTPException, *FORM_ERRORS) as exc:
         return _form_error(exc)
-    return render_template("results.html", result=result, query_kind="slide", query_slide=archive.slide_json(query_slide))
+    return render_template(
+        "results.html", result=result, query_kind="slide", query_slide=archive.slide_json(query_slide)
+    )
 
 
 def _boxes() -> list[dict]:
@@ -114,7 +123,13 @@ def _boxes() -> list[dict]:
 def viewer(slide_id: int):
     slide = archive.slide_json(archive.get_slide(state().catalog, slide_id))
     users.record(state().catalog, g.user.id, "view_slide", {"slide_id": slide_id})
-    return render_template("viewer.html", slide=slide, boxes=_boxes(), dzi_url=url_for("tiles.dzi", slide_id=slide_id), mil_runs=mil.runs_for_slide(state().catalog, slide_id))
+    return render_template(
+        "viewer.html",
+        slide=slide,
+        boxes=_boxes(),
+        dzi_url=url_for("tiles.dzi", slide_id=slide_id),
+        mil_runs=mil.runs_for_slide(state().catalog, slide_id),
+    )
 
 
 @bp.get("/archive")
@@ -124,8 +139,8 @@ def archive_page():
     except ValueError:
         page_no = 1
     status = request.args.get("status") or None
-    if status is not None and status not in ("pending", "indexed", "failed"):
-        abort(400, description="status must be pending, indexed or failed")
+    if status is not None and status not in SLIDE_STATUSES:
+        abort(400, description=f"status must be one of {', '.join(SLIDE_STATUSES)}")
     catalog = state().catalog
     page = archive.list_slides(
         catalog,
@@ -137,7 +152,15 @@ def archive_page():
         page=page_no,
         per_page=int(current_app.config["SLIDES_PER_PAGE"]),
     )
-    return render_template("archive.html", page=page, slides=[archive.slide_json(r) for r in page.items], counts=archive.status_counts(catalog), choices=archive.filter_choices(catalog), args=request.args)
+    return render_template(
+        "archive.html",
+        page=page,
+        slides=[archive.slide_json(r) for r in page.items],
+        counts=archive.status_counts(catalog),
+        choices=archive.filter_choices(catalog),
+        statuses=SLIDE_STATUSES,
+        args=request.args,
+    )
 
 
 @bp.get("/benchmarks")
@@ -176,7 +199,9 @@ def benchmark(run_id: int):
 def benchmark_plot(run_id: int):
     run = archive.get_benchmark(state().catalog, run_id)
     if mil.is_mil(run):
-        png = plots.roc_plot_png(f"MIL run {run.id}: {(run.parameters or {}).get('label_column', '')}", run.metrics or {})
+        png = plots.roc_plot_png(
+            f"MIL run {run.id}: {(run.parameters or {}).get('label_column', '')}", run.metrics or {}
+        )
         if png is None:
             raise NotFound(f"MIL run {run_id} has no ROC curve to plot")
         return Response(png, mimetype="image/png")
@@ -210,7 +235,10 @@ def account():
 
 @bp.app_template_filter("viewer_url")
 def viewer_url(result: dict) -> str:
-    boxes = [f"{r['x']},{r['y']},{r['w']},{r['h']},{r['score']:.4f},{r.get('match', 'features')}" for r in result.get("regions", [])]
+    boxes = [
+        f"{r['x']},{r['y']},{r['w']},{r['h']},{r['score']:.4f},{r.get('match', 'features')}"
+        for r in result.get("regions", [])
+    ]
     return url_for("pages.viewer", slide_id=result["slide"]["id"], box=boxes)
 
 

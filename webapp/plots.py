@@ -2,9 +2,10 @@
 (Acc@k / MV@k against k, per-class MV@k bars) drawn server-side as PNG (matplotlib, Agg)
 so the page needs no plotting library in the browser.
 
-Runs stored by `engine benchmark` hold {"overall": {"acc@1": ..}, "per_class": {class:
-{"count", "acc@1", ..}}, "curve": {"k": [..], "acc": [..], "mv": [..]}, "svm": {..}};
-flat documents ({"acc@1": ..}) are read too.
+Runs stored by `engine benchmark` (patch sets, and `--archive` slide runs) hold
+{"overall": {"acc@1": ..}, "per_class": {class: {"count", "acc@1", ..}}, "curve": {"k": [..],
+"acc": [..], "mv": [..]}, "svm": {..}, "protocol": {"name", "figures": {..}}}; slide runs add
+"query_time" {"p50_s", "p95_s", "published_s"} and "protocols" (every peer's figures).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _numbers(doc) -> dict[str, float]:
 
 def overall(metrics: dict) -> dict[str, float]:
     """The headline numbers of a run (acc@k, mv@k, mmv@k, map@k, ...)."""
-    return _numbers(metrics.get("overall")) if isinstance(metrics.get("overall"), dict) else _numbers(metrics)
+    return _numbers(metrics.get("overall"))
 
 
 def per_class(metrics: dict) -> dict[str, dict[str, float]]:
@@ -41,8 +42,21 @@ def svm(metrics: dict) -> dict[str, float]:
     return _numbers(metrics.get("svm"))
 
 
+def protocol(metrics: dict) -> tuple[str | None, dict[str, float]]:
+    """(protocol name, its figures under their own names) of a run; (None, {}) when it has none."""
+    doc = metrics.get("protocol")
+    if not isinstance(doc, dict):
+        return None, {}
+    return (str(doc["name"]) if doc.get("name") else None), _numbers(doc.get("figures"))
+
+
+def query_time(metrics: dict) -> dict[str, float]:
+    """p50_s, p95_s, mean_s of a slide run's queries ({} for patch runs)."""
+    return _numbers(metrics.get("query_time"))
+
+
 def curves(metrics: dict) -> dict[str, list[tuple[int, float]]]:
-    """Metrics against k: the stored curve when there is one, else the metric@k values."""
+    """Metrics against k: the stored curve when there is one, else the overall metric@k values."""
     curve = metrics.get("curve")
     if isinstance(curve, dict) and isinstance(curve.get("k"), list):
         out = {}

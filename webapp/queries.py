@@ -3,8 +3,10 @@ and the JSON API, with messages a pathologist can act on.
 
 An upload is checked in this order: size (Flask refuses bodies over MAX_CONTENT_LENGTH with
 413 before reading them), type by its first bytes (not its name or claimed content type),
-pixel count from the header before decoding (decompression bombs), then edge length and
-tissue content.
+pixel count from the header before decoding (decompression bombs), then edge length. Its
+tissue content is judged by the search engine alone (engine.search.query: a region none of
+whose tiles holds enough tissue is refused as blank, a QueryError the app answers with 422),
+so the web app and the CLI refuse the same regions.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-from flask import abort
+from flask import abort, current_app
 from PIL import Image
 
 from engine.catalog.models import MAX_ROW_ID
 from engine.errors import ImageError, QueryError
 from engine.images import open_rgb
+from engine.search.filters import FILTER_FIELDS
 
 # Signatures of the image types a region may arrive as.
 MAGIC = (
@@ -28,8 +30,6 @@ MAGIC = (
     (b"MM\x00*", "TIFF"),
     (b"BM", "BMP"),
 )
-FILTER_FIELDS = ("site", "diagnosis", "collection", "label")
-CHECK_MAX_PIXELS = 1_000_000  # pixels of the reduced copy the blank-region check looks at
 MAGNIFICATIONS = (40.0, 20.0, 10.0, 5.0)
 
 
@@ -78,7 +78,7 @@ def _number(values, name: str, cast, low, high):
 
 
 def search_params(values, config, *, region: bool) -> SearchParams:
-    """top_k, filters (site, diagnosis, collection) and, for a region, its mpp or
+    """top_k, filters (engine.search.filters.FILTER_FIELDS) and, for a region, its mpp or
     magnification, from a form or a JSON object. For a slide search, slide_id is checked to
     be a possible catalog id here (its absence is reported by the slide search)."""
     top_k = _number(values, "top_k", int, 1, int(config["MAX_TOP_K"])) or int(config["DEFAULT_TOP_K"])
@@ -93,14 +93,18 @@ def search_params(values, config, *, region: bool) -> SearchParams:
         params.mpp = _number(values, "mpp", float, 0.05, 20.0)
         params.magnification = _number(values, "magnification", float, 0.5, 100.0)
         if params.mpp is None and params.magnification is None:
-            abort(400, description="say how the region was captured: its microns per pixel (mpp) or its magnification (e.g. 20 for 20x)")
+            abort(
+                400,
+                description="say how the region was captured: its microns per pixel (mpp) or its magnification (e.g. 20 for 20x)",
+            )
     else:
         _number(values, "slide_id", int, 1, MAX_ROW_ID)
     return params
 
 
-def read_region_upload(storage, config) -> Image.Image:
-    """The uploaded region as an RGB image, or a 400 saying what is wrong with it."""
+def read_region_upload(storage, config, params: SearchParams) -> Image.Image:
+    """The uploaded region (at the resolution `params` say) as an RGB image, or a 4xx saying
+    what is wrong with it."""
     if storage is None or not storage.filename:
         abort(400, description="choose an image of the region to search for (PNG, JPEG or TIFF)")
     data = storage.read()
@@ -108,29 +112,32 @@ def read_region_upload(storage, config) -> Image.Image:
         abort(400, description="the uploaded file is empty")
     kind = sniff_type(data[:16])
     if kind is None:
-        abort(415, description=f"{storage.filename}: not an image (PNG, JPEG, TIFF, BMP or WebP expected, judged by its content)")
+        abort(
+            415,
+            description=f"{storage.filename}: not an image (PNG, JPEG, TIFF, BMP or WebP expected, judged by its content)",
+        )
     try:
         image = open_rgb(data, max_pixels=int(config["MAX_UPLOAD_PIXELS"]), name=storage.filename)
     except ImageError as exc:
         abort(400, description=str(exc))
-    check_region(image, config)
+    check_region(image, config, params)
     return image
 
 
-def check_region(image: Image.Image, config) -> None:
-    """Refuse regions too small to embed or with (almost) no tissue in them."""
-    from engine.tissue import tissue_mask_rgb
+def check_region(image: Image.Image, config, params: SearchParams) -> None:
+    """Refuse regions too small to compare with the archive, and those the search engine
+    would refuse, by its own rule (engine.search.query.tissue_tiles: size at the index's
+    resolution, tissue per tile), before the engine is loaded: a blank upload gets its 422
+    even while the archive has no index. The grid is the settings' (the index's unless it
+    was built on another)."""
+    from engine.search.query import region_mpp, tissue_tiles
 
     min_px = int(config["MIN_REGION_PX"])
     if min(image.size) < min_px:
-        raise QueryError(f"the region is {image.size[0]} x {image.size[1]} pixels; at least {min_px} x {min_px} are needed to compare it with the archive")
-    # The blank check needs no detail: it looks at a copy of at most CHECK_MAX_PIXELS (the
-    # mask costs ~50 bytes per pixel; reducing by the shorter side alone left a 1,250,000 x 32
-    # strip at full size, issue 11). The factor is capped by the shorter side so it stays >= 1 px.
-    factor = 1
-    while (image.width // factor) * (image.height // factor) > CHECK_MAX_PIXELS and factor < min(image.size):
-        factor += 1
-    rgb = np.asarray(image.reduce(factor) if factor > 1 else image)
-    fraction = float(tissue_mask_rgb(rgb).mean())
-    if fraction < float(config["MIN_TISSUE_FRACTION"]):
-        raise QueryError(f"the region looks blank (tissue covers {fraction:.0%} of it); select an area with tissue")
+        raise QueryError(
+            f"the region is {image.size[0]} x {image.size[1]} pixels; at least {min_px} x {min_px} are needed to compare it with the archive"
+        )
+    settings = current_app.extensions["histoseek"].settings
+    tissue_tiles(
+        image, region_mpp(params.mpp, params.magnification, settings.target_mpp), settings.target_mpp, settings.tile_px
+    )

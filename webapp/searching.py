@@ -21,15 +21,24 @@ def region_search(storage, values) -> tuple[dict, Image.Image]:
     the result and the decoded region (for the results page's thumbnail)."""
     config = current_app.config
     params = search_params(values, config, region=True)
-    image = read_region_upload(storage, config)
-    result = state().search_engine().search_region(
-        image,
-        mpp=params.mpp,
-        magnification=params.magnification,
-        top_k=params.top_k,
-        filters=params.filters or None,
-    ).to_json()
-    _audit("search_region", {"filename": (storage.filename or "")[:200], "size": list(image.size), **params.describe()}, result)
+    image = read_region_upload(storage, config, params)
+    result = (
+        state()
+        .search_engine()
+        .search_region(
+            image,
+            mpp=params.mpp,
+            magnification=params.magnification,
+            top_k=params.top_k,
+            filters=params.filters or None,
+        )
+        .to_json()
+    )
+    _audit(
+        "search_region",
+        {"filename": (storage.filename or "")[:200], "size": list(image.size), **params.describe()},
+        result,
+    )
     return result, image
 
 
@@ -42,11 +51,16 @@ def slide_search(values) -> dict:
     except (TypeError, ValueError):
         abort(400, description="choose a slide: slide_id must be the id of an indexed slide")
     exclude_self = str(values.get("exclude_self", "true")).lower() not in ("0", "false", "no", "off")
-    result = state().search_engine().search_slide(
-        slide_id,
-        top_k=params.top_k,
-        filters=params.filters or None,
-        exclude_self=exclude_self,
-    ).to_json()
+    result = (
+        state()
+        .search_engine()
+        .search_slide(
+            slide_id,
+            top_k=params.top_k,
+            filters=params.filters or None,
+            exclude_self=exclude_self,
+        )
+        .to_json()
+    )
     _audit("search_slide", {"slide_id": slide_id, "exclude_self": exclude_self, **params.describe()}, result)
     return result

@@ -131,7 +131,9 @@ def warm_search_engine(app) -> None:
         LOG.info("search engine not loaded at start: %s", exc)
 
 
-def gunicorn_options(host: str, port: int, workers: int, threads: int, timeout: int, access_log: bool, control_socket: str | None = None) -> dict:
+def gunicorn_options(
+    host: str, port: int, workers: int, threads: int, timeout: int, access_log: bool, control_socket: str | None = None
+) -> dict:
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -160,5 +162,18 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int, timeout: 
     return options
 
 
-def run_gunicorn(settings: Settings, *, host="127.0.0.1", port=8000, workers=2, threads=16, timeout=120, access_log=False, control_socket=None, app_config=None) -> None:
-    HistoseekServer(settings, gunicorn_options(host, port, workers, threads, timeout, access_log, control_socket), app_config).run()
+def run_gunicorn(
+    settings: Settings,
+    *,
+    host="127.0.0.1",
+    port=8000,
+    workers=2,
+    threads=16,
+    timeout=120,
+    access_log=False,
+    control_socket=None,
+    app_config=None,
+) -> None:
+    HistoseekServer(
+        settings, gunicorn_options(host, port, workers, threads, timeout, access_log, control_socket), app_config
+    ).run()

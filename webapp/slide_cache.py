@@ -30,6 +30,7 @@ import openslide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from engine.cache import LRUCache
 from engine.catalog import Catalog, models
 from engine.errors import NotFound, SlideChanged, SlideError
 from engine.slides import fingerprint, flatten_rgba, open_slide
@@ -75,7 +76,8 @@ class OpenedSlide:
 class TileBytes:
     """Encoded deep-zoom tiles, least recently used dropped first, bounded in bytes. Viewers
     of one slide ask for the same few hundred tiles again and again; decoding and
-    re-encoding them is most of a tile request's cost."""
+    re-encoding them is most of a tile request's cost. (engine.cache.LRUCache bounds the
+    number of entries; tiles differ in size, and TILE_CACHE_MB is a budget in bytes.)"""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -115,7 +117,9 @@ def _file_stat(slide_id: int, path: Path) -> tuple[int, int, int, int]:
 def _file_error(slide_id: int, path: Path, exc: OSError) -> SlideError:
     """The error to raise for an OSError on a slide's file: SlideChanged when it is gone."""
     if isinstance(exc, FileNotFoundError):
-        return SlideChanged(f"slide {slide_id} ({path.name}): its file is gone since it was indexed; restore it, or run `indexer build` to update the catalog")
+        return SlideChanged(
+            f"slide {slide_id} ({path.name}): its file is gone since it was indexed; restore it, or run `indexer build` to update the catalog"
+        )
     return SlideError(f"slide {slide_id} ({path.name}): its file cannot be read ({exc.strerror or exc})")
 
 
@@ -127,7 +131,9 @@ def _fit(w: int, h: int, max_px: int) -> tuple[int, int]:
     return max(1, round(w / scale)), max(1, round(h / scale))
 
 
-def _read_blocks(slide: openslide.OpenSlide, x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> Image.Image:
+def _read_blocks(
+    slide: openslide.OpenSlide, x: float, y: float, w: float, h: float, out_w: int, out_h: int
+) -> Image.Image:
     """The level-0 box (x, y, w, h) as RGB out_w x out_h, read from the coarsest level with
     enough pixels in blocks of at most READ_MAX_PX level pixels, each reduced before the next
     is read: memory does not grow with the box. Outside-scan pixels are white."""
@@ -148,7 +154,9 @@ def _read_blocks(slide: openslide.OpenSlide, x: float, y: float, w: float, h: fl
     return out
 
 
-def _read_direct(slide: openslide.OpenSlide, x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> Image.Image | None:
+def _read_direct(
+    slide: openslide.OpenSlide, x: float, y: float, w: float, h: float, out_w: int, out_h: int
+) -> Image.Image | None:
     """The box from the coarsest level with enough pixels, in one read when that read is at
     most READ_MAX_PX; None when it would be larger."""
     level = slide.get_best_level_for_downsample(max(w / out_w, h / out_h, 1.0))
@@ -160,11 +168,22 @@ def _read_direct(slide: openslide.OpenSlide, x: float, y: float, w: float, h: fl
     return rgb if rgb.size == (out_w, out_h) else rgb.resize((out_w, out_h), Image.Resampling.LANCZOS)
 
 
+class _OpenSlides(LRUCache[OpenedSlide]):
+    """Open slides by (id, fingerprint). Iterating gives a snapshot of the keys, least
+    recently used first (what the tests inspect)."""
+
+    def __iter__(self):
+        with self._lock:
+            return iter(list(self._items))
+
+
 class SlideCache:
     def __init__(self, catalog: Catalog, capacity: int = 16, tile_cache_bytes: int = 0):
         self.catalog = catalog
-        self.capacity = max(1, capacity)
-        self._open: collections.OrderedDict[tuple[int, str], OpenedSlide] = collections.OrderedDict()
+        # Handles pushed out are not closed: a request in another thread may still read from
+        # one; the garbage collector closes it once nothing refers to it.
+        self._open = _OpenSlides(max(1, capacity))
+        # Makes "is it there, else drop this slide's other entries and add it" one step.
         self._lock = threading.Lock()
         self.tile_bytes = TileBytes(tile_cache_bytes)
 
@@ -176,10 +195,14 @@ class SlideCache:
         row = get_slide(self.catalog, slide_id)
         name = Path(row.path).name
         if row.status == models.MISSING:
-            raise SlideChanged(f"slide {slide_id} ({name}): its file is missing or changed since it was indexed; restore it, or run `indexer build` to re-index it")
+            raise SlideChanged(
+                f"slide {slide_id} ({name}): its file is missing or changed since it was indexed; restore it, or run `indexer build` to re-index it"
+            )
         if row.status != models.INDEXED:
             why = f" ({row.error})" if row.error else ""
-            raise SlideError(f"slide {slide_id} ({name}) cannot be shown: it is {row.status}, not indexed{why}; run `indexer build`")
+            raise SlideError(
+                f"slide {slide_id} ({name}) cannot be shown: it is {row.status}, not indexed{why}; run `indexer build`"
+            )
         return row
 
     def get(self, slide_id: int) -> OpenedSlide:
@@ -187,10 +210,7 @@ class SlideCache:
         on every call (a primary-key query and a stat: cheap next to a tile)."""
         row = self._row(slide_id)
         key = (slide_id, row.fingerprint)
-        with self._lock:
-            opened = self._open.get(key)
-            if opened is not None:
-                self._open.move_to_end(key)
+        opened = self._open.get(key)
         if opened is not None:
             try:
                 same = opened.path == Path(row.path) and _file_stat(slide_id, opened.path) == opened.stat
@@ -208,13 +228,8 @@ class SlideCache:
             if existing is not None and existing.path == opened.path and existing.stat == opened.stat:
                 opened.slide.close()  # another thread opened it first; this one was never shared
                 return existing
-            for stale in [k for k in self._open if k[0] == slide_id]:
-                del self._open[stale]
-            self._open[key] = opened
-            while len(self._open) > self.capacity:
-                # Not closed: a request in another thread may still read from it; the
-                # garbage collector closes it once nothing refers to it.
-                self._open.popitem(last=False)
+            self._open.pop_where(lambda k: k[0] == slide_id)
+            self._open.put(key, opened)
         return opened
 
     def _open_verified(self, slide_id: int, row) -> OpenedSlide:
@@ -227,7 +242,9 @@ class SlideCache:
         except OSError as exc:
             raise _file_error(slide_id, path, exc) from None
         if found != row.fingerprint:
-            raise SlideChanged(f"slide {slide_id} ({path.name}): the slide file changed since it was indexed (its content is not the slide the catalog describes); run `indexer build` to re-index it")
+            raise SlideChanged(
+                f"slide {slide_id} ({path.name}): the slide file changed since it was indexed (its content is not the slide the catalog describes); run `indexer build` to re-index it"
+            )
         slide = open_slide(path)
         try:
             # limit_bounds=False keeps deep-zoom pixel coordinates equal to level-0
@@ -242,13 +259,15 @@ class SlideCache:
             raise
         if after != before:
             slide.close()
-            raise SlideChanged(f"slide {slide_id} ({path.name}): the slide file changed while it was being opened; try again, and run `indexer build` if it keeps changing")
+            raise SlideChanged(
+                f"slide {slide_id} ({path.name}): the slide file changed while it was being opened; try again, and run `indexer build` if it keeps changing"
+            )
         return OpenedSlide(slide_id, row.fingerprint, path, before, slide, deepzoom)
 
     def _drop(self, opened: OpenedSlide) -> None:
         with self._lock:
             if self._open.get(opened.key) is opened:
-                del self._open[opened.key]
+                self._open.pop(opened.key)
 
     @contextlib.contextmanager
     def _reading(self, opened: OpenedSlide, what: str):
@@ -259,37 +278,9 @@ class SlideCache:
             yield
         except (openslide.OpenSlideError, OSError) as exc:
             self._drop(opened)
-            raise SlideError(f"cannot read {what} of slide {opened.slide_id} ({opened.path.name}): {exc}; the file may be damaged (`indexer verify` checks slide files)") from None
-
-    # -- reading, bounded ------------------------------------------------------------------
-
-    def _overview(self, opened: OpenedSlide) -> Overview:
-        """The slide at most OVERVIEW_MAX_PX on its longer side, built once per open slide
-        (under its own lock, so concurrent tile requests wait for one build, not start
-        several), read in bounded blocks."""
-        with opened.overview_lock:
-            if opened.overview is None:
-                slide = opened.slide
-                width, height = slide.dimensions
-                out_w, out_h = _fit(width, height, OVERVIEW_MAX_PX)
-                image = _read_direct(slide, 0, 0, width, height, out_w, out_h)
-                if image is None:
-                    image = _read_blocks(slide, 0, 0, width, height, out_w, out_h)
-                opened.overview = Overview(image, width / out_w, height / out_h)
-            return opened.overview
-
-    def _read_scaled(self, opened: OpenedSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> Image.Image:
-        """The level-0 box (x, y, w, h) as RGB out_w x out_h (outside-scan pixels white):
-        in one read from the pyramid when that is small; else from the overview when it is
-        fine enough; else in bounded blocks (a level-0 region a tile covers)."""
-        slide = opened.slide
-        image = _read_direct(slide, x, y, w, h, out_w, out_h)
-        if image is not None:
-            return image
-        overview = self._overview(opened)
-        if overview.sx <= w / out_w * 1.001 and overview.sy <= h / out_h * 1.001:
-            return _from_overview(overview, slide.dimensions, x, y, w, h, out_w, out_h)
-        return _read_blocks(slide, x, y, w, h, out_w, out_h)
+            raise SlideError(
+                f"cannot read {what} of slide {opened.slide_id} ({opened.path.name}): {exc}; the file may be damaged (`indexer verify` checks slide files)"
+            ) from None
 
     # -- what the routes serve -------------------------------------------------------------
 
@@ -304,52 +295,98 @@ class SlideCache:
         data = self.tile_bytes.get(key)
         if data is None:
             buf = io.BytesIO()
-            self._read_tile(opened, level, col, row).save(buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {}))
+            self._read_tile(opened, level, col, row).save(
+                buf, format=pil_format, **({"quality": 80} if pil_format == "JPEG" else {})
+            )
             data = buf.getvalue()
             self.tile_bytes.put(key, data)
         return data
 
     def _read_tile(self, opened: OpenedSlide, level: int, col: int, row: int) -> Image.Image:
-        """Deep-zoom tile (level, col, row) with the geometry of openslide's
-        DeepZoomGenerator (limit_bounds=False: level L is level 0 downsampled by
-        2^(levels-1-L); tiles of DZ_TILE_PX plus DZ_OVERLAP on inner edges), read bounded."""
-        dz = opened.deepzoom
-        if not 0 <= level < dz.level_count:
-            raise NotFound(f"deep-zoom level {level} does not exist (0..{dz.level_count - 1})")
-        cols, rows = dz.level_tiles[level]
-        if not (0 <= col < cols and 0 <= row < rows):
-            raise NotFound(f"deep-zoom tile {col}_{row} is outside level {level} ({cols} x {rows} tiles)")
-        z_w, z_h = dz.level_dimensions[level]
-        ds = 2 ** (dz.level_count - 1 - level)
-
-        def span(t: int, n: int, z_lim: int) -> tuple[int, int]:
-            before = DZ_OVERLAP if t else 0
-            after = DZ_OVERLAP if t < n - 1 else 0
-            return DZ_TILE_PX * t - before, min(DZ_TILE_PX, z_lim - DZ_TILE_PX * t) + before + after
-
-        zx, zw = span(col, cols, z_w)
-        zy, zh = span(row, rows, z_h)
+        box, size = deepzoom_tile_box(opened, level, col, row)
         with self._reading(opened, f"deep-zoom tile {level}/{col}_{row}"):
-            return self._read_scaled(opened, zx * ds, zy * ds, zw * ds, zh * ds, zw, zh)
+            return read_scaled(opened, *box, *size)
 
     def region(self, slide_id: int, x: int, y: int, w: int, h: int, max_px: int) -> Image.Image:
         """The level-0 box (x, y, w, h) scaled to fit max_px, from the coarsest pyramid level
-        that still has enough pixels (or the overview); outside-scan pixels are white."""
+        that still has enough pixels (or the overview); outside-scan pixels are white. Not
+        engine.slides.read_box: that reads squares in one read whatever their size, and a
+        box here may be any rectangle of a slide without a pyramid (reads stay bounded)."""
         opened = self.get(slide_id)
         with self._reading(opened, "a region"):
             width, height = opened.slide.dimensions
             if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
                 raise NotFound(f"region ({x}, {y}, {w}, {h}) is outside the slide ({width} x {height})")
-            return self._read_scaled(opened, x, y, w, h, *_fit(w, h, max_px))
+            return read_scaled(opened, x, y, w, h, *_fit(w, h, max_px))
 
     def thumbnail(self, slide_id: int, max_px: int) -> Image.Image:
         opened = self.get(slide_id)
         with self._reading(opened, "the thumbnail"):
             width, height = opened.slide.dimensions
-            return self._read_scaled(opened, 0, 0, width, height, *_fit(width, height, max_px))
+            return read_scaled(opened, 0, 0, width, height, *_fit(width, height, max_px))
 
 
-def _from_overview(overview: Overview, dims: tuple[int, int], x: float, y: float, w: float, h: float, out_w: int, out_h: int) -> Image.Image:
+# -- reading, bounded ----------------------------------------------------------------------
+
+
+def overview_of(opened: OpenedSlide) -> Overview:
+    """The slide at most OVERVIEW_MAX_PX on its longer side, built once per open slide
+    (under its own lock, so concurrent tile requests wait for one build, not start
+    several), read in bounded blocks."""
+    with opened.overview_lock:
+        if opened.overview is None:
+            slide = opened.slide
+            width, height = slide.dimensions
+            out_w, out_h = _fit(width, height, OVERVIEW_MAX_PX)
+            image = _read_direct(slide, 0, 0, width, height, out_w, out_h)
+            if image is None:
+                image = _read_blocks(slide, 0, 0, width, height, out_w, out_h)
+            opened.overview = Overview(image, width / out_w, height / out_h)
+        return opened.overview
+
+
+def read_scaled(opened: OpenedSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> Image.Image:
+    """The level-0 box (x, y, w, h) as RGB out_w x out_h (outside-scan pixels white):
+    in one read from the pyramid when that is small; else from the overview when it is
+    fine enough; else in bounded blocks (a level-0 region a tile covers)."""
+    slide = opened.slide
+    image = _read_direct(slide, x, y, w, h, out_w, out_h)
+    if image is not None:
+        return image
+    overview = overview_of(opened)
+    if overview.sx <= w / out_w * 1.001 and overview.sy <= h / out_h * 1.001:
+        return _from_overview(overview, slide.dimensions, x, y, w, h, out_w, out_h)
+    return _read_blocks(slide, x, y, w, h, out_w, out_h)
+
+
+def deepzoom_tile_box(
+    opened: OpenedSlide, level: int, col: int, row: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """Deep-zoom tile (level, col, row) with the geometry of openslide's
+    DeepZoomGenerator (limit_bounds=False: level L is level 0 downsampled by
+    2^(levels-1-L); tiles of DZ_TILE_PX plus DZ_OVERLAP on inner edges), read bounded."""
+    dz = opened.deepzoom
+    if not 0 <= level < dz.level_count:
+        raise NotFound(f"deep-zoom level {level} does not exist (0..{dz.level_count - 1})")
+    cols, rows = dz.level_tiles[level]
+    if not (0 <= col < cols and 0 <= row < rows):
+        raise NotFound(f"deep-zoom tile {col}_{row} is outside level {level} ({cols} x {rows} tiles)")
+    z_w, z_h = dz.level_dimensions[level]
+    ds = 2 ** (dz.level_count - 1 - level)
+
+    def span(t: int, n: int, z_lim: int) -> tuple[int, int]:
+        before = DZ_OVERLAP if t else 0
+        after = DZ_OVERLAP if t < n - 1 else 0
+        return DZ_TILE_PX * t - before, min(DZ_TILE_PX, z_lim - DZ_TILE_PX * t) + before + after
+
+    zx, zw = span(col, cols, z_w)
+    zy, zh = span(row, rows, z_h)
+    return (zx * ds, zy * ds, zw * ds, zh * ds), (zw, zh)
+
+
+def _from_overview(
+    overview: Overview, dims: tuple[int, int], x: float, y: float, w: float, h: float, out_w: int, out_h: int
+) -> Image.Image:
     """The level-0 box from the overview; the part beyond the slide's edge (deep-zoom tiles
     at the border reach past it) is white, as read_region gives it."""
     width, height = dims
@@ -358,6 +395,11 @@ def _from_overview(overview: Overview, dims: tuple[int, int], x: float, y: float
     pw, ph = round(out_w * cw / w), round(out_h * ch / h)
     if cw <= 0 or ch <= 0 or pw < 1 or ph < 1:
         return out
-    box = (x / overview.sx, y / overview.sy, min(overview.image.width, (x + cw) / overview.sx), min(overview.image.height, (y + ch) / overview.sy))
+    box = (
+        x / overview.sx,
+        y / overview.sy,
+        min(overview.image.width, (x + cw) / overview.sx),
+        min(overview.image.height, (y + ch) / overview.sy),
+    )
     out.paste(overview.image.resize((pw, ph), Image.Resampling.LANCZOS, box=box), (0, 0))
     return out

@@ -10,6 +10,7 @@ from flask import current_app
 
 from engine.catalog import Catalog, models
 from engine.config import Settings
+from engine.encoder import is_random_spec
 from webapp.slide_cache import SlideCache
 
 
@@ -17,7 +18,11 @@ class AppState:
     def __init__(self, config, settings: Settings):
         self.settings = settings
         self.catalog = Catalog(settings.catalog_url)
-        self.slides = SlideCache(self.catalog, capacity=int(config["SLIDE_CACHE_SIZE"]), tile_cache_bytes=int(config["TILE_CACHE_MB"]) * 1024 * 1024)
+        self.slides = SlideCache(
+            self.catalog,
+            capacity=int(config["SLIDE_CACHE_SIZE"]),
+            tile_cache_bytes=int(config["TILE_CACHE_MB"]) * 1024 * 1024,
+        )
         self._engine = None
         self._engine_lock = threading.Lock()
         self._index_stamp = None
@@ -25,7 +30,15 @@ class AppState:
     def index_stamp(self) -> tuple:
         """Changes whenever `indexer build` adds, grows or replaces a shard."""
         with self.catalog.session() as s:
-            return tuple(s.execute(sa.select(sa.func.count(models.Shard.id), sa.func.sum(models.Shard.count), sa.func.max(models.Shard.updated_at))).one())
+            return tuple(
+                s.execute(
+                    sa.select(
+                        sa.func.count(models.Shard.id),
+                        sa.func.sum(models.Shard.count),
+                        sa.func.max(models.Shard.updated_at),
+                    )
+                ).one()
+            )
 
     def search_engine(self):
         """The SearchEngine of this worker: built once (under a lock, so concurrent first
@@ -50,8 +63,7 @@ class AppState:
     @property
     def encoder_is_random(self) -> bool:
         """True when the configured encoder has random weights (demo, not for diagnosis)."""
-        spec = self.settings.encoder or ""
-        return spec == "random" or spec.startswith("random:")
+        return is_random_spec(self.settings.encoder)
 
 
 def state() -> AppState:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from engine.catalog import Catalog, models
-from engine.errors import NotFound
+from engine.errors import NotFound, QueryError
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{2,100}$")
 MIN_PASSWORD_CHARS = 8
@@ -31,22 +31,26 @@ def hash_token(token: str) -> str:
 
 def create_user(catalog: Catalog, username: str, password: str, *, is_admin: bool = False) -> models.User:
     if not USERNAME_RE.match(username or ""):
-        raise ValueError("username must be 2-100 letters, digits or _ . @ -")
+        raise QueryError("username must be 2-100 letters, digits or _ . @ -")
     if len(password or "") < MIN_PASSWORD_CHARS:
-        raise ValueError(f"password must have at least {MIN_PASSWORD_CHARS} characters")
+        raise QueryError(f"password must have at least {MIN_PASSWORD_CHARS} characters")
     with catalog.session() as s:
         if s.scalar(sa.select(models.User).where(models.User.username == username)) is not None:
-            raise ValueError(f"user {username!r} exists already; choose another name")
+            raise QueryError(f"user {username!r} exists already; choose another name")
         user = models.User(username=username, password_hash=generate_password_hash(password), is_admin=is_admin)
         s.add(user)
         s.flush()
-        s.add(models.AuditEvent(user_id=user.id, action="user_created", detail={"username": username, "is_admin": is_admin}))
+        s.add(
+            models.AuditEvent(
+                user_id=user.id, action="user_created", detail={"username": username, "is_admin": is_admin}
+            )
+        )
     return user
 
 
 def set_password(catalog: Catalog, username: str, password: str) -> None:
     if len(password or "") < MIN_PASSWORD_CHARS:
-        raise ValueError(f"password must have at least {MIN_PASSWORD_CHARS} characters")
+        raise QueryError(f"password must have at least {MIN_PASSWORD_CHARS} characters")
     with catalog.session() as s:
         user = _get(s, username)
         user.password_hash = generate_password_hash(password)
@@ -69,7 +73,9 @@ def authenticate(catalog: Catalog, username: str, password: str) -> models.User 
 
 def _bump_session_version(s, user_id: int) -> None:
     # one UPDATE, so two concurrent logouts cannot both write the same new version
-    s.execute(sa.update(models.User).where(models.User.id == user_id).values(session_version=models.User.session_version + 1))
+    s.execute(
+        sa.update(models.User).where(models.User.id == user_id).values(session_version=models.User.session_version + 1)
+    )
 
 
 def end_sessions(catalog: Catalog, user_id: int) -> None:
@@ -180,7 +186,9 @@ def forgive_login_try(catalog: Catalog, user_key: str, address_key: str) -> None
     table = models.LoginThrottle
     with catalog.session() as s:
         s.execute(sa.delete(table).where(table.key == user_key))
-        s.execute(sa.update(table).where(table.key == address_key, table.failures > 0).values(failures=table.failures - 1))
+        s.execute(
+            sa.update(table).where(table.key == address_key, table.failures > 0).values(failures=table.failures - 1)
+        )
 
 
 def record(catalog: Catalog, user_id: int | None, action: str, detail: dict | None = None) -> None:

@@ -3,7 +3,7 @@
 `from engine.catalog import Catalog, models` is all most callers need.
 """
 
-from engine.catalog.db import Catalog
 from engine.catalog import models
+from engine.catalog.db import Catalog
 
 __all__ = ["Catalog", "models"]

@@ -15,8 +15,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# SQLite only auto-increments an INTEGER PRIMARY KEY; BIGINT ids elsewhere (tile ids are
-# FAISS int64 ids, and 15 M tiles per encoder outgrow nothing, but ids never get reused).
+# BIGINT ids (SQLite's INTEGER is 64-bit already, and only an INTEGER PRIMARY KEY
+# auto-increments there). Not for the number of tiles: a tile's id is slide id x 2^20 + its
+# index in the slide (indexer/writer.py, TILE_ID_STRIDE), so tile ids pass int32's 2^31 from
+# slide id 2048 on, whatever the tile count; they are also the FAISS int64 ids.
 BigId = BigInteger().with_variant(sqlite.INTEGER(), "sqlite")
 # JSONB on PostgreSQL, JSON text on SQLite.
 JsonDoc = JSON().with_variant(postgresql.JSONB(), "postgresql")

@@ -84,12 +84,10 @@ class Catalog:
             try:
                 upgrade(url)
             except sa.exc.OperationalError as exc:
-                raise CatalogError(f"cannot open the catalog at {make_url(url).render_as_string(hide_password=True)}: {exc.orig}") from None
+                raise CatalogError(
+                    f"cannot open the catalog at {make_url(url).render_as_string(hide_password=True)}: {exc.orig}"
+                ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

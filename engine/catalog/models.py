@@ -75,7 +75,9 @@ class Slide(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     indexed_at: Mapped[Optional[dt.datetime]]
 
-    tiles: Mapped[list["Tile"]] = relationship(back_populates="slide", cascade="all, delete-orphan", passive_deletes=True)
+    tiles: Mapped[list["Tile"]] = relationship(
+        back_populates="slide", cascade="all, delete-orphan", passive_deletes=True
+    )
     encoder: Mapped[Optional[EncoderRecord]] = relationship()
 
 

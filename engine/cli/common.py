@@ -26,13 +26,36 @@ def settings_options(func=None, *, int8: bool = False):
         return functools.partial(settings_options, int8=int8)
     choices = ["auto", "fp32", "int8"] if int8 else ["auto", "fp32"]
     precision_help = "auto: fastest numerically safe path; fp32: exact [env HISTOSEEK_PRECISION]." + (
-        " int8: post-training int8 on the CPU, faster where there is no native bf16, less exact (flag only; see docs/benchmarks.md)." if int8 else ""
+        " int8: post-training int8 on the CPU, faster where there is no native bf16, less exact (flag only; see docs/benchmarks.md)."
+        if int8
+        else ""
     )
 
-    @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder for the default catalog, index and weights [env HISTOSEEK_DATA_DIR; default ~/.local/share/histoseek].")
-    @click.option("--catalog", "catalog_url", default=None, metavar="URL", help="Catalog database URL, e.g. sqlite:///cat.sqlite or postgresql+psycopg://u:p@host/db [env HISTOSEEK_CATALOG].")
-    @click.option("--index-dir", type=click.Path(file_okay=False), default=None, help="Folder of FAISS shard files [env HISTOSEEK_INDEX_DIR].")
-    @click.option("--encoder", default=None, metavar="SPEC", help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] for demos [env HISTOSEEK_ENCODER].")
+    @click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder for the default catalog, index and weights [env HISTOSEEK_DATA_DIR; default ~/.local/share/histoseek].",
+    )
+    @click.option(
+        "--catalog",
+        "catalog_url",
+        default=None,
+        metavar="URL",
+        help="Catalog database URL, e.g. sqlite:///cat.sqlite or postgresql+psycopg://u:p@host/db [env HISTOSEEK_CATALOG].",
+    )
+    @click.option(
+        "--index-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder of FAISS shard files [env HISTOSEEK_INDEX_DIR].",
+    )
+    @click.option(
+        "--encoder",
+        default=None,
+        metavar="SPEC",
+        help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] for demos [env HISTOSEEK_ENCODER].",
+    )
     @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env HISTOSEEK_DEVICE; default auto].")
     @click.option("--precision", type=click.Choice(choices), default=None, help=precision_help)
     @functools.wraps(func)
@@ -76,7 +99,9 @@ def setup_logging(verbose: int = 0, rank: int | None = None) -> None:
     log warnings (no duplicated progress lines under torchrun)."""
     level = logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(levelname)s %(name)s: %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s" if rank is None else f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
+    )
     handler.setFormatter(logging.Formatter(fmt))
     if rank not in (None, 0):
         handler.setLevel(logging.WARNING)

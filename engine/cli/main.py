@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from engine.cli.benchmark import benchmark_command
 from engine.cli.common import handle_errors, settings_options, setup_logging
+from engine.cli.mil import mil_command
+from engine.cli.search import search_command
 from engine.config import Settings
 
 
@@ -24,10 +27,17 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file (N x D float32); a sidecar .json lists the image of each row.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .npy file (N x D float32); a sidecar .json lists the image of each row.",
+)
 @click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch.")
 @click.option("--workers", type=int, default=None, help="Decoding worker processes [default: cores - 1].")
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the sidecar and go on, instead of stopping.")
+@click.option(
+    "--skip-bad", is_flag=True, help="Record unreadable images in the sidecar and go on, instead of stopping."
+)
 @settings_options(int8=True)
 @handle_errors
 def features(inputs, out, batch_size, workers, skip_bad, settings: Settings) -> None:
@@ -49,7 +59,10 @@ def features(inputs, out, batch_size, workers, skip_bad, settings: Settings) -> 
     click.echo(f"encoder: {encoder.info.describe()} on {encoder.device}, precision {encoder.precision}", err=True)
     result = compute_features(encoder, paths, batch_size=batch_size, workers=workers, skip_bad=skip_bad)
     written = write_features(result, Path(out), encoder)
-    click.echo(f"wrote {len(result.paths)} x {encoder.dim} features to {written}" + (f" ({len(result.skipped)} unreadable images skipped, listed in the sidecar)" if result.skipped else ""))
+    click.echo(
+        f"wrote {len(result.paths)} x {encoder.dim} features to {written}"
+        + (f" ({len(result.skipped)} unreadable images skipped, listed in the sidecar)" if result.skipped else "")
+    )
 
 
 @main.group()
@@ -67,9 +80,10 @@ def db_upgrade(settings: Settings) -> None:
     upgrade(settings.catalog_url)
     click.echo(f"catalog schema is up to date: {settings.catalog_url}")
 
-from engine.cli.benchmark import benchmark_command; main.add_command(benchmark_command)  # noqa: E402
-from engine.cli.search import search_command; main.add_command(search_command)  # noqa: E402
-from engine.cli.mil import mil_command; main.add_command(mil_command)  # noqa: E402
+
+main.add_command(benchmark_command)
+main.add_command(search_command)
+main.add_command(mil_command)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ import click
 from engine.cli.common import handle_errors, settings_options
 from engine.config import Settings
 from engine.index import INDEX_KINDS
+from engine.search.filters import FILTER_FIELDS
+
+
+def filter_options(command):
+    """--site, --diagnosis, ...: one option per search filter field (engine.search.filters)."""
+    for field in reversed(FILTER_FIELDS):
+        command = click.option(f"--{field}", field, default=None, help=f"Only slides whose {field} is this.")(command)
+    return command
 
 
 def format_table(result: dict) -> str:
@@ -18,11 +26,15 @@ def format_table(result: dict) -> str:
     if q["type"] == "region":
         head = f"region {q['width']}x{q['height']} px at {q['mpp']:g} um/px -> {q['tiles']} query tile(s) at {q['index_mpp']:g} um/px"
     else:
-        head = f"slide {q['slide_id'] if q['slide_id'] is not None else q['path']} -> mosaic of {len(q['mosaic'])} tiles"
+        head = (
+            f"slide {q['slide_id'] if q['slide_id'] is not None else q['path']} -> mosaic of {len(q['mosaic'])} tiles"
+        )
     lines = [head + f" ({q['index']} index)", ""]
     for warning in result.get("warnings", []):  # quarantined shards, missing slide files
         lines.insert(1, f"warning: {warning}")
-    lines.append(f"{'rank':>4}  {'score':>8}  {'id':>5}  {'label / diagnosis':<24} {'site':<14} {'patient':<16} {'best region (x, y, w, h)':<28} file")
+    lines.append(
+        f"{'rank':>4}  {'score':>8}  {'id':>5}  {'label / diagnosis':<24} {'site':<14} {'patient':<16} {'best region (x, y, w, h)':<28} file"
+    )
     for r in result["results"]:
         s = r["slide"]
         label = s["label"] or s["diagnosis"] or "-"
@@ -30,7 +42,9 @@ def format_table(result: dict) -> str:
         where = f"{box['x']}, {box['y']}, {box['w']}, {box['h']}" if box else "-"
         if box and box.get("match") == "pixels":
             where += " exact"  # the region is a copy of this spot (engine.search.localise)
-        lines.append(f"{r['rank']:>4}  {r['score']:>8.4f}  {s['id']:>5}  {label[:24]:<24} {(s['site'] or '-')[:14]:<14} {(s['patient'] or '-')[:16]:<16} {where:<28} {Path(s['path']).name}")
+        lines.append(
+            f"{r['rank']:>4}  {r['score']:>8.4f}  {s['id']:>5}  {label[:24]:<24} {(s['site'] or '-')[:14]:<14} {(s['patient'] or '-')[:16]:<16} {where:<28} {Path(s['path']).name}"
+        )
     if not result["results"]:
         lines.append("  (no slide matches the filters)")
     sug = result["suggestion"]
@@ -45,24 +59,58 @@ def format_table(result: dict) -> str:
 
 
 @click.command("search")
-@click.option("--image", type=click.Path(dir_okay=False), default=None, help="A region image (PNG, JPEG, TIFF, ...) to search for.")
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A region image (PNG, JPEG, TIFF, ...) to search for.",
+)
 @click.option("--mpp", type=float, default=None, help="Microns per pixel of --image [default: the index's, e.g. 1.0].")
-@click.option("--magnification", type=float, default=None, help="Objective magnification of --image instead of --mpp (20 -> 0.5 um/px).")
-@click.option("--slide", default=None, metavar="PATH_OR_ID", help="A whole slide to search with: the id of an indexed slide, or a slide file (indexed or not).")
-@click.option("--default-mpp", type=float, default=None, help="Microns per pixel of a --slide file without resolution metadata.")
+@click.option(
+    "--magnification",
+    type=float,
+    default=None,
+    help="Objective magnification of --image instead of --mpp (20 -> 0.5 um/px).",
+)
+@click.option(
+    "--slide",
+    default=None,
+    metavar="PATH_OR_ID",
+    help="A whole slide to search with: the id of an indexed slide, or a slide file (indexed or not).",
+)
+@click.option(
+    "--default-mpp", type=float, default=None, help="Microns per pixel of a --slide file without resolution metadata."
+)
 @click.option("--top-k", type=click.IntRange(1, 1000), default=10, show_default=True, help="Slides to return.")
-@click.option("--site", default=None, help="Only slides of this site.")
-@click.option("--diagnosis", default=None, help="Only slides with this diagnosis.")
-@click.option("--collection", default=None, help="Only slides of this collection.")
-@click.option("--label", default=None, help="Only slides with this label.")
+@filter_options
 @click.option("--exclude-slide", type=int, default=None, help="Leave this slide id out of a region search.")
 @click.option("--exclude-patient", default=None, help="Leave this patient's slides out of a region search.")
 @click.option("--include-self", is_flag=True, help="Let a --slide search return the query slide itself.")
-@click.option("--index-kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True, help="auto: exact up to 20k tiles, compressed (IVF-PQ + exact re-ranking) above.")
+@click.option(
+    "--index-kind",
+    type=click.Choice(INDEX_KINDS),
+    default="auto",
+    show_default=True,
+    help="auto: exact up to 20k tiles, compressed (IVF-PQ + exact re-ranking) above.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (level-0 pixel boxes).")
 @settings_options
 @handle_errors
-def search_command(image, mpp, magnification, slide, default_mpp, top_k, site, diagnosis, collection, label, exclude_slide, exclude_patient, include_self, index_kind, as_json, settings: Settings) -> None:
+def search_command(
+    image,
+    mpp,
+    magnification,
+    slide,
+    default_mpp,
+    top_k,
+    exclude_slide,
+    exclude_patient,
+    include_self,
+    index_kind,
+    as_json,
+    settings: Settings,
+    **filter_values,
+) -> None:
     """Find the archived slides most similar to a region image or a whole slide.
 
     Examples:
@@ -84,15 +132,29 @@ def search_command(image, mpp, magnification, slide, default_mpp, top_k, site, d
         raise click.UsageError("--mpp and --magnification describe an --image, not a --slide")
     if mpp is not None and magnification is not None:
         raise click.UsageError("give --mpp or --magnification, not both")
+    from engine.errors import EncoderError
     from engine.images import open_rgb
     from engine.search import SearchEngine
 
-    filters = {k: v for k, v in {"site": site, "diagnosis": diagnosis, "collection": collection, "label": label}.items() if v}
+    filters = {k: v for k, v in filter_values.items() if v}
     query_image = open_rgb(image) if image is not None else None
-    engine = SearchEngine(settings, index_kind=index_kind, progress=True)
+    try:
+        engine = SearchEngine(settings, index_kind=index_kind, progress=True)
+    except EncoderError as exc:
+        raise EncoderError(f"{exc} (the encoder is chosen with --encoder or HISTOSEEK_ENCODER)") from None
     if query_image is not None:
-        result = engine.search_region(query_image, mpp=mpp, magnification=magnification, top_k=top_k, filters=filters, exclude_slide_id=exclude_slide, exclude_patient=exclude_patient)
+        result = engine.search_region(
+            query_image,
+            mpp=mpp,
+            magnification=magnification,
+            top_k=top_k,
+            filters=filters,
+            exclude_slide_id=exclude_slide,
+            exclude_patient=exclude_patient,
+        )
     else:
-        result = engine.search_slide(slide, top_k=top_k, filters=filters, exclude_self=not include_self, default_mpp=default_mpp)
+        result = engine.search_slide(
+            slide, top_k=top_k, filters=filters, exclude_self=not include_self, default_mpp=default_mpp
+        )
     doc = result.to_json()
     click.echo(json.dumps(doc, indent=1) if as_json else format_table(doc))

@@ -3,7 +3,8 @@
 For each encoder: embed every item of a labelled data set once (cached per encoder + data
 set under <data_dir>/cache), L2-normalise, run ONE batched leave-one-out k-NN search that
 drops results of the query's own image / slide / patient, and score Acc@k, MV@k, mMV@k and
-mAP@k (engine.evaluation.metrics). Optionally a linear SVM on the same features, cross-validated over
+mAP@k (engine.evaluation.metrics), plus the figures of the chosen peer protocol (retccl, sish
+or yottixel: engine.evaluation.protocols) under their own names. Optionally a linear SVM on the same features, cross-validated over
 folds that keep each exclusion group on one side. Runs are stored in the catalog.
 """
 
@@ -22,19 +23,22 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.evaluation.knn import loo_neighbours
-from engine.files import atomic_output
 from engine.config import Settings
-from engine.evaluation.datasets import LabelledSet
-from engine.evaluation.datasets.reading import ItemImages
 from engine.encoder import Encoder, l2_normalise
 from engine.errors import DatasetError
-from engine.features import collate_rows, default_workers
+from engine.evaluation.datasets import LabelledSet
+from engine.evaluation.datasets.reading import ItemImages
+from engine.evaluation.knn import loo_neighbours
 from engine.evaluation.metrics import encode_labels, hits_at_k, majority_at_k, retrieval_metrics
+from engine.evaluation.protocols import DEFAULT_PROTOCOL, get_protocol, protocol_figures
+from engine.features import collate_rows, default_workers
+from engine.files import atomic_output
 
 LOG = logging.getLogger(__name__)
 
-TIE_RULE = "MV ties go to the label of the best-ranked result among the tied labels; equal scores rank by data-set order"
+TIE_RULE = (
+    "MV ties go to the label of the best-ranked result among the tied labels; equal scores rank by data-set order"
+)
 MAP_DEFINITION = "AP@k = mean of precision@i over the relevant ranks i <= k (0 when none); mAP@k = mean over queries"
 
 
@@ -42,7 +46,8 @@ MAP_DEFINITION = "AP@k = mean of precision@i over the relevant ranks i <= k (0 w
 class BenchmarkOptions:
     """ks: the k of Acc@k / MV@k (default 1, 3, 5); exclusion: image, slide or patient (None:
     the strictest the data set supports); mpp: resolution patches are cut/rescaled at (None:
-    whole patches resized; TissueNet uses the settings' target_mpp); svm_folds: 0 = no SVM."""
+    whole patches resized; TissueNet uses the settings' target_mpp); svm_folds: 0 = no SVM;
+    protocol: retccl, sish or yottixel (whose figures are reported beside histoseek's)."""
 
     ks: tuple[int, ...] = (1, 3, 5)
     exclusion: str | None = None
@@ -51,13 +56,25 @@ class BenchmarkOptions:
     batch_size: int = 64
     workers: int | None = None
     progress: bool = True
+    protocol: str = DEFAULT_PROTOCOL
 
 
-def embed_items(encoder: Encoder, dataset: LabelledSet, *, tile_px: int, mpp: float | None, batch_size: int, workers: int | None, progress: bool) -> np.ndarray:
+def embed_items(
+    encoder: Encoder,
+    dataset: LabelledSet,
+    *,
+    tile_px: int,
+    mpp: float | None,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+) -> np.ndarray:
     """Raw features (N x D float32) of every item, in item order. An unreadable item stops the
     run with its name: a benchmark on silently fewer items would mislead."""
     workers = default_workers() if workers is None else workers
-    loader = DataLoader(ItemImages(dataset.items, tile_px, mpp), batch_size=batch_size, num_workers=workers, collate_fn=collate_rows)
+    loader = DataLoader(
+        ItemImages(dataset.items, tile_px, mpp), batch_size=batch_size, num_workers=workers, collate_fn=collate_rows
+    )
     feats = np.zeros((len(dataset.items), encoder.dim), np.float32)
     with tqdm(total=len(dataset.items), unit="patch", desc=f"embed {encoder.info.name}", disable=not progress) as bar:
         for rows, batch, errors in loader:
@@ -71,12 +88,16 @@ def embed_items(encoder: Encoder, dataset: LabelledSet, *, tile_px: int, mpp: fl
 
 def cache_path(settings: Settings, dataset: LabelledSet, encoder: Encoder, tile_px: int, mpp: float | None) -> Path:
     info = encoder.info
-    key = json.dumps([dataset.fingerprint(), info.checkpoint_sha256, info.architecture, encoder.precision, tile_px, mpp])
+    key = json.dumps(
+        [dataset.fingerprint(), info.checkpoint_sha256, info.architecture, encoder.precision, tile_px, mpp]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return settings.data_dir / "cache" / f"benchmark-{dataset.kind}-{info.architecture}-{digest}.npy"
 
 
-def cached_features(settings: Settings, dataset: LabelledSet, encoder: Encoder, opts: BenchmarkOptions) -> tuple[np.ndarray, bool]:
+def cached_features(
+    settings: Settings, dataset: LabelledSet, encoder: Encoder, opts: BenchmarkOptions
+) -> tuple[np.ndarray, bool]:
     """(raw features, whether they came from the cache). Written to a temp file, then renamed,
     so an interrupted run never leaves a half cache behind."""
     path = cache_path(settings, dataset, encoder, settings.tile_px, opts.mpp)
@@ -85,16 +106,35 @@ def cached_features(settings: Settings, dataset: LabelledSet, encoder: Encoder, 
         if feats.shape == (len(dataset.items), encoder.dim):
             LOG.info("features from cache %s", path)
             return feats, True
-        LOG.warning("cache %s has shape %s, expected %s: recomputing", path, feats.shape, (len(dataset.items), encoder.dim))
-    feats = embed_items(encoder, dataset, tile_px=settings.tile_px, mpp=opts.mpp, batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress)
+        LOG.warning(
+            "cache %s has shape %s, expected %s: recomputing", path, feats.shape, (len(dataset.items), encoder.dim)
+        )
+    feats = embed_items(
+        encoder,
+        dataset,
+        tile_px=settings.tile_px,
+        mpp=opts.mpp,
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        progress=opts.progress,
+    )
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, feats)
     return feats, False
 
 
-def evaluate(features: np.ndarray, dataset: LabelledSet, ks: Sequence[int], exclusion: str, *, progress: bool = False) -> dict:
-    """Leave-one-out search + metrics from raw or normalised features of the data set."""
+def evaluate(
+    features: np.ndarray,
+    dataset: LabelledSet,
+    ks: Sequence[int],
+    exclusion: str,
+    *,
+    progress: bool = False,
+    protocol: str = DEFAULT_PROTOCOL,
+) -> dict:
+    """Leave-one-out search + metrics from raw or normalised features of the data set; the
+    protocol's own figures under result["protocol"]["figures"]."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"k values must be >= 1, got {ks}")
@@ -111,6 +151,10 @@ def evaluate(features: np.ndarray, dataset: LabelledSet, ks: Sequence[int], excl
         "k": list(range(1, kmax + 1)),
         "acc": [float(hits_at_k(codes, neighbour_codes, k).mean()) for k in range(1, kmax + 1)],
         "mv": [float((majority_at_k(neighbour_codes, k) == codes).mean()) for k in range(1, kmax + 1)],
+    }
+    result["protocol"] = {
+        "name": get_protocol(protocol).name,
+        "figures": protocol_figures(protocol, codes, neighbour_codes, ks),
     }
     result["queries_short_of_k"] = int((I[:, -1] < 0).sum())
     result["search_s"] = search_s
@@ -129,9 +173,18 @@ def svm_accuracy(features: np.ndarray, dataset: LabelledSet, exclusion: str, fol
     smallest_class = int(np.bincount(codes).min())
     asked, folds = folds, min(folds, n_groups, smallest_class)
     if folds < 2:
-        raise DatasetError(f"--svm needs at least 2 {exclusion} groups and 2 items per class to cross-validate; this data set has {n_groups} groups and a class of {smallest_class}")
+        raise DatasetError(
+            f"--svm needs at least 2 {exclusion} groups and 2 items per class to cross-validate; this data set has {n_groups} groups and a class of {smallest_class}"
+        )
     if folds < asked:
-        LOG.info("SVM: %d folds instead of %d (%d %s groups, smallest class %d)", folds, asked, n_groups, exclusion, smallest_class)
+        LOG.info(
+            "SVM: %d folds instead of %d (%d %s groups, smallest class %d)",
+            folds,
+            asked,
+            n_groups,
+            exclusion,
+            smallest_class,
+        )
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     x = l2_normalise(np.asarray(features, np.float32))
     pred = cross_val_predict(LinearSVC(C=1.0, dual="auto", max_iter=5000), x, codes, groups=groups, cv=cv)
@@ -174,25 +227,39 @@ class BenchmarkReport:
                 "fingerprint": self.dataset.fingerprint(),
             },
             "parameters": self.parameters,
+            "protocol": get_protocol(self.parameters.get("protocol")).describe(),
             "encoders": [
-                {**r.info, "metrics": r.metrics, "svm": r.svm, "features_cached": r.cached, "embed_s": r.embed_s, "catalog_run_id": r.run_id}
+                {
+                    **r.info,
+                    "metrics": r.metrics,
+                    "svm": r.svm,
+                    "features_cached": r.cached,
+                    "embed_s": r.embed_s,
+                    "catalog_run_id": r.run_id,
+                }
                 for r in self.results
             ],
             "created_at": self.created_at,
         }
 
 
-def run_benchmark(settings: Settings, dataset: LabelledSet, encoder_specs: Sequence[str], opts: BenchmarkOptions) -> BenchmarkReport:
+def run_benchmark(
+    settings: Settings, dataset: LabelledSet, encoder_specs: Sequence[str], opts: BenchmarkOptions
+) -> BenchmarkReport:
     """Embed (or reuse cached features), search leave-one-out and score, per encoder."""
     exclusion = opts.exclusion or dataset.strictest_exclusion()
     dataset.groups(exclusion)  # a clear error now, before any embedding, if ids are missing
     if opts.mpp is not None and dataset.cut_mpp is None:
         unknown = sum(1 for item in dataset.items if item.mpp is None)
         if unknown:
-            raise DatasetError(f"--mpp {opts.mpp}: {unknown} of {len(dataset.items)} patches have no known mpp to rescale from; drop --mpp (patches are then resized whole) or give an mpp column")
+            raise DatasetError(
+                f"--mpp {opts.mpp}: {unknown} of {len(dataset.items)} patches have no known mpp to rescale from; drop --mpp (patches are then resized whole) or give an mpp column"
+            )
     if not encoder_specs:
         raise ValueError("at least one encoder spec is needed")
+    protocol = get_protocol(opts.protocol)
     parameters = {
+        "protocol": protocol.name,
         "k": sorted(set(opts.ks)),
         "exclusion": exclusion,
         "exclusion_text": f"results from the query's own {exclusion} are excluded",
@@ -210,12 +277,19 @@ def run_benchmark(settings: Settings, dataset: LabelledSet, encoder_specs: Seque
         t0 = time.perf_counter()
         feats, cached = cached_features(settings, dataset, encoder, opts)
         embed_s = time.perf_counter() - t0
-        metrics = evaluate(feats, dataset, opts.ks, exclusion, progress=opts.progress)
+        metrics = evaluate(feats, dataset, opts.ks, exclusion, progress=opts.progress, protocol=protocol.name)
         svm = svm_accuracy(feats, dataset, exclusion, opts.svm_folds) if opts.svm_folds else None
         info = encoder.info
         results.append(
             EncoderResult(
-                info={"name": info.name, "architecture": info.architecture, "sha256": info.checkpoint_sha256, "dim": info.dim, "random": info.is_random, "spec": spec},
+                info={
+                    "name": info.name,
+                    "architecture": info.architecture,
+                    "sha256": info.checkpoint_sha256,
+                    "dim": info.dim,
+                    "random": info.is_random,
+                    "spec": spec,
+                },
                 metrics=metrics,
                 svm=svm,
                 cached=cached,
@@ -241,8 +315,23 @@ def store_runs(catalog_url: str, report: BenchmarkReport, plot_path: Path | None
                     dataset_path=str(report.dataset.root),
                     encoder_name=result.info["name"],
                     encoder_sha256=result.info["sha256"],
-                    parameters={**report.parameters, "label_column": report.dataset.label_column, "counts": doc["dataset"]["counts"], "notes": report.dataset.notes},
-                    metrics={"overall": enc["metrics"]["overall"], "per_class": enc["metrics"]["per_class"], "curve": enc["metrics"]["curve"], "svm": enc["svm"]},
+                    parameters={
+                        **report.parameters,
+                        "label_column": report.dataset.label_column,
+                        "counts": doc["dataset"]["counts"],
+                        "notes": report.dataset.notes,
+                    },
+                    metrics={
+                        "overall": enc["metrics"]["overall"],
+                        "per_class": enc["metrics"]["per_class"],
+                        "curve": enc["metrics"]["curve"],
+                        "svm": enc["svm"],
+                        **{
+                            key: enc["metrics"][key]
+                            for key in ("protocol", "protocols", "query_time")
+                            if key in enc["metrics"]
+                        },
+                    },
                     plot_path=str(plot_path) if plot_path else None,
                 )
                 s.add(row)

@@ -55,7 +55,9 @@ def exact_neighbours(xb: np.ndarray, groups: np.ndarray, rows: np.ndarray, k: in
     return D_out, I_out
 
 
-def loo_neighbours(xb: np.ndarray, groups: np.ndarray, k: int, *, extra_cap: int = EXTRA_CAP, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def loo_neighbours(
+    xb: np.ndarray, groups: np.ndarray, k: int, *, extra_cap: int = EXTRA_CAP, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other-group neighbours of every row of `xb` (n x d, L2-normalised).
 
     groups: (n,) int exclusion group per row (row index itself = exclude only the image).

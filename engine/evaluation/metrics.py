@@ -16,31 +16,21 @@ Definitions (DESIGN.md, "Metrics"):
   of relevant results in the top k (AP@k = 0 when R_k = 0), as in SISH / RetCCL-style
   histopathology search papers. This normalises by what was retrieved, not by the size of the
   class in the data set, so it stays comparable across data sets of different sizes.
+  `normalise="k"` gives SISH's variant (eval.py): (1 / k) * sum_{i<=k} P@i * rel_i.
+- macro-F1@k: the majority vote of the top k is the query's predicted class; F1 per class
+  (2 TP / (2 TP + FP + FN), 0 when the class is neither predicted nor true), averaged over the
+  classes that occur as a label or a prediction, as scikit-learn's `classification_report`
+  "macro avg" does (Yottixel). A query without any result predicts nothing: it is a false
+  negative of its class and adds no class.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
 MISSING = -1
-
-
-def majority_vote(labels_ranked: Sequence[str]) -> tuple[str, dict[str, int]]:
-    """The majority label of a ranked list and the votes of every label.
-
-    Tie: the label of the best-ranked result among the tied labels. Raises ValueError on an
-    empty list (there is nothing to vote on).
-    """
-    if len(labels_ranked) == 0:
-        raise ValueError("majority_vote needs at least one label")
-    votes = Counter(labels_ranked)
-    best = max(votes.values())
-    # the first label in rank order with the top count wins the tie
-    winner = next(label for label in labels_ranked if votes[label] == best)
-    return winner, dict(votes)
 
 
 def encode_labels(labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -54,7 +44,9 @@ def _check(query: np.ndarray, neighbours: np.ndarray, k: int) -> tuple[np.ndarra
     query = np.asarray(query, dtype=np.int64)
     neighbours = np.asarray(neighbours, dtype=np.int64)
     if neighbours.ndim != 2 or query.ndim != 1 or neighbours.shape[0] != query.shape[0]:
-        raise ValueError(f"expected query labels (n,) and neighbour labels (n, K), got {query.shape} and {neighbours.shape}")
+        raise ValueError(
+            f"expected query labels (n,) and neighbour labels (n, K), got {query.shape} and {neighbours.shape}"
+        )
     if not 1 <= k <= neighbours.shape[1]:
         raise ValueError(f"k must be between 1 and {neighbours.shape[1]} (neighbours retrieved), not {k}")
     return query, neighbours[:, :k]
@@ -68,7 +60,7 @@ def hits_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> np.ndarray:
 
 def majority_at_k(neighbours: np.ndarray, k: int) -> np.ndarray:
     """Per query: the majority-vote class code of the top-k (MISSING when nothing was
-    retrieved), with the rank tie rule of `majority_vote`."""
+    retrieved), with the rank tie rule of `engine.vote.majority_vote`."""
     neighbours = np.asarray(neighbours, dtype=np.int64)
     _, top = _check(np.zeros(neighbours.shape[0], np.int64), neighbours, k)
     present = top != MISSING
@@ -88,13 +80,24 @@ def mv_hits_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> np.ndarra
     return majority_at_k(neighbours, k) == query
 
 
-def average_precision_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> np.ndarray:
-    """Per query: AP@k (see the module docstring); 0 when no top-k result is relevant."""
+AP_NORMALISATIONS = ("retrieved", "k")
+
+
+def average_precision_at_k(
+    query: np.ndarray, neighbours: np.ndarray, k: int, normalise: str = "retrieved"
+) -> np.ndarray:
+    """Per query: AP@k (see the module docstring); 0 when no top-k result is relevant.
+    normalise: "retrieved" divides by the relevant results in the top k (histoseek, RetCCL
+    style), "k" by k (SISH eval.py)."""
+    if normalise not in AP_NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {AP_NORMALISATIONS}, not {normalise!r}")
     query, top = _check(query, neighbours, k)
     rel = (top == query[:, None]).astype(np.float64)
     precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
-    found = rel.sum(axis=1)
     total = (precision * rel).sum(axis=1)
+    if normalise == "k":
+        return total / k
+    found = rel.sum(axis=1)
     return np.divide(total, found, out=np.zeros_like(total), where=found > 0)
 
 
@@ -117,8 +120,34 @@ def mmv_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> float:
     return macro_mean(mv_hits_at_k(query, neighbours, k), query)
 
 
-def map_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> float:
-    return float(average_precision_at_k(query, neighbours, k).mean())
+def map_at_k(query: np.ndarray, neighbours: np.ndarray, k: int, normalise: str = "retrieved") -> float:
+    return float(average_precision_at_k(query, neighbours, k, normalise).mean())
+
+
+def f1_per_class(true: np.ndarray, predicted: np.ndarray) -> dict[int, float]:
+    """F1 of every class that occurs in `true` or (other than MISSING) in `predicted`."""
+    true = np.asarray(true, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    classes = np.union1d(true, predicted[predicted != MISSING])
+    out = {}
+    for c in classes:
+        tp = int(((predicted == c) & (true == c)).sum())
+        fp = int(((predicted == c) & (true != c)).sum())
+        fn = int(((predicted != c) & (true == c)).sum())
+        out[int(c)] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return out
+
+
+def macro_f1(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Unweighted mean of `f1_per_class` (scikit-learn's macro average)."""
+    per = f1_per_class(true, predicted)
+    return float(np.mean(list(per.values()))) if per else 0.0
+
+
+def macro_f1_at_k(query: np.ndarray, neighbours: np.ndarray, k: int) -> float:
+    """macro-F1 of the majority-vote predictions of the top k."""
+    query, _ = _check(query, neighbours, k)
+    return macro_f1(query, majority_at_k(neighbours, k))
 
 
 def retrieval_metrics(query: np.ndarray, neighbours: np.ndarray, ks: Sequence[int], classes: Sequence[str]) -> dict:

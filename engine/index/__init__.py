@@ -7,10 +7,10 @@
 - `exact_search`, `recall_at_k`, `IdFilter`: the brute-force reference and id filters.
 """
 
-from engine.index.lifecycle import FLAT_MAX_TILES, INDEX_KINDS, choose_kind, open_index, sync_index
 from engine.index.common import IdFilter, exact_search, gpu_available, merge_topk, recall_at_k
 from engine.index.compressed import CompressedIndex, default_nlist
 from engine.index.flat import FlatShardIndex
+from engine.index.lifecycle import FLAT_MAX_TILES, INDEX_KINDS, choose_kind, open_index, sync_index
 
 __all__ = [
     "FLAT_MAX_TILES",

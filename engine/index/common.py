@@ -84,7 +84,9 @@ def topk_rows(S: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return D, I
 
 
-def exact_search(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k of xq over (ids, xb), streamed in chunks of xb;
     the reference every approximate structure is tested against."""
     xq = np.ascontiguousarray(xq, dtype=np.float32)

@@ -29,13 +29,11 @@ LOG = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "compressed")
 # Up to this many tiles the exact flat index is used. Flat search reads every vector for each
-# batch of query tiles (8 kB per 2048-d tile), so it is bound by memory bandwidth: on the
-# 2-core VM a region query took 33 ms at 25 k tiles and 172 ms at 100 k (slide queries 0.2
-# and 0.9 s), while the compressed index answered in 3 ms / 20 ms with recall@10 0.9998 at
-# 25 k and 0.997 at 100 k (bench/search.py --sweep, docs/benchmarks.md). Below ~20 k tiles
-# there is too little to train the compressed index well, and flat is fast enough.
+# batch of query tiles (8 kB per 2048-d tile), so it is bound by memory bandwidth and grows
+# linearly with the archive, while the compressed index stays fast with recall@10 near 1
+# (measured figures: bench/search.py --sweep, docs/benchmarks.md). Below ~20 k tiles there
+# is too little to train the compressed index well, and flat is fast enough.
 FLAT_MAX_TILES = 20_000
-COMPRESSED_FOLDER = "compressed"
 
 
 def choose_kind(n_tiles: int, requested: str = "auto", flat_max: int = FLAT_MAX_TILES) -> str:
@@ -71,7 +69,9 @@ def _loadable(shards: dict[str, Path], sha256: dict[str, str] | None, on_error: 
     return counts
 
 
-def _training_sample(shards: dict[str, Path], counts: dict[str, int], size: int, seed: int, progress: bool) -> np.ndarray:
+def _training_sample(
+    shards: dict[str, Path], counts: dict[str, int], size: int, seed: int, progress: bool
+) -> np.ndarray:
     """About `size` vectors drawn uniformly from the shards in `counts` (key -> vector count;
     one shard in memory at a time)."""
     rng = np.random.default_rng(seed)
@@ -87,7 +87,14 @@ def _training_sample(shards: dict[str, Path], counts: dict[str, int], size: int,
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def sync_index(index, shards: dict[str, Path], *, progress: bool = False, sha256: dict[str, str] | None = None, on_error: OnError | None = None) -> tuple[int, int]:
+def sync_index(
+    index,
+    shards: dict[str, Path],
+    *,
+    progress: bool = False,
+    sha256: dict[str, str] | None = None,
+    on_error: OnError | None = None,
+) -> tuple[int, int]:
     """Make `index` hold exactly the given shards (key -> file); returns (added, removed)
     shard counts. `sha256`: key -> the checksum each file must have; `on_error`: called
     with (key, ShardError) for a shard that fails to load, which is then left out (else
@@ -113,7 +120,18 @@ def sync_index(index, shards: dict[str, Path], *, progress: bool = False, sha256
     return added, len(gone)
 
 
-def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, use_gpu: bool = False, progress: bool = False, seed: int = 0, sha256: dict[str, str] | None = None, on_error: OnError | None = None):
+def open_index(
+    kind: str,
+    dim: int,
+    shards: dict[str, Path],
+    *,
+    folder: Path,
+    use_gpu: bool = False,
+    progress: bool = False,
+    seed: int = 0,
+    sha256: dict[str, str] | None = None,
+    on_error: OnError | None = None,
+):
     """An index of `kind` ('flat' or 'compressed') holding `shards`. A compressed index is
     reopened from `folder` when it is there and of this dimension, and trained when not.
     `sha256` and `on_error` as in sync_index."""
@@ -135,7 +153,9 @@ def open_index(kind: str, dim: int, shards: dict[str, Path], *, folder: Path, us
             nlist = default_nlist(total)
             sample = _training_sample(shards, counts, train_sample_size(nlist), seed, progress)
             if len(sample) < 40 * 256:
-                raise ShardError(f"the compressed index needs at least {40 * 256} vectors to train, the archive has {total}; use the flat index")
+                raise ShardError(
+                    f"the compressed index needs at least {40 * 256} vectors to train, the archive has {total}; use the flat index"
+                )
             index = CompressedIndex.train(folder, sample, nlist=nlist, seed=seed)
         index.use_gpu = use_gpu
     else:

@@ -46,7 +46,13 @@ class ClusteredVectors:
         rng = np.random.default_rng(self.seed)
         self.centres = _unit(rng.standard_normal((self.n_classes, self.dim)).astype(np.float32))
         pattern_basis = _unit(rng.standard_normal((self.pattern_rank, self.dim)).astype(np.float32))
-        self.patterns = _unit(rng.standard_normal((self.n_classes * self.n_patterns, self.pattern_rank)).astype(np.float32) @ pattern_basis) * self.pattern_scale
+        self.patterns = (
+            _unit(
+                rng.standard_normal((self.n_classes * self.n_patterns, self.pattern_rank)).astype(np.float32)
+                @ pattern_basis
+            )
+            * self.pattern_scale
+        )
         self.slide_basis = _unit(rng.standard_normal((self.slide_rank, self.dim)).astype(np.float32))
         self.basis = (rng.standard_normal((self.dim, self.rank)) / np.sqrt(self.dim)).astype(np.float32)
 
@@ -59,7 +65,10 @@ class ClusteredVectors:
     def _slide_offsets(self, slides: np.ndarray) -> np.ndarray:
         out = np.empty((len(slides), self.dim), np.float32)
         for i, s in enumerate(slides):
-            out[i] = np.random.default_rng((self.seed, 1, int(s))).standard_normal(self.slide_rank, dtype=np.float32) @ self.slide_basis
+            out[i] = (
+                np.random.default_rng((self.seed, 1, int(s))).standard_normal(self.slide_rank, dtype=np.float32)
+                @ self.slide_basis
+            )
         return _unit(out) * self.slide_scale
 
     def _block(self, b: int) -> np.ndarray:
@@ -71,7 +80,9 @@ class ClusteredVectors:
         classes = self.class_of_slide(uniq)[inv]
         pattern = rng.integers(0, self.n_patterns, BLOCK)
         x = self.centres[classes] + self.patterns[classes * self.n_patterns + pattern] + self._slide_offsets(uniq)[inv]
-        z = rng.standard_normal((BLOCK, self.rank), dtype=np.float32) * (self.within_scale / np.sqrt(self.rank) * np.sqrt(self.dim))
+        z = rng.standard_normal((BLOCK, self.rank), dtype=np.float32) * (
+            self.within_scale / np.sqrt(self.rank) * np.sqrt(self.dim)
+        )
         x += z @ self.basis.T
         x += rng.standard_normal((BLOCK, self.dim), dtype=np.float32) * (self.noise_scale / np.sqrt(self.dim))
         return _unit(x)

@@ -2,9 +2,10 @@
 
 The compressed index keeps only codes in RAM; the exact vectors it re-ranks its short list
 with live here, at 2 bytes per dimension (2048-d: 4 KiB per tile), read by row number. Rows
-are never rewritten in place: a removed vector keeps its row (marked dead by the index) until
-the index is compacted, so appending is the only write and a crash can at worst leave a tail
-of rows that no manifest counts; `open` cuts that tail off.
+are never rewritten in place: a removed vector keeps its row (marked dead, -1, in the index's
+row map) for the life of the index folder -- there is no compaction; a rebuild from the
+shard files starts a new file. Appending is the only write, and a crash can at worst leave a
+tail of rows that no manifest counts; opening the store cuts that tail off.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class VectorStore:
         if size < self.n * row_bytes:
             raise OSError(f"vector file {self.path} holds {size // row_bytes} rows, its manifest counts {self.n}")
         if size > self.n * row_bytes:
-            LOG.warning("vector file %s has %d uncounted rows (an interrupted add); cutting them off", self.path, size // row_bytes - self.n)
+            LOG.warning(
+                "vector file %s has %d uncounted rows (an interrupted add); cutting them off",
+                self.path,
+                size // row_bytes - self.n,
+            )
             os.truncate(self.path, self.n * row_bytes)
 
     @property
@@ -74,16 +79,6 @@ class VectorStore:
         order = np.argsort(rows, kind="stable")
         raw = np.empty((len(rows), self.dim), np.float16)
         raw[order] = self._memmap()[rows[order]]
-        # torch widens float16 with the CPU's F16C instructions, about 2x faster than numpy's
-        # cast; on a 100-row short list of 32 query tiles that cast was the costliest step
+        # torch widens float16 with the CPU's F16C instructions, faster than numpy's cast, which
+        # was the costliest step of re-ranking a short list (docs/benchmarks.md)
         return torch.from_numpy(raw).float().numpy().reshape(*shape, self.dim)
-
-    def iter_chunks(self, rows: np.ndarray, chunk: int = 65536):
-        """(rows, float32 vectors) in chunks, for scans over many rows."""
-        rows = np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            yield part, self.get(part)
-
-    def close(self) -> None:
-        self._map = None

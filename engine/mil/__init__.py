@@ -10,7 +10,7 @@ trained on the tile features the indexer already stored, no re-embedding.
 - `predict`: class probabilities and per-tile attention of a slide from a finished run
 """
 
-from engine.mil.data import Bag, BagSet, Contract, load_bags
 from engine.mil.cv import MilOptions, train_run
+from engine.mil.data import Bag, BagSet, Contract, load_bags
 
 __all__ = ["Bag", "BagSet", "Contract", "load_bags", "MilOptions", "train_run"]

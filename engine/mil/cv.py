@@ -48,7 +48,9 @@ def make_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> tu
     notes = []
     per_class = min(len(set(groups[y == c])) for c in np.unique(y))
     if per_class < 2:
-        raise DatasetError(f"a class has slides of only {per_class} patient(s)/group(s): cross-validation needs at least 2 per class (label more slides, or --group slide if slides of one patient are independent)")
+        raise DatasetError(
+            f"a class has slides of only {per_class} patient(s)/group(s): cross-validation needs at least 2 per class (label more slides, or group by slide if slides of one patient are independent)"
+        )
     if per_class < n_folds:
         notes.append(f"{n_folds} folds asked, {per_class} used: the smallest class has slides of {per_class} groups")
         n_folds = per_class
@@ -68,11 +70,15 @@ def _settle_run_folder(out: Path, head: dict, bags: BagSet, options: MilOptions)
     if contract_file.exists():
         old = json.loads(contract_file.read_text())
         if old != head:
-            raise DatasetError(f"{out} holds another run (different encoder, labels or options); choose another --out, or delete that folder to start again")
+            raise DatasetError(
+                f"{out} holds another run (different encoder, labels or options); choose another run folder, or delete that folder to start again"
+            )
     if folds_file.exists():
         saved = json.loads(folds_file.read_text())
         if sorted(sum(saved["folds"], [])) != sorted(slide_ids):
-            raise DatasetError(f"the labelled slides changed since {out} was started ({len(slide_ids)} now, {sum(map(len, saved['folds']))} then); use a new --out for the new set")
+            raise DatasetError(
+                f"the labelled slides changed since {out} was started ({len(slide_ids)} now, {sum(map(len, saved['folds']))} then); use a new run folder for the new set"
+            )
         pos = {sid: i for i, sid in enumerate(slide_ids)}
         return [np.array([pos[s] for s in fold], np.int64) for fold in saved["folds"]], saved["notes"]
     folds, notes = make_folds(y, groups, options.folds, options.seed)
@@ -93,7 +99,12 @@ def train_run(bags: BagSet, out: str | Path, options: MilOptions | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
     contract = bags.contract.to_json()
-    opts_doc = {"folds": options.folds, "group": options.group, "seed": options.seed, "train": dataclasses.asdict(options.train)}
+    opts_doc = {
+        "folds": options.folds,
+        "group": options.group,
+        "seed": options.seed,
+        "train": dataclasses.asdict(options.train),
+    }
     folds, fold_notes = _settle_run_folder(out, {"contract": contract, "options": opts_doc}, bags, options)
     y, groups = bags.y, bags.groups
     xs = [b.features for b in bags.bags]
@@ -107,15 +118,37 @@ def train_run(bags: BagSet, out: str | Path, options: MilOptions | None = None) 
             continue
         train_rows = np.setdiff1d(np.arange(len(y)), test)
         t0 = time.perf_counter()
-        model, info = train_model([xs[i] for i in train_rows], y[train_rows], groups[train_rows], len(bags.classes), options.train,
-                                  device=device, seed=options.seed * 1000 + k, progress=options.progress, desc=f"fold {k + 1}/{len(folds)}")
+        model, info = train_model(
+            [xs[i] for i in train_rows],
+            y[train_rows],
+            groups[train_rows],
+            len(bags.classes),
+            options.train,
+            device=device,
+            seed=options.seed * 1000 + k,
+            progress=options.progress,
+            desc=f"fold {k + 1}/{len(folds)}",
+        )
         info["seconds"] = round(time.perf_counter() - t0, 2)
         with atomic_output(fold_dir / "model.pt") as tmp:
             torch.save({"state_dict": model.state_dict(), "config": model.config, "contract": contract, "fold": k}, tmp)
         probs = np.stack([infer(model, xs[i], device)[0] for i in test])
-        result = {"fold": k, "slide_ids": [bags.bags[i].slide_id for i in test], "y": y[test].tolist(), "probs": probs.round(6).tolist(), "train": info}
+        result = {
+            "fold": k,
+            "slide_ids": [bags.bags[i].slide_id for i in test],
+            "y": y[test].tolist(),
+            "probs": probs.round(6).tolist(),
+            "train": info,
+        }
         _json_out(done, result)
-        LOG.info("fold %d/%d: %d epochs (best %d), %.1f s", k + 1, len(folds), info["epochs"], info["best_epoch"], info["seconds"])
+        LOG.info(
+            "fold %d/%d: %d epochs (best %d), %.1f s",
+            k + 1,
+            len(folds),
+            info["epochs"],
+            info["best_epoch"],
+            info["seconds"],
+        )
         results.append(result)
     metrics = summarise(results, bags.classes)
     title = f"{contract['label_column']}: AUC {metrics['overall'].get('auc', float('nan')):.3f} ({len(folds)} folds)"
@@ -125,7 +158,12 @@ def train_run(bags: BagSet, out: str | Path, options: MilOptions | None = None) 
         "run_dir": str(out),
         "contract": contract,
         "options": opts_doc,
-        "counts": {"slides": len(bags.bags), "groups": int(len(set(groups))), "tiles": int(sum(len(x) for x in xs)), "per_class": counts},
+        "counts": {
+            "slides": len(bags.bags),
+            "groups": int(len(set(groups))),
+            "tiles": int(sum(len(x) for x in xs)),
+            "per_class": counts,
+        },
         "notes": bags.notes + fold_notes,
         "device": str(device),
         "train_seconds": round(sum(r["train"].get("seconds", 0) for r in results), 2),

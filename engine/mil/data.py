@@ -49,11 +49,16 @@ class Contract:
     def check_encoder(self, row: EncoderRecord, what: str) -> None:
         """Refuse features of another encoder: a model trained on one feature space gives
         confident nonsense on another's."""
-        if (row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px) != (self.encoder_sha256, self.dim, self.target_mpp, self.tile_px):
+        if (row.checkpoint_sha256, row.dim, row.target_mpp, row.tile_px) != (
+            self.encoder_sha256,
+            self.dim,
+            self.target_mpp,
+            self.tile_px,
+        ):
             raise EncoderError(
                 f"{what} has features of encoder {row.name} (sha256 {row.checkpoint_sha256[:12]}, {row.dim}-d, {row.target_mpp:g} um/px, {row.tile_px} px) "
                 f"but this MIL run was trained on {self.encoder_name} (sha256 {self.encoder_sha256[:12]}, {self.dim}-d, {self.target_mpp:g} um/px, {self.tile_px} px): "
-                f"index the slide with that encoder (`indexer build --encoder ...`) or train a run on this one (`engine mil train --encoder {row.name}`)"
+                f"index the slide with that encoder, or train a run on this one ({row.name})"
             )
 
 
@@ -93,17 +98,29 @@ def slide_value(slide: Slide, column: str) -> str | None:
 def pick_encoder(s, encoder: str | None) -> EncoderRecord:
     """The encoder row whose indexed slides to use: `encoder` matches its name or a prefix
     of its sha256; None: the only encoder with indexed slides."""
-    counts = s.execute(sa.select(EncoderRecord, sa.func.count(Slide.id)).join(Slide, Slide.encoder_id == EncoderRecord.id).where(Slide.status == INDEXED).group_by(EncoderRecord.id)).all()
+    counts = s.execute(
+        sa.select(EncoderRecord, sa.func.count(Slide.id))
+        .join(Slide, Slide.encoder_id == EncoderRecord.id)
+        .where(Slide.status == INDEXED)
+        .group_by(EncoderRecord.id)
+    ).all()
     if not counts:
         raise DatasetError("the catalog has no indexed slides: run `indexer build` first")
     listing = "; ".join(f"{row.name} (sha256 {row.checkpoint_sha256[:12]}, {n} slides)" for row, n in counts)
     if encoder is None:
         if len(counts) > 1:
-            raise DatasetError(f"slides are indexed with several encoders, choose one with --encoder NAME or SHA256-PREFIX: {listing}")
+            raise DatasetError(
+                f"slides are indexed with several encoders, choose one by name or sha256 prefix: {listing}"
+            )
         return counts[0][0]
-    found = [row for row, _ in counts if encoder in (row.name, Path(row.name).name) or (len(encoder) >= 6 and row.checkpoint_sha256.startswith(encoder.lower()))]
+    found = [
+        row
+        for row, _ in counts
+        if encoder in (row.name, Path(row.name).name)
+        or (len(encoder) >= 6 and row.checkpoint_sha256.startswith(encoder.lower()))
+    ]
     if len(found) != 1:
-        raise DatasetError(f"--encoder {encoder!r} matches {len(found)} of the encoders with indexed slides: {listing}")
+        raise DatasetError(f"encoder {encoder!r} matches {len(found)} of the encoders with indexed slides: {listing}")
     return found[0]
 
 
@@ -118,8 +135,15 @@ class VectorReader:
     def slide(self, slide_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tile ids, vectors n x dim, boxes n x 3) of an indexed slide, in tile id order."""
         with self.catalog.session() as s:
-            rows = s.execute(sa.select(Tile.id, Tile.x, Tile.y, Tile.size, Tile.shard_id).where(Tile.slide_id == slide_id).order_by(Tile.id)).all()
-            shards = {r.id: r for r in s.scalars(sa.select(Shard).where(Shard.id.in_({r[4] for r in rows if r[4] is not None})))}
+            rows = s.execute(
+                sa.select(Tile.id, Tile.x, Tile.y, Tile.size, Tile.shard_id)
+                .where(Tile.slide_id == slide_id)
+                .order_by(Tile.id)
+            ).all()
+            shards = {
+                r.id: r
+                for r in s.scalars(sa.select(Shard).where(Shard.id.in_({r[4] for r in rows if r[4] is not None})))
+            }
         if not rows:
             raise DatasetError(f"slide {slide_id} has no tiles in the index (no tissue found?)")
         ids = np.array([r[0] for r in rows], np.int64)
@@ -128,26 +152,41 @@ class VectorReader:
         for shard_id in sorted({r[4] for r in rows}, key=lambda v: -1 if v is None else v):
             shard = shards.get(shard_id)
             if shard is None or shard.status == SHARD_QUARANTINED:
-                raise DatasetError(f"slide {slide_id}: its shard is missing or quarantined; run `indexer build` to re-embed it")
+                raise DatasetError(
+                    f"slide {slide_id}: its shard is missing or quarantined; run `indexer build` to re-embed it"
+                )
             if shard_id not in self._shard_cache:
-                self._shard_cache = {shard_id: shard_arrays(self.index_dir / shard.path, shard.sha256)}  # slides rarely share shards: keep one
+                self._shard_cache = {
+                    shard_id: shard_arrays(self.index_dir / shard.path, shard.sha256)
+                }  # slides rarely share shards: keep one
             sids, sx = self._shard_cache[shard_id]
             pos = {int(t): i for i, t in enumerate(sids)}
             want = [i for i, r in enumerate(rows) if r[4] == shard_id]
             try:
                 rows_in_shard = [pos[int(ids[i])] for i in want]
             except KeyError:
-                raise DatasetError(f"slide {slide_id}: shard {shard.path} lacks some of its tiles; run `indexer verify`") from None
+                raise DatasetError(
+                    f"slide {slide_id}: shard {shard.path} lacks some of its tiles; run `indexer verify`"
+                ) from None
             if out is None:
                 out = np.zeros((len(ids), sx.shape[1]), np.float32)
             out[want] = sx[rows_in_shard]
         return ids, out, boxes
 
 
-def load_bags(catalog_url: str, index_dir: str | Path, label_column: str, *, encoder: str | None = None, group: str = "patient", slide_ids: Iterable[int] | None = None, progress: bool = False) -> BagSet:
+def load_bags(
+    catalog_url: str,
+    index_dir: str | Path,
+    label_column: str,
+    *,
+    encoder: str | None = None,
+    group: str = "patient",
+    slide_ids: Iterable[int] | None = None,
+    progress: bool = False,
+) -> BagSet:
     """The indexed slides of one encoder that carry a `label_column` value, as bags."""
     if group not in GROUPS:
-        raise DatasetError(f"--group must be one of {', '.join(GROUPS)}, not {group!r}")
+        raise DatasetError(f"group must be one of {', '.join(GROUPS)}, not {group!r}")
     catalog = Catalog(catalog_url)
     notes: list[str] = []
     try:
@@ -164,7 +203,9 @@ def load_bags(catalog_url: str, index_dir: str | Path, label_column: str, *, enc
             notes.append(f"{unlabelled} indexed slides without a {label_column!r} value left out")
         classes = tuple(sorted({lab for _, lab in labelled}))
         if len(classes) < 2:
-            raise DatasetError(f"column {label_column!r} gives {len(classes)} class(es) over {len(labelled)} indexed slides of encoder {enc.name}; MIL needs at least 2 (columns: {', '.join(COLUMNS)} or a key of the metadata's extra JSON)")
+            raise DatasetError(
+                f"column {label_column!r} gives {len(classes)} class(es) over {len(labelled)} indexed slides of encoder {enc.name}; MIL needs at least 2 (columns: {', '.join(COLUMNS)} or a key of the metadata's extra JSON)"
+            )
         no_patient = 0
         bags = []
         reader = VectorReader(catalog, index_dir)
@@ -177,7 +218,9 @@ def load_bags(catalog_url: str, index_dir: str | Path, label_column: str, *, enc
             bags.append(Bag(sl.id, Path(sl.path).name, lab, patient or f"slide:{sl.id}", x, ids, boxes))
         if no_patient:
             notes.append(f"{no_patient} slides without a patient are each their own group")
-        contract = Contract(enc.name, enc.checkpoint_sha256, enc.dim, enc.target_mpp, enc.tile_px, label_column, classes)
+        contract = Contract(
+            enc.name, enc.checkpoint_sha256, enc.dim, enc.target_mpp, enc.tile_px, label_column, classes
+        )
     finally:
         catalog.dispose()
     return BagSet(bags, classes, contract, notes)

@@ -30,7 +30,9 @@ class LoadedRun:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim != 2 or x.shape[1] != self.contract.dim:
-            raise QueryError(f"features of width {x.shape[-1]} given to a run trained on {self.contract.dim}-d features of {self.contract.encoder_name}")
+            raise QueryError(
+                f"features of width {x.shape[-1]} given to a run trained on {self.contract.dim}-d features of {self.contract.encoder_name}"
+            )
         outs = [infer(m, x, self.device) for m in self.models]
         return np.mean([p for p, _ in outs], 0), np.mean([a for _, a in outs], 0)
 
@@ -41,7 +43,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     run_dir = Path(run_dir)
     contract_file = run_dir / "contract.json"
     if not contract_file.is_file():
-        raise NotFound(f"{run_dir} is not a MIL run folder (no contract.json); train one with `engine mil train --out {run_dir}`")
+        raise NotFound(f"{run_dir} is not a MIL run folder (no contract.json); train a run into it first")
     contract = Contract.from_json(json.loads(contract_file.read_text())["contract"])
     dev = resolve_device(device)
     models = []
@@ -50,12 +52,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
             continue  # a fold still training when the run was stopped
         ckpt = torch.load(path, map_location=dev, weights_only=True)
         if Contract.from_json(ckpt["contract"]) != contract:
-            raise EncoderError(f"{path} was trained for another contract than {contract_file}; the run folder is mixed up: train it again")
+            raise EncoderError(
+                f"{path} was trained for another contract than {contract_file}; the run folder is mixed up: train it again"
+            )
         model = build_model(ckpt["config"]).to(dev)
         model.load_state_dict(ckpt["state_dict"])
         models.append(model.eval())
     if not models:
-        raise NotFound(f"{run_dir} has no finished fold yet; run `engine mil train` with the same --out to finish it")
+        raise NotFound(f"{run_dir} has no finished fold yet; train again into the same run folder to finish it")
     return LoadedRun(run_dir, contract, models, dev)
 
 
@@ -88,7 +92,10 @@ def _answer(run: LoadedRun, probs: np.ndarray, att: np.ndarray, boxes: np.ndarra
         "classes": list(run.contract.classes),
         "probabilities": {c: round(float(p), 6) for c, p in zip(run.contract.classes, probs)},
         "prediction": run.contract.classes[int(np.argmax(probs))],
-        "tiles": [{"x": int(b[0]), "y": int(b[1]), "size": int(b[2]), "attention": float(a), "rank": float(round(r, 5))} for b, a, r in zip(boxes, att, pct)],
+        "tiles": [
+            {"x": int(b[0]), "y": int(b[1]), "size": int(b[2]), "attention": float(a), "rank": float(round(r, 5))}
+            for b, a, r in zip(boxes, att, pct)
+        ],
         "models": len(run.models),
     }
 
@@ -97,11 +104,17 @@ def predict_indexed(catalog: Catalog, index_dir: str | Path, run: LoadedRun, sli
     """Probabilities and per-tile attention of an indexed slide, from its stored features."""
     slide, enc = slide_row(catalog, slide_id)
     if slide.status != INDEXED or enc is None:
-        raise QueryError(f"slide {slide_id} ({Path(slide.path).name}) is not indexed (status {slide.status}); run `indexer build` first")
+        raise QueryError(
+            f"slide {slide_id} ({Path(slide.path).name}) is not indexed (status {slide.status}); run `indexer build` first"
+        )
     run.contract.check_encoder(enc, f"slide {slide_id} ({Path(slide.path).name})")
     _, x, boxes = VectorReader(catalog, index_dir).slide(slide_id)
     probs, att = run.predict(x)
-    info = {"id": slide.id, "name": Path(slide.path).name, run.contract.label_column: _label(slide, run.contract.label_column)}
+    info = {
+        "id": slide.id,
+        "name": Path(slide.path).name,
+        run.contract.label_column: _label(slide, run.contract.label_column),
+    }
     return _answer(run, probs, att, boxes, info)
 
 
@@ -111,7 +124,15 @@ def _label(slide, column: str):
     return slide_value(slide, column)
 
 
-def predict_file(path: Path, run: LoadedRun, encoder_spec: str, *, device: str = "auto", default_mpp: float | None = None, min_tissue: float = 0.5) -> dict:
+def predict_file(
+    path: Path,
+    run: LoadedRun,
+    encoder_spec: str,
+    *,
+    device: str = "auto",
+    default_mpp: float | None = None,
+    min_tissue: float = 0.5,
+) -> dict:
     """A slide file that is not in the index: tiled on the run's grid and embedded on the
     fly with `encoder_spec`, which must be the run's encoder (same weights sha256)."""
     import torch as _torch
@@ -125,7 +146,9 @@ def predict_file(path: Path, run: LoadedRun, encoder_spec: str, *, device: str =
     c = run.contract
     encoder = Encoder.from_spec(encoder_spec, device=device)
     if encoder.info.checkpoint_sha256 != c.encoder_sha256 or encoder.dim != c.dim:
-        raise EncoderError(f"--encoder {encoder_spec} is {encoder.info.name} (sha256 {encoder.info.checkpoint_sha256[:12]}) but the run was trained on {c.encoder_name} (sha256 {c.encoder_sha256[:12]}): give that encoder")
+        raise EncoderError(
+            f"encoder {encoder_spec} is {encoder.info.name} (sha256 {encoder.info.checkpoint_sha256[:12]}) but the run was trained on {c.encoder_name} (sha256 {c.encoder_sha256[:12]}): give that encoder"
+        )
     slide = open_slide(path)
     try:
         info = describe_slide(path, slide, default_mpp)
@@ -135,7 +158,12 @@ def predict_file(path: Path, run: LoadedRun, encoder_spec: str, *, device: str =
             raise QueryError(f"{Path(path).name}: no tissue tiles found at {c.target_mpp:g} um/px")
         feats = []
         for start in range(0, len(boxes), 64):
-            batch = _torch.stack([to_uint8_chw(read_box(slide, b.x, b.y, b.size, c.tile_px), c.tile_px) for b in boxes[start : start + 64]])
+            batch = _torch.stack(
+                [
+                    to_uint8_chw(read_box(slide, b.x, b.y, b.size, c.tile_px), c.tile_px)
+                    for b in boxes[start : start + 64]
+                ]
+            )
             feats.append(l2_normalise(encoder.embed(batch)))
     finally:
         slide.close()

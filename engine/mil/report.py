@@ -61,7 +61,14 @@ def summarise(folds: list[dict], classes: tuple[str, ...]) -> dict:
         y, p = np.array(f["y"], np.int64), np.array(f["probs"], np.float64)
         ys.append(y)
         ps.append(p)
-        per_fold.append({"fold": f["fold"], **scores(y, p, n), "epochs": f["train"]["epochs"], "best_epoch": f["train"]["best_epoch"]})
+        per_fold.append(
+            {
+                "fold": f["fold"],
+                **scores(y, p, n),
+                "epochs": f["train"]["epochs"],
+                "best_epoch": f["train"]["best_epoch"],
+            }
+        )
         if n == 2:
             curves.append({"name": f"fold {f['fold']}", **(roc_points(y, p[:, 1]) or {"fpr": [], "tpr": []})})
     y_all, p_all = np.concatenate(ys), np.concatenate(ps)
@@ -69,10 +76,19 @@ def summarise(folds: list[dict], classes: tuple[str, ...]) -> dict:
     if n == 2:
         curves.append({"name": "all folds", **(roc_points(y_all, p_all[:, 1]) or {"fpr": [], "tpr": []})})
     else:  # one-vs-rest per class over the pooled out-of-fold predictions
-        curves += [{"name": f"{c} vs rest", **(roc_points((y_all == i).astype(int), p_all[:, i]) or {"fpr": [], "tpr": []})} for i, c in enumerate(classes)]
+        curves += [
+            {"name": f"{c} vs rest", **(roc_points((y_all == i).astype(int), p_all[:, i]) or {"fpr": [], "tpr": []})}
+            for i, c in enumerate(classes)
+        ]
     auc_mean, auc_sd = _mean_sd([f["auc"] for f in per_fold])
     bacc_mean, bacc_sd = _mean_sd([f["balanced_accuracy"] for f in per_fold])
-    overall = {"auc": auc_mean, "auc_sd": auc_sd, "balanced_accuracy": bacc_mean, "balanced_accuracy_sd": bacc_sd, "pooled_auc": pooled["auc"]}
+    overall = {
+        "auc": auc_mean,
+        "auc_sd": auc_sd,
+        "balanced_accuracy": bacc_mean,
+        "balanced_accuracy_sd": bacc_sd,
+        "pooled_auc": pooled["auc"],
+    }
     return {
         "overall": {k: v for k, v in overall.items() if v is not None},
         "folds": per_fold,
@@ -96,10 +112,16 @@ def text_summary(metrics: dict) -> str:
     o = metrics["overall"]
     lines = ["| fold | slides | AUC | balanced acc | epochs (best) |", "|---|---|---|---|---|"]
     for f in metrics["folds"]:
-        lines.append(f"| {f['fold']} | {f['slides']} | {_num(f['auc'])} | {f['balanced_accuracy']:.3f} | {f['epochs']} ({f['best_epoch']}) |")
-    lines.append(f"| mean ± sd | {sum(f['slides'] for f in metrics['folds'])} | {fmt(o.get('auc'), o.get('auc_sd'))} | {fmt(o.get('balanced_accuracy'), o.get('balanced_accuracy_sd'))} | |")
+        lines.append(
+            f"| {f['fold']} | {f['slides']} | {_num(f['auc'])} | {f['balanced_accuracy']:.3f} | {f['epochs']} ({f['best_epoch']}) |"
+        )
+    lines.append(
+        f"| mean ± sd | {sum(f['slides'] for f in metrics['folds'])} | {fmt(o.get('auc'), o.get('auc_sd'))} | {fmt(o.get('balanced_accuracy'), o.get('balanced_accuracy_sd'))} | |"
+    )
     lines.append("")
-    lines.append(f"AUC: {metrics['auc_kind']}; confusion matrix over all folds (rows true, columns predicted; {', '.join(metrics['classes'])}):")
+    lines.append(
+        f"AUC: {metrics['auc_kind']}; confusion matrix over all folds (rows true, columns predicted; {', '.join(metrics['classes'])}):"
+    )
     lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in metrics["pooled"]["confusion"]]
     return "\n".join(lines)
 
@@ -132,7 +154,9 @@ def write_roc_png(metrics: dict, path: Path, title: str) -> Path:
     return Path(path)
 
 
-def store_run(catalog_url: str, run_dir: Path, contract: dict, parameters: dict, metrics: dict, plot: Path | None) -> int:
+def store_run(
+    catalog_url: str, run_dir: Path, contract: dict, parameters: dict, metrics: dict, plot: Path | None
+) -> int:
     """Record (or update: a rerun of a finished run folder is the same run) the catalog run."""
     import sqlalchemy as sa
 
@@ -142,7 +166,11 @@ def store_run(catalog_url: str, run_dir: Path, contract: dict, parameters: dict,
     catalog = Catalog(catalog_url)
     try:
         with catalog.session() as s:
-            row = s.scalar(sa.select(BenchmarkRun).where(BenchmarkRun.dataset_kind == "mil", BenchmarkRun.dataset_path == str(run_dir)))
+            row = s.scalar(
+                sa.select(BenchmarkRun).where(
+                    BenchmarkRun.dataset_kind == "mil", BenchmarkRun.dataset_path == str(run_dir)
+                )
+            )
             if row is None:
                 row = BenchmarkRun(dataset_kind="mil", dataset_path=str(run_dir))
                 s.add(row)

@@ -35,7 +35,9 @@ class TrainOptions:
     max_tiles: int | None = None  # a random subset per slide and epoch (speed on huge slides)
 
 
-def validation_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+def validation_split(
+    y: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(train rows, validation rows) with no group on both sides and every class on both;
     None when the training part is too small for that (then no early stopping)."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -52,24 +54,35 @@ def validation_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     return None
 
 
-def _loss(model: GatedAttentionMIL, x: torch.Tensor, label: int, class_weight: torch.Tensor, opts: TrainOptions) -> torch.Tensor:
+def _loss(
+    model: GatedAttentionMIL, x: torch.Tensor, label: int, class_weight: torch.Tensor, opts: TrainOptions
+) -> torch.Tensor:
     logits, scores, h = model(x)
     loss = F.cross_entropy(logits[None], torch.tensor([label], device=x.device), weight=class_weight)
     if opts.instance_loss and opts.instance_weight > 0:
-        loss = (1 - opts.instance_weight) * loss + opts.instance_weight * model.instance_loss(h, scores, label, opts.instance_k)
+        loss = (1 - opts.instance_weight) * loss + opts.instance_weight * model.instance_loss(
+            h, scores, label, opts.instance_k
+        )
     return loss
 
 
 @torch.no_grad()
 def _mean_loss(model, xs, y, device, class_weight, opts) -> float:
     model.eval()
-    return float(np.mean([_loss(model, torch.from_numpy(x).to(device).float(), int(t), class_weight, opts).item() for x, t in zip(xs, y)]))
+    return float(
+        np.mean(
+            [
+                _loss(model, torch.from_numpy(x).to(device).float(), int(t), class_weight, opts).item()
+                for x, t in zip(xs, y)
+            ]
+        )
+    )
 
 
 @contextlib.contextmanager
 def _threads_for(xs: list[np.ndarray], device: torch.device):
     """One CPU thread for small bags: their matrix products are too small to split, and two
-    threads on a busy machine made a step 10x slower (3 ms -> 35 ms, measured)."""
+    threads on a busy machine made a step many times slower (docs/benchmarks.md)."""
     small = device.type == "cpu" and np.mean([x.size for x in xs]) < 200_000
     before = torch.get_num_threads()
     if small:
@@ -80,7 +93,18 @@ def _threads_for(xs: list[np.ndarray], device: torch.device):
         torch.set_num_threads(before)
 
 
-def train_model(xs: list[np.ndarray], y: np.ndarray, groups: np.ndarray, n_classes: int, opts: TrainOptions, *, device: torch.device, seed: int, progress: bool = True, desc: str = "train") -> tuple[GatedAttentionMIL, dict]:
+def train_model(
+    xs: list[np.ndarray],
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    opts: TrainOptions,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[GatedAttentionMIL, dict]:
     """Train on bags `xs` (features n_i x dim) with labels `y`; returns the model at its best
     validation epoch and a summary (epochs, best epoch, losses)."""
     with _threads_for(xs, device):
@@ -95,7 +119,11 @@ def _train_model(xs, y, groups, n_classes, opts, *, device, seed, progress, desc
     split = validation_split(y, groups, opts.val_fraction, seed)
     tr, va = split if split is not None else (np.arange(len(y)), np.array([], np.int64))
     if split is None:
-        LOG.warning("%s: too few patients (groups) per class for a validation split; training %d epochs without early stopping", desc, opts.max_epochs)
+        LOG.warning(
+            "%s: too few patients (groups) per class for a validation split; training %d epochs without early stopping",
+            desc,
+            opts.max_epochs,
+        )
     model = GatedAttentionMIL(xs[0].shape[1], n_classes, opts.hidden, opts.attention, opts.dropout).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     # balanced classes: a rare class weighs as much as a common one in the loss
@@ -129,13 +157,22 @@ def _train_model(xs, y, groups, n_classes, opts, *, device, seed, progress, desc
         best, best_epoch = model.state_dict(), len(history)
     model.load_state_dict(best)
     model.eval()
-    info = {"epochs": len(history), "best_epoch": best_epoch, "best_val_loss": round(float(best_loss), 5) if len(va) else None,
-            "train_slides": int(len(tr)), "val_slides": int(len(va)), "early_stopping": bool(len(va)), "history": history}
+    info = {
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "best_val_loss": round(float(best_loss), 5) if len(va) else None,
+        "train_slides": int(len(tr)),
+        "val_slides": int(len(va)),
+        "early_stopping": bool(len(va)),
+        "history": history,
+    }
     return model, info
 
 
 @torch.no_grad()
 def infer(model: GatedAttentionMIL, x: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities C, attention weights n summing to 1) of one slide."""
-    logits, scores, _ = model(torch.from_numpy(np.ascontiguousarray(x)).to(device).float())  # float16 bags allowed (half the memory)
+    logits, scores, _ = model(
+        torch.from_numpy(np.ascontiguousarray(x)).to(device).float()
+    )  # float16 bags allowed (half the memory)
     return torch.softmax(logits, 0).cpu().numpy(), torch.softmax(scores, 0).cpu().numpy()

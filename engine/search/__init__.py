@@ -1,7 +1,31 @@
-"""Search the archive by region or by slide (see engine/search/engine.py for the queries,
-engine/search/localise.py for placing a region from its pixels, engine/search/mosaic.py for
-the tiles that stand for a slide)."""
+"""Search the archive by region or by slide.
 
-from engine.search.engine import SearchEngine, SearchResult, locate_region, slide_scores
+engine.search.engine: SearchEngine, the one object callers hold, composed of
+  query (query tiles of a region or a slide), live_index (the index kept in step with the
+  catalog), filters (the filter fields and the tile-id filter), ranking (nearest tiles to
+  ranked slides), lookups (the catalog reads after the index search), placement (where in a
+  slide the region lies: on features, or on pixels by localise + ncc), results (what a
+  search answers); mosaic: the tiles that stand for a slide.
 
-__all__ = ["SearchEngine", "SearchResult", "locate_region", "slide_scores"]
+The names below are imported on first use: the web app reads FILTER_FIELDS at start-up
+without loading FAISS and the encoder's dependencies.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "FILTER_FIELDS": "engine.search.filters",
+    "Region": "engine.search.results",
+    "SearchEngine": "engine.search.engine",
+    "SearchResult": "engine.search.results",
+    "SlideHit": "engine.search.results",
+    "place_on_features": "engine.search.placement",
+    "slide_scores": "engine.search.ranking",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,24 +18,15 @@ settle it, in two steps:
    texture: the fine peak is the evidence (its NCC is the score), and its place gives the
    box to a micron or two.
 
-Flat bands at the region's edges (a screenshot or crop reaching past the slide's edge shows
-black, white or the viewer's background there) are cut off before matching and added back
-to the box.
-
-Matching is normalised cross-correlation (NCC) at every placement at once: the correlation
-of the zero-mean template with the image by FFT (numpy.fft), divided by the template's norm
-and each window's standard deviation from summed-area tables. NCC ignores changes of
-brightness and contrast (stain, scanner, JPEG) between the copy and the slide. Grey signal:
-255 - mean(R, G, B), so glass is ~0 and stained tissue is high.
+Matching is normalised cross-correlation (engine.search.ncc), which ignores changes of
+brightness and contrast (stain, scanner, JPEG) between the copy and the slide.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +34,18 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from engine.cache import LRUCache
+from engine.search.ncc import (
+    Matcher,
+    box_sums,
+    coarse_peaks,
+    grey,
+    high_pass,
+    subpixel,
+    transform,
+    turn_margins,
+    uniform_margins,
+)
 from engine.slides import flatten_rgba
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +55,6 @@ MAX_VIEW_PX = 1_000_000  # coarser views (x 2 steps) for slides bigger than this
 MIN_TEMPLATE_PX = 24  # ... but never so coarse that the region's shorter side gets below this
 HARD_MAX_VIEW_PX = 4_000_000  # a small region in a huge slide would need a bigger view: not refined
 MIN_TEMPLATE_STD = 2.0  # grey levels; a flatter region (blank glass) has nothing to match
-MARGIN_STD = 4.0  # grey levels; an edge row or column of a region flatter than this is a margin
 CANDIDATES = 3  # coarse peaks (best first, one per transform) verified at the fine scale ...
 COARSE_MIN = 0.6  # ... when their coarse NCC reaches this (copies: 0.73 - 1.0; other slides: median 0.39, 90 % < 0.66)
 FINE_MPP = 1.0  # um per pixel of the verification (step 2) ...
@@ -103,189 +105,27 @@ class Placement:
     mirrored: bool
 
 
-class ViewCache:
-    """A small LRU of slide views, keyed by (path, file size, mtime, view mpp), so a slide
-    queried again is not read again and a replaced file is. Thread-safe (the web app
-    shares one SearchEngine between requests); a view is built outside the lock, so two
-    requests may build the same one once."""
-
-    def __init__(self, maxsize: int = 16):
-        self.maxsize = maxsize
-        self._views: collections.OrderedDict[tuple, SlideView] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str | Path, view_mpp: float, build: Callable[[], SlideView]) -> SlideView:
-        """The cached view of the file at `path`, else `build()` (and cache it)."""
-        st = os.stat(path)
-        key = (str(path), st.st_size, st.st_mtime_ns, view_mpp)
-        with self._lock:
-            if key in self._views:
-                self._views.move_to_end(key)
-                return self._views[key]
-        view = build()
-        with self._lock:
-            self._views[key] = view
-            while len(self._views) > self.maxsize:
-                self._views.popitem(last=False)
-        return view
+def view_cache(maxsize: int = 16) -> LRUCache[SlideView]:
+    """A cache for slide views (register_region's `views`): the same slides come back query
+    after query. Views are ~1 Mpx at most (4 MB), often far less."""
+    return LRUCache(maxsize)
 
 
-# -- signals -------------------------------------------------------------------------------
-
-
-def grey(img: Image.Image) -> np.ndarray:
-    """255 - mean of R, G, B as float32: glass ~0, stain high (the mean taken by PIL, in C:
-    numpy's float mean over a few megapixels is ten times slower)."""
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    return 255.0 - np.asarray(rgb.convert("L", (1 / 3, 1 / 3, 1 / 3, 0)), np.float32)
-
-
-def _sat(a: np.ndarray) -> np.ndarray:
-    """Summed-area table of `a` with a zero first row and column, in float64 (the variance
-    below subtracts two large sums)."""
-    sat = np.zeros((a.shape[0] + 1, a.shape[1] + 1), np.float64)
-    sat[1:, 1:] = a.cumsum(0, dtype=np.float64).cumsum(1)
-    return sat
-
-
-def _window_sums(sat: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Sums over every h x w window (indexed by its top-left corner) from a summed-area table."""
-    return sat[h:, w:] - sat[:-h, w:] - sat[h:, :-w] + sat[:-h, :-w]
-
-
-def _box_sums(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    return _window_sums(_sat(a), h, w)
-
-
-def _box_mean(g: np.ndarray, r: int) -> np.ndarray:
-    """Mean over the (2r+1) x (2r+1) box around each pixel (edges reflected)."""
-    k = 2 * r + 1
-    return _box_sums(np.pad(g, r, mode="reflect"), k, k) / (k * k)
-
-
-def high_pass(g: np.ndarray, r: int) -> np.ndarray:
-    """g minus its mean over the (2r+1) x (2r+1) box around each pixel (edges reflected)."""
-    return (g - _box_mean(g, r)).astype(np.float32)
-
-
-def uniform_margins(g: np.ndarray, max_std: float = MARGIN_STD) -> tuple[int, int, int, int]:
-    """Rows and columns at the edges of a grey image that are each one flat colour
-    (standard deviation under `max_std`), as (top, right, bottom, left) counts: the band a
-    screenshot or crop shows beyond the slide's edge (black, white or the viewer's
-    background). It does not match the slide's glass, and cutting it off costs nothing,
-    since flat pixels carry nothing to match. Repeated on what is left, so that bands of
-    one colour meeting at a corner both go; at most 3/8 of each side is cut."""
-    h, w = g.shape
-    cap_h, cap_w = 3 * h // 8, 3 * w // 8
-
-    def lead(flat: np.ndarray) -> int:
-        return len(flat) if flat.all() else int(np.argmin(flat))
-
-    t = r = b = l = 0
-    while True:
-        core = g[t : h - b, l : w - r]
-        rows, cols = core.std(axis=1) < max_std, core.std(axis=0) < max_std
-        cut = (min(cap_h, t + lead(rows)), min(cap_w, r + lead(cols[::-1])), min(cap_h, b + lead(rows[::-1])), min(cap_w, l + lead(cols)))
-        if cut == (t, r, b, l):
-            return cut
-        t, r, b, l = cut
-
-
-def turn_margins(margins: tuple[int, int, int, int], turns: int, mirrored: bool) -> tuple[int, int, int, int]:
-    """(top, right, bottom, left) margins of an image after `_transform` (mirror left-right,
-    then rot90 `turns` times counter-clockwise: each turn brings the right side to the top)."""
-    t, r, b, l = margins
-    if mirrored:
-        r, l = l, r
-    for _ in range(turns % 4):
-        t, r, b, l = r, b, l, t
-    return t, r, b, l
-
-
-# -- NCC -------------------------------------------------------------------------------------
-
-
-def _fast_len(n: int) -> int:
-    """The smallest 2^a 3^b 5^c >= n: FFT sizes numpy transforms quickly."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
-class _Matcher:
-    """NCC of templates against one image: the image's FFT and its windows' energies are
-    computed once and shared by the 8 transforms of a template."""
-
-    def __init__(self, image: np.ndarray):
-        self.image = image
-        self.fft_shape = (_fast_len(image.shape[0]), _fast_len(image.shape[1]))
-        self.fft = np.fft.rfft2(image, self.fft_shape)
-        self._sat, self._sat_sq = _sat(image), _sat(image.astype(np.float64) ** 2)
-        self._energy: dict[tuple[int, int], np.ndarray] = {}
-
-    def energy(self, h: int, w: int) -> np.ndarray:
-        """Sum of squared deviations from the window mean, sum(x^2) - sum(x)^2 / n, of
-        every h x w window."""
-        if (h, w) not in self._energy:
-            self._energy[(h, w)] = _window_sums(self._sat_sq, h, w) - _window_sums(self._sat, h, w) ** 2 / (h * w)
-        return self._energy[(h, w)]
-
-    def ncc(self, template: np.ndarray) -> np.ndarray:
-        """NCC of `template` at every placement fully inside the image (indexed by top-left
-        corner). The FFT is at least as big as the image, so valid placements never wrap
-        around. Windows much flatter than the template (glass) get a floor on their energy,
-        so rounding noise over blank glass cannot make a peak."""
-        H, W = self.image.shape
-        h, w = template.shape
-        t = template - template.mean()
-        corr = np.fft.irfft2(self.fft * np.conj(np.fft.rfft2(t, self.fft_shape)), self.fft_shape)[: H - h + 1, : W - w + 1]
-        t_energy = float((t * t).sum())
-        window = np.maximum(self.energy(h, w), 0.0625 * t_energy)  # floor: a quarter of the template's std
-        return corr / np.sqrt(t_energy * window)
-
-
-def _subpixel(m: np.ndarray, i: int, j: int) -> tuple[float, float]:
-    """The peak at (i, j) refined by a parabola through its neighbours in each axis."""
-
-    def offset(a: float, b: float, c: float) -> float:
-        d = a - 2 * b + c
-        return 0.0 if d >= 0 else float(np.clip(0.5 * (a - c) / d, -0.5, 0.5))
-
-    di = offset(m[i - 1, j], m[i, j], m[i + 1, j]) if 0 < i < m.shape[0] - 1 else 0.0
-    dj = offset(m[i, j - 1], m[i, j], m[i, j + 1]) if 0 < j < m.shape[1] - 1 else 0.0
-    return i + di, j + dj
-
-
-def _transform(a: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(a[:, ::-1] if mirrored else a, turns))
-
-
-def coarse_peaks(view: np.ndarray, template: np.ndarray) -> list[tuple[float, float, float, int, bool]]:
-    """For each of the 8 transforms of `template` that fits in `view`, its best placement:
-    (NCC, top-left row, column in view pixels, turns, mirrored), best first."""
-    matcher = _Matcher(view)
-    peaks = []
-    for mirrored in (False, True):
-        for turns in range(4):
-            t = _transform(template, turns, mirrored)
-            if t.shape[0] > view.shape[0] or t.shape[1] > view.shape[1]:
-                continue
-            m = matcher.ncc(t)
-            i, j = np.unravel_index(int(np.argmax(m)), m.shape)
-            peaks.append((float(m[i, j]), *_subpixel(m, i, j), turns, mirrored))
-    return sorted(peaks, key=lambda p: -p[0])
+def cached_view(
+    views: LRUCache[SlideView], path: str | Path, view_mpp: float, build: Callable[[], SlideView]
+) -> SlideView:
+    """The view of the file at `path` from `views`, else `build()` (and cached). Keyed by
+    (path, file size, mtime, view mpp), so a slide queried again is not read again and a
+    replaced file is."""
+    st = os.stat(path)
+    return views.get_or_build((str(path), st.st_size, st.st_mtime_ns, view_mpp), build)
 
 
 # -- views -----------------------------------------------------------------------------------
+# Not engine.slides.read_box_array: that reads one square tile in colour and resizes it
+# bilinearly, as the indexer does; a view is the whole slide (read in bands, it can be huge
+# at level 0) and a window is any rectangle, both area-averaged (BOX) into grey, which the
+# NCC thresholds above were measured with.
 
 
 def choose_view_mpp(slide_um: tuple[float, float], region_um: tuple[float, float]) -> float | None:
@@ -326,7 +166,9 @@ def read_view(slide: openslide.OpenSlide, slide_mpp: float, view_mpp: float) -> 
     return SlideView(view, view_mpp, (w0 / out_w, h0 / out_h))
 
 
-def read_window(slide: openslide.OpenSlide, slide_mpp: float, box0: tuple[int, int, int, int], mpp: float) -> tuple[np.ndarray, tuple[int, int]]:
+def read_window(
+    slide: openslide.OpenSlide, slide_mpp: float, box0: tuple[int, int, int, int], mpp: float
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Grey pixels of the level-0 box (x, y, w, h), clipped to the slide, at `mpp` um/px;
     returns them and the clipped box's level-0 top-left corner."""
     w0, h0 = slide.dimensions
@@ -384,13 +226,24 @@ class RegionQuery:
             if min(ph, pw) < MIN_TEMPLATE_PX:
                 self._fine[mpp] = (np.zeros((0, 0), np.float32), (0, 0, 0, 0), r)
             else:
-                pi, pj = np.unravel_index(int(np.argmax(_box_sums(hp * hp, ph, pw))), (hp.shape[0] - ph + 1, hp.shape[1] - pw + 1))
+                pi, pj = np.unravel_index(
+                    int(np.argmax(box_sums(hp * hp, ph, pw))), (hp.shape[0] - ph + 1, hp.shape[1] - pw + 1)
+                )
                 margins = (r + pi, r + hp.shape[1] - pj - pw, r + hp.shape[0] - pi - ph, r + pj)
                 self._fine[mpp] = (hp[pi : pi + ph, pj : pj + pw], margins, r)
         return self._fine[mpp]
 
 
-def register_region(slide: openslide.OpenSlide, slide_mpp: float, region: Image.Image | RegionQuery, region_mpp: float | None = None, *, views: ViewCache | None = None, path: str | Path | None = None, min_ncc: float = ACCEPT_NCC) -> Placement | None:
+def register_region(
+    slide: openslide.OpenSlide,
+    slide_mpp: float,
+    region: Image.Image | RegionQuery,
+    region_mpp: float | None = None,
+    *,
+    views: LRUCache[SlideView] | None = None,
+    path: str | Path | None = None,
+    min_ncc: float = ACCEPT_NCC,
+) -> Placement | None:
     """Where `region` (an RGB image at `region_mpp` um/px, or a RegionQuery made once for
     several slides) lies in `slide` (level-0 at `slide_mpp` um/px), as a level-0 box over
     the 8 rotations/mirrorings, scored by the fine NCC; None when no placement reaches
@@ -414,17 +267,26 @@ def register_region(slide: openslide.OpenSlide, slide_mpp: float, region: Image.
     return Placement(round(x - l * to0), round(y - t * to0), round(w * to0), round(h * to0), ncc, turns, mirrored)
 
 
-def _place(slide: openslide.OpenSlide, slide_mpp: float, query: RegionQuery, views: ViewCache | None, path: str | Path | None, min_ncc: float) -> tuple[float, float, float, int, bool] | None:
+def _place(
+    slide: openslide.OpenSlide,
+    slide_mpp: float,
+    query: RegionQuery,
+    views: LRUCache[SlideView] | None,
+    path: str | Path | None,
+    min_ncc: float,
+) -> tuple[float, float, float, int, bool] | None:
     """The best verified placement of the query's core: (fine NCC, level-0 x, y of its
     top-left corner, turns, mirrored), or None when there is nothing to verify. Stops at
     the first candidate that reaches `min_ncc`."""
     w0, h0 = slide.dimensions
     view_mpp = choose_view_mpp((w0 * slide_mpp, h0 * slide_mpp), query.core_um)
     if view_mpp is None:
-        LOG.debug("not refined: a %.0f x %.0f um region in a %d x %d px slide needs too big a view", *query.core_um, w0, h0)
+        LOG.debug(
+            "not refined: a %.0f x %.0f um region in a %d x %d px slide needs too big a view", *query.core_um, w0, h0
+        )
         return None
     if views is not None and path is not None:
-        view = views.get(path, view_mpp, lambda: read_view(slide, slide_mpp, view_mpp))
+        view = cached_view(views, path, view_mpp, lambda: read_view(slide, slide_mpp, view_mpp))
     else:
         view = read_view(slide, slide_mpp, view_mpp)
     template = query.coarse(view_mpp)
@@ -444,19 +306,26 @@ def _place(slide: openslide.OpenSlide, slide_mpp: float, query: RegionQuery, vie
     sx, sy = view.scale
     best = None
     for coarse_ncc, row, col, turns, mirrored in peaks:
-        t = _transform(patch, turns, mirrored)
+        t = transform(patch, turns, mirrored)
         top, _, _, left = turn_margins(patch_margins, turns, mirrored)
         # where the patch should be (level-0): the core's coarse corner + the patch's offset in it
         px, py = col * sx + left * to0, row * sy + top * to0
-        box0 = (round(px - margin0), round(py - margin0), round(t.shape[1] * to0 + 2 * margin0), round(t.shape[0] * to0 + 2 * margin0))
+        box0 = (
+            round(px - margin0),
+            round(py - margin0),
+            round(t.shape[1] * to0 + 2 * margin0),
+            round(t.shape[0] * to0 + 2 * margin0),
+        )
         window, (wx, wy) = read_window(slide, slide_mpp, box0, fine_mpp)
         if window.shape[0] < t.shape[0] or window.shape[1] < t.shape[1]:
             continue  # the window was clipped by the slide's edge to less than the patch
-        m = _Matcher(high_pass(window, r)).ncc(t)
+        m = Matcher(high_pass(window, r)).ncc(t)
         i, j = np.unravel_index(int(np.argmax(m)), m.shape)
-        LOG.debug("candidate %d turns mirrored %s: coarse NCC %.3f, fine NCC %.3f", turns, mirrored, coarse_ncc, m[i, j])
+        LOG.debug(
+            "candidate %d turns mirrored %s: coarse NCC %.3f, fine NCC %.3f", turns, mirrored, coarse_ncc, m[i, j]
+        )
         if best is None or m[i, j] > best[0]:
-            fi, fj = _subpixel(m, i, j)
+            fi, fj = subpixel(m, i, j)
             best = (float(m[i, j]), wx + (fj - left) * to0, wy + (fi - top) * to0, turns, mirrored)
         if best[0] >= min_ncc:
             break  # verified: a copy's texture matches in one transform only, so no other can beat it

@@ -50,7 +50,15 @@ def _kmeans_labels(x: np.ndarray, k: int, seed: int, iters: int = 10) -> tuple[n
     return labels, c
 
 
-def select_mosaic(descriptors: np.ndarray, coords: np.ndarray, *, n_clusters: int = N_CLUSTERS, fraction: float = FRACTION, max_tiles: int = MAX_TILES, seed: int = 0) -> np.ndarray:
+def select_mosaic(
+    descriptors: np.ndarray,
+    coords: np.ndarray,
+    *,
+    n_clusters: int = N_CLUSTERS,
+    fraction: float = FRACTION,
+    max_tiles: int = MAX_TILES,
+    seed: int = 0,
+) -> np.ndarray:
     """Indices (sorted) of the mosaic tiles among n tiles.
 
     descriptors: n x d appearance (colour histograms or features)

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
+from engine.errors import DatasetError
 from engine.evaluation.datasets.base import EXCLUSIONS, Item, LabelledSet, parse_spec
 from engine.evaluation.datasets.csv_table import load_csv
 from engine.evaluation.datasets.folder import load_folder
 from engine.evaluation.datasets.tissuenet import load_tissuenet
 from engine.evaluation.datasets.unitopatho import load_unitopatho
-from engine.errors import DatasetError
 
 KINDS = ("folder", "csv", "unitopatho", "tissuenet")
 
@@ -46,7 +46,9 @@ def load_dataset(
     if kind == "folder":
         return load_folder(path)
     if kind == "csv":
-        return load_csv(path, label_column=label_column or "label", slide_column=slide_column, patient_column=patient_column)
+        return load_csv(
+            path, label_column=label_column or "label", slide_column=slide_column, patient_column=patient_column
+        )
     if kind == "unitopatho":
         return load_unitopatho(path, label_column=label_column or "top_label_name")
     return load_tissuenet(path, mpp=mpp or default_mpp, tile_px=tile_px)

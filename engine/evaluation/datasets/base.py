@@ -107,7 +107,9 @@ def parse_spec(spec: str, kinds: Sequence[str]) -> tuple[str, Path]:
     """'KIND:PATH' -> (kind, path); a clear error for anything else."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in kinds or not path:
-        raise DatasetError(f"--dataset must be KIND:PATH with KIND one of {', '.join(kinds)} (e.g. csv:patches/labels.csv), not {spec!r}")
+        raise DatasetError(
+            f"--dataset must be KIND:PATH with KIND one of {', '.join(kinds)} (e.g. csv:patches/labels.csv), not {spec!r}"
+        )
     p = Path(path).expanduser()
     if not p.exists():
         raise DatasetError(f"{kind} data set: {p} does not exist")

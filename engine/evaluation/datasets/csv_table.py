@@ -7,8 +7,8 @@ import csv
 import logging
 from pathlib import Path
 
-from engine.evaluation.datasets.base import Item, LabelledSet, optional_float
 from engine.errors import DatasetError
+from engine.evaluation.datasets.base import Item, LabelledSet, optional_float
 
 LOG = logging.getLogger(__name__)
 MPP_COLUMNS = ("mpp", "mpp_um")
@@ -67,7 +67,9 @@ def load_csv(
             )
         )
     if missing:
-        raise DatasetError(f"csv data set: {len(missing)} image files listed in {path} do not exist, e.g. {missing[:3]} (paths are relative to the CSV's folder)")
+        raise DatasetError(
+            f"csv data set: {len(missing)} image files listed in {path} do not exist, e.g. {missing[:3]} (paths are relative to the CSV's folder)"
+        )
     notes = []
     if unlabelled:
         notes.append(f"{unlabelled} rows without a {label_col!r} value left out")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
+from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.images import IMAGE_SUFFIXES
 
 # Kather 2016 tile names carry their source image, e.g. 1A11_CRC-Prim-HE-07_022.tif_Row_601_Col_151.tif:
@@ -23,9 +23,15 @@ def load_folder(root: Path, *, mpp: float | None = None) -> LabelledSet:
         raise DatasetError(f"folder data set: {root} is not a folder (expected ROOT/CLASS/image files)")
     found = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found.extend((class_dir.name, p) for p in sorted(class_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found.extend(
+            (class_dir.name, p)
+            for p in sorted(class_dir.rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
     if not found:
-        raise DatasetError(f"folder data set: no images in class sub-folders of {root} (expected ROOT/CLASS/*.tif|png|jpg)")
+        raise DatasetError(
+            f"folder data set: no images in class sub-folders of {root} (expected ROOT/CLASS/*.tif|png|jpg)"
+        )
     sources = [KATHER2016_SOURCE.search(p.name) for _, p in found]
     named = all(sources)
     items = [

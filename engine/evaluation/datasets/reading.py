@@ -8,8 +8,8 @@ from typing import Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from engine.evaluation.datasets.base import Item
 from engine.errors import DatasetError, HistoseekError
+from engine.evaluation.datasets.base import Item
 from engine.images import open_rgb, to_uint8_chw
 from engine.slides import open_slide, read_box
 
@@ -77,4 +77,3 @@ class ItemImages(Dataset):
             return row, to_uint8_chw(self.image(self.items[row]), self.tile_px), None
         except HistoseekError as exc:
             return row, None, str(exc)
-

@@ -17,8 +17,8 @@ import math
 import re
 from pathlib import Path
 
-from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
+from engine.evaluation.datasets.base import Item, LabelledSet
 
 LOG = logging.getLogger(__name__)
 CLASS_NAMES = {"0": "0 benign", "1": "1 low-grade SIL", "2": "2 high-grade SIL", "3": "3 squamous carcinoma"}
@@ -79,7 +79,9 @@ def load_tissuenet(root: Path, *, mpp: float, tile_px: int) -> LabelledSet:
         annotations = list(csv.DictReader(fh))
     slides = _find_slides(root, {row["filename"] for row in annotations})
     if not slides:
-        raise DatasetError(f"tissuenet: none of the {len({r['filename'] for r in annotations})} annotated slides is in {root} or its tif_images/ folder")
+        raise DatasetError(
+            f"tissuenet: none of the {len({r['filename'] for r in annotations})} annotated slides is in {root} or its tif_images/ folder"
+        )
     items: list[Item] = []
     absent = 0
     for row in annotations:
@@ -102,12 +104,23 @@ def load_tissuenet(root: Path, *, mpp: float, tile_px: int) -> LabelledSet:
             )
         label = CLASS_NAMES.get(row["annotation_class"].strip(), row["annotation_class"].strip())
         for i, (x, y) in enumerate(corners):
-            items.append(Item(key=f"{row['annotation_id']}#{i}", label=label, path=slides[name], slide=name, box=(x, y, size0), mpp=slide_mpp))
+            items.append(
+                Item(
+                    key=f"{row['annotation_id']}#{i}",
+                    label=label,
+                    path=slides[name],
+                    slide=name,
+                    box=(x, y, size0),
+                    mpp=slide_mpp,
+                )
+            )
     notes = [
         "annotation squares read with a bottom-left y origin (y_image = height - y)",
         f"patches of {tile_px} px at {mpp} um/px on a grid centred in each annotated square",
     ]
     if absent:
-        notes.append(f"{absent} annotations of {len({r['filename'] for r in annotations}) - len(slides)} slides not present were left out")
+        notes.append(
+            f"{absent} annotations of {len({r['filename'] for r in annotations}) - len(slides)} slides not present were left out"
+        )
         LOG.warning("tissuenet: %d annotations are on slides that are not in %s; they are left out", absent, root)
     return LabelledSet("tissuenet", root, items, label_column="annotation_class", notes=notes, cut_mpp=mpp)

@@ -15,11 +15,26 @@ import csv
 import logging
 from pathlib import Path
 
-from engine.evaluation.datasets.base import Item, LabelledSet
 from engine.errors import DatasetError
+from engine.evaluation.datasets.base import Item, LabelledSet
 
 LOG = logging.getLogger(__name__)
-COLUMNS = ("image_id", "top_label_name", "top_label", "type_name", "type", "grade_name", "grade", "wsi", "roi", "mpp", "x", "y", "w", "h")
+COLUMNS = (
+    "image_id",
+    "top_label_name",
+    "top_label",
+    "type_name",
+    "type",
+    "grade_name",
+    "grade",
+    "wsi",
+    "roi",
+    "mpp",
+    "x",
+    "y",
+    "w",
+    "h",
+)
 LABEL_COLUMNS = ("top_label_name", "type_name", "grade_name")
 # Hamamatsu NanoZoomer S210 at 20x (the data set's description); the CSV's mpp column and the
 # file names round it to 0.44
@@ -39,10 +54,16 @@ def load_unitopatho(root: Path, *, label_column: str = "top_label_name") -> Labe
     official train.py).
     """
     if label_column not in LABEL_COLUMNS:
-        raise DatasetError(f"unitopatho: --label-column must be one of {', '.join(LABEL_COLUMNS)}, not {label_column!r}")
+        raise DatasetError(
+            f"unitopatho: --label-column must be one of {', '.join(LABEL_COLUMNS)}, not {label_column!r}"
+        )
     if not (root / "train.csv").is_file():
         found = _resolution_folders(root) if root.is_dir() else []
-        hint = f"; pick one of its resolution folders: {', '.join(str(root / f) for f in found)}" if found else " (expected unitopath-public/800, 7000 or 7000_224)"
+        hint = (
+            f"; pick one of its resolution folders: {', '.join(str(root / f) for f in found)}"
+            if found
+            else " (expected unitopath-public/800, 7000 or 7000_224)"
+        )
         raise DatasetError(f"unitopatho: no train.csv in {root}{hint}")
     # 7000_224 holds 224 px copies of the 7000 crops: their mpp is the crop's level-0 width
     # over 224 px, not the scan's.
@@ -70,9 +91,20 @@ def load_unitopatho(root: Path, *, label_column: str = "top_label_name") -> Labe
                     continue
                 mpp = SCAN_MPP * float(row["w"]) / resized_px if resized_px else SCAN_MPP
                 wsi = row["wsi"].strip()
-                items.append(Item(key=f"{row['top_label_name']}/{row['image_id']}", label=label, path=image, slide=wsi, patient=wsi, mpp=mpp))
+                items.append(
+                    Item(
+                        key=f"{row['top_label_name']}/{row['image_id']}",
+                        label=label,
+                        path=image,
+                        slide=wsi,
+                        patient=wsi,
+                        mpp=mpp,
+                    )
+                )
     if missing:
-        raise DatasetError(f"unitopatho: {len(missing)} images listed in the CSVs are missing under {root}, e.g. {missing[:3]}")
+        raise DatasetError(
+            f"unitopatho: {len(missing)} images listed in the CSVs are missing under {root}, e.g. {missing[:3]}"
+        )
     notes = ["slide = the wsi column; each slide is a different patient (data set description)"]
     if left_out:
         notes.append(f"{left_out} rows without a {label_column} (HP/NORM for grade) left out")

@@ -1,0 +1,85 @@
+"""The catalog reads a search makes once the index has answered: the neighbour tiles'
+slides and boxes, then the result slides' descriptions (with, for a region query, every
+tile of those slides, on which the region is placed). Each is ONE SQL statement however
+many ids it asks about (tests/test_search_roundtrips.py counts them): the ids travel as one
+parameter, a JSON array on SQLite, an array on PostgreSQL, rather than in chunks of
+bound parameters, one round trip each."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from engine.catalog.db import Catalog
+from engine.catalog.models import Slide, Tile
+
+
+def ids_in(column, ids, dialect: str):
+    """`column IN ids` as one bound parameter (a search may ask about 50,000 tile ids: more
+    than SQLite's bound-parameter limit, and one IN clause per chunk is one round trip each)."""
+    ids = [int(i) for i in ids]
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam(None, ids, type_=postgresql.ARRAY(sa.BigInteger)))
+    if dialect == "sqlite":
+        return column.in_(sa.select(sa.func.json_each(json.dumps(ids)).table_valued("value").c.value))
+    return column.in_(ids)
+
+
+def tile_rows(catalog: Catalog, ids: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """tile id -> (slide id, x, y, size) of those tiles still in the catalog."""
+    if not len(ids):
+        return {}
+    q = sa.select(Tile.id, Tile.slide_id, Tile.x, Tile.y, Tile.size).where(
+        ids_in(Tile.id, ids, catalog.engine.dialect.name)
+    )
+    with catalog.session() as s:
+        return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in s.execute(q)}
+
+
+@dataclasses.dataclass
+class SlideRow:
+    """A result slide: what a hit shows of it, its um/px (None: unknown) for the pixel
+    placement, and (when asked for) all its tiles: ids and level-0 boxes (x, y, size)."""
+
+    info: dict  # id, path, patient, site, diagnosis, label
+    mpp: float | None
+    tile_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    boxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
+
+
+def result_slides(catalog: Catalog, slide_ids: list[int], *, with_tiles: bool) -> dict[int, SlideRow]:
+    """The slides still in the catalog among `slide_ids`, by id; `with_tiles`: with all
+    their tiles, joined in the same statement (a few top slides' tiles, a few thousand
+    rows each, so the slide columns repeated on every row cost less than a second trip)."""
+    if not slide_ids:
+        return {}
+    cols = [Slide.id, Slide.path, Slide.patient, Slide.site, Slide.diagnosis, Slide.label, Slide.mpp]
+    q = sa.select(*cols).where(Slide.id.in_([int(i) for i in slide_ids]))
+    if with_tiles:
+        q = (
+            q.add_columns(Tile.id, Tile.x, Tile.y, Tile.size)
+            .outerjoin(Tile, Tile.slide_id == Slide.id)
+            .order_by(Slide.id, Tile.id)
+        )
+    out: dict[int, SlideRow] = {}
+    tiles: dict[int, list] = {}
+    with catalog.session() as s:
+        for r in s.execute(q):
+            sid = int(r[0])
+            if sid not in out:
+                out[sid] = SlideRow(
+                    {"id": sid, "path": r[1], "patient": r[2], "site": r[3], "diagnosis": r[4], "label": r[5]},
+                    float(r[6]) if r[6] else None,
+                )
+                tiles[sid] = []
+            if with_tiles and r[7] is not None:
+                tiles[sid].append(r[7:])
+    for sid, rows in tiles.items():
+        if rows:
+            arr = np.array(rows, np.int64)
+            out[sid].tile_ids, out[sid].boxes = arr[:, 0], arr[:, 1:]
+    return out

@@ -1,0 +1,214 @@
+"""Query tiles: a region image cut into tiles on the index's grid, or the mosaic of a whole
+slide (engine.search.mosaic), indexed or a file, and their unit-length features.
+
+Region: the image is resampled to the index's microns per pixel and cut into a centred grid
+of tiles; tiles with less than MIN_TISSUE tissue are dropped, and a region left with none is
+refused as blank (this is the one tissue rule for region queries: the web app and the CLI
+leave it to this module)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+import torch
+from PIL import Image
+
+from engine.catalog.db import Catalog
+from engine.catalog.models import INDEXED, Slide, Tile
+from engine.errors import NotFound, QueryError
+from engine.images import to_uint8_chw
+from engine.search.live_index import LiveIndex
+
+MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused
+MIN_TISSUE = 0.25  # a query tile needs this much tissue to be searched
+MAX_QUERY_TILES = 64
+# A region is resampled to the index's mpp before it is tiled, which can multiply its pixels
+# by up to MPP_RATIO_MAX^2 (a 6300 x 6300 upload at 4 um/px became 25200 x 25200, 7 GB with
+# its tissue mask, issue 11): the resampled size is checked against this before anything is
+# allocated. 16 Mpx is a 4 x 4 mm region at 1 um/px, ~300 tiles of 224 px, far more than the
+# MAX_QUERY_TILES searched; about 50 MB as RGB.
+MAX_QUERY_PIXELS = 16_000_000
+MAX_QUERY_ASPECT = 32  # longer side / shorter side: a thinner strip is a selection mistake
+# the tissue mask of a region (~50 bytes per pixel while computed) is taken from a copy of
+# it reduced to at most this many pixels
+MASK_MAX_PIXELS = 2_000_000
+
+
+def region_mpp(mpp: float | None, magnification: float | None, index_mpp: float) -> float:
+    """The region's um/px: `mpp`, else 10 / `magnification`, else the index's own."""
+    if mpp is None and magnification is not None:
+        if not (np.isfinite(magnification) and magnification > 0):
+            raise QueryError(
+                f"the region's magnification must be a positive number (e.g. 20 for 20x), not {magnification!r}"
+            )
+        return 10.0 / magnification
+    mpp = index_mpp if mpp is None else float(mpp)
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
+    return mpp
+
+
+def _resampled_size(src: tuple[int, int], mpp: float, index_mpp: float, tile: int) -> tuple[int, int]:
+    """The region's size at the index's mpp (zoomed up to one tile when between half a tile
+    and a tile), or a QueryError saying why it cannot be searched. Checked before any pixel
+    is allocated."""
+    scale = mpp / index_mpp
+    if not 1 / MPP_RATIO_MAX <= scale <= MPP_RATIO_MAX:
+        raise QueryError(
+            f"the region is at {mpp:g} um/px, the index at {index_mpp:g} um/px: more than {MPP_RATIO_MAX:g}x apart; give the region's true mpp or magnification, or export it closer to {index_mpp:g} um/px"
+        )
+    src_w, src_h = src
+    if max(src_w, src_h) > MAX_QUERY_ASPECT * min(src_w, src_h):
+        raise QueryError(
+            f"the region is {src_w} x {src_h} px, more than {MAX_QUERY_ASPECT} times longer than wide; select a part of it nearer to a square"
+        )
+    w, h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+    if min(w, h) < tile // 2:
+        raise QueryError(
+            f"at the index's {index_mpp:g} um/px the region is {w} x {h} px; at least {tile // 2} x {tile // 2} are needed (select a larger region)"
+        )
+    if min(w, h) < tile:
+        # between half a tile and a tile: zoom it up to one tile rather than pad with glass
+        grow = tile / min(w, h)
+        w, h = max(tile, round(w * grow)), max(tile, round(h * grow))
+    if w * h > MAX_QUERY_PIXELS:
+        # the largest upload of the same shape that fits, in the upload's own pixels
+        fit = (MAX_QUERY_PIXELS / (w * h)) ** 0.5
+        raise QueryError(
+            f"the region is too large to search: {src_w} x {src_h} px at {mpp:g} um/px covers {src_w * mpp / 1000:.1f} x {src_h * mpp / 1000:.1f} mm, "
+            f"{w} x {h} px at the index's {index_mpp:g} um/px, and a search takes at most {MAX_QUERY_PIXELS / 1e6:g} Mpx there; "
+            f"select a smaller area (at most {int(src_w * fit)} x {int(src_h * fit)} px at {mpp:g} um/px), or check that {mpp:g} um/px is the region's true resolution"
+        )
+    return w, h
+
+
+def tissue_tiles(
+    image: Image.Image, mpp: float, index_mpp: float, tile: int
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The region's size at the index's `index_mpp` and the top-left corners (in it) of its
+    query tiles: a centred grid of `tile` px tiles, those with at least MIN_TISSUE tissue,
+    the MAX_QUERY_TILES with most first. A QueryError when its size cannot be searched or
+    no tile holds enough tissue (the region looks blank).
+
+    The one tissue rule of region queries: the web app calls this before it has an engine,
+    the engine again on every search. Cheap: the mask is taken on a copy of the upload
+    reduced to at most MASK_MAX_PIXELS, and nothing is resampled."""
+    from engine.tissue import tissue_mask_rgb
+
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
+    w, h = _resampled_size(image.size, mpp, index_mpp, tile)
+    # the mask's float images cost ~50 bytes per pixel, and tissue fractions per tile do not
+    # need every pixel: a tile stays >= ~80 px across in the reduced copy
+    f = 1
+    while (image.width // f) * (image.height // f) > MASK_MAX_PIXELS:
+        f += 1
+    rgb = image.convert("RGB")
+    mask = tissue_mask_rgb(np.asarray(rgb.reduce(f) if f > 1 else rgb))
+    sx, sy = mask.shape[1] / w, mask.shape[0] / h  # mask pixels per resampled pixel
+    nx, ny = w // tile, h // tile
+    ox, oy = (w - nx * tile) // 2, (h - ny * tile) // 2
+    cands = []
+    for j in range(ny):
+        for i in range(nx):
+            x, y = ox + i * tile, oy + j * tile
+            r0, c0 = int(y * sy), int(x * sx)
+            r1, c1 = max(r0 + 1, math.ceil((y + tile) * sy)), max(c0 + 1, math.ceil((x + tile) * sx))
+            frac = float(mask[r0:r1, c0:c1].mean())
+            if frac >= MIN_TISSUE:
+                cands.append((frac, x, y))
+    if not cands:
+        raise QueryError(
+            f"the region looks blank: no {tile} px tile of it has {MIN_TISSUE:.0%} tissue; select an area with tissue"
+        )
+    cands = sorted(cands, key=lambda c: -c[0])[:MAX_QUERY_TILES]
+    return (w, h), [(x, y) for _, x, y in cands]
+
+
+def region_tiles(
+    image: Image.Image, mpp: float, index_mpp: float, tile: int
+) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+    """The query tiles of a region image at `mpp` um/px for an index at `index_mpp` with
+    `tile` px tiles (tissue_tiles): the region resampled to index_mpp and cut. Returns
+    (tiles, their top-left corners in the resampled image). Every size is checked before
+    the region is resampled: at most MAX_QUERY_PIXELS, at most MAX_QUERY_ASPECT times
+    longer than wide."""
+    (w, h), corners = tissue_tiles(image, mpp, index_mpp, tile)
+    region = (
+        image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image.convert("RGB")
+    )
+    return [region.crop((x, y, x + tile, y + tile)) for x, y in corners], corners
+
+
+def embed(encoder, tiles: list[Image.Image], tile_px: int) -> np.ndarray:
+    """Unit-length features of the tiles, as the index holds them."""
+    return encoder.embed_unit(torch.stack([to_uint8_chw(t, tile_px) for t in tiles]))
+
+
+def resolve_slide(catalog: Catalog, slide: int | str | Path, encoder_id: int) -> tuple[int | None, Path | None]:
+    """(catalog id, None) for an indexed slide (its id, or its file), (None, path) for a
+    file not in the archive."""
+    from engine.slides import fingerprint
+
+    with catalog.session() as s:
+        if isinstance(slide, (int, np.integer)) or (isinstance(slide, str) and slide.isdigit()):
+            sid = int(slide)
+        else:
+            path = Path(slide)
+            if not path.is_file():
+                raise NotFound(f"{path}: no such slide file (give a slide file or the id of an indexed slide)")
+            sid = s.scalar(sa.select(Slide.id).where(Slide.fingerprint == fingerprint(path)))
+            if sid is None:
+                return None, path
+        row = s.get(Slide, sid)
+        if row is None:
+            raise NotFound(f"no slide with id {sid} in the catalog (`indexer status` lists them)")
+        if row.status != INDEXED or row.encoder_id != encoder_id:
+            raise QueryError(
+                f"slide {sid} ({Path(row.path).name}) is not indexed with this encoder (status {row.status}); index it (`indexer build`) or search with its file"
+            )
+    return sid, None
+
+
+def indexed_mosaic(catalog: Catalog, live: LiveIndex, slide_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The mosaic of an indexed slide, from its vectors in the index: (vectors, boxes)."""
+    from engine.search.mosaic import select_mosaic
+
+    with catalog.session() as s:
+        rows = s.execute(
+            sa.select(Tile.id, Tile.x, Tile.y, Tile.size).where(Tile.slide_id == slide_id).order_by(Tile.id)
+        ).all()
+    if not rows:
+        raise QueryError(f"slide {slide_id} has no tissue tiles in the index")
+    vecs = live.vectors(np.array([r[0] for r in rows], np.int64))
+    pick = select_mosaic(vecs, np.array([(r[1], r[2]) for r in rows], np.float64))
+    return vecs[pick], [(rows[i][1], rows[i][2], rows[i][3]) for i in pick]
+
+
+def file_mosaic(
+    path: Path, default_mpp: float | None, encoder, index_mpp: float, tile_px: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Mosaic of a slide file that is not in the archive: tissue tiles on the index's
+    grid, clustered by colour (so only the mosaic tiles are read and embedded)."""
+    from engine.search.mosaic import colour_histograms, select_mosaic
+    from engine.slides import describe_slide, open_slide, read_box
+    from engine.tiling import tile_grid
+    from engine.tissue import slide_thumbnail, tissue_mask_rgb
+
+    slide = open_slide(path)
+    try:
+        info = describe_slide(path, slide, default_mpp)
+        thumb, ds = slide_thumbnail(slide)
+        boxes = tile_grid(info, tissue_mask_rgb(thumb), ds, index_mpp, tile_px, min_tissue=0.5)
+        if not boxes:
+            raise QueryError(f"{path.name}: no tissue tiles found at {index_mpp:g} um/px; is it blank or very small?")
+        arr = np.array([(b.x, b.y, b.size) for b in boxes], np.float64)
+        pick = select_mosaic(colour_histograms(thumb, arr, ds), arr[:, :2])
+        chosen = [boxes[i] for i in pick]
+        xq = embed(encoder, [read_box(slide, b.x, b.y, b.size, tile_px) for b in chosen], tile_px)
+    finally:
+        slide.close()
+    return xq, [(b.x, b.y, b.size) for b in chosen]
