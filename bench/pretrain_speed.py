@@ -32,7 +32,8 @@ from PIL import Image
 
 from engine.encoder import build_backbone
 from pretrain.ccl import CCL
-from pretrain.train import TrainConfig, train
+from pretrain.config import TrainConfig
+from pretrain.train import train
 
 
 def _sync(device: torch.device) -> None:

@@ -257,6 +257,12 @@ class Encoder:
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", precision: str = "auto") -> "Encoder":
+        """The encoder a spec names: a checkpoint, ``random[:ARCH[:SEED]]``, or an encoder card
+        (``CARD.json`` or ``preset:NAME:WEIGHTS``, engine.cards)."""
+        from engine.cards import CardEncoder, is_card_spec  # cards build on this module
+
+        if is_card_spec(spec):
+            return CardEncoder.from_spec(spec, device=device, precision=precision)
         model, info = load_backbone(spec)
         return cls(model, info, device=device, precision=precision)
 

@@ -1,9 +1,10 @@
 """`indexer build` as a library function: a slide archive into shard files and catalog rows.
 
 One process or many (torchrun): rank 0 lists the archive, every rank fingerprints its share
-of the files, rank 0 repairs what an interrupted run left and registers the slides, then the
-slides still to index are balanced over the ranks by file size. Each rank embeds its slides
-and commits each one as soon as its last tile is embedded (see indexer/writer.py).
+of the files, rank 0 repairs what an interrupted run left and registers the slides (those
+steps: indexer/prepare.py), then the slides still to index are balanced over the ranks by
+file size. Each rank embeds its slides and commits each one as soon as its last tile is
+embedded (see indexer/writer.py).
 """
 
 from __future__ import annotations
@@ -29,18 +30,10 @@ from engine.errors import CatalogError, ConfigError, ShardError
 from engine.features import default_workers
 from engine.files import write_error_advice
 from engine.shards import ShardEncoder
-from indexer.discovery import (
-    FINGERPRINT_CACHE,
-    SLIDE_EXTENSIONS,
-    FingerprintCache,
-    describe_files,
-    find_slide_files,
-    match_archive_metadata,
-)
 from indexer.distributed import check_catalog_for, split_by_size
 from indexer.lease import Lease
 from indexer.pipeline import PlanSampler, SlidePlan, iter_plans, plan_slide, tile_batches
-from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
+from indexer.prepare import prepare
 from indexer.writer import commit_slide, fail_slide
 
 LOG = logging.getLogger(__name__)
@@ -83,91 +76,6 @@ class BuildSummary:
         self.seconds = max(self.seconds, other.seconds)
         self.encoder_seconds = max(self.encoder_seconds, other.encoder_seconds)
         self.failures += other.failures
-
-
-def _fingerprint_share(root: Path, paths: list[Path], cache_file: Path, ctx: distributed.DistContext):
-    """Each rank fingerprints every world_size-th file; everyone gets all, in order."""
-    cache = FingerprintCache(cache_file)
-    mine = describe_files(root, paths[ctx.rank :: ctx.world_size], cache)
-    gathered = ctx.all_gather((mine, cache.new))
-    files = [None] * len(paths)
-    for r, (part, _) in enumerate(gathered):
-        files[r :: ctx.world_size] = part
-    if ctx.is_main:
-        for _, entries in gathered:
-            cache.update(entries)
-        cache.save()
-    return files
-
-
-def _prepare(
-    catalog: Catalog,
-    settings: Settings,
-    root: Path,
-    encoder: Encoder,
-    shard_encoder: ShardEncoder,
-    metadata,
-    collection,
-    ctx,
-    lease: Lease | None,
-) -> tuple[Registration | None, int | None, list[str]]:
-    """Rank 0: list, fingerprint (shared), repair, register. Returns (registration,
-    encoder id, notes), broadcast to every rank."""
-    paths = ctx.broadcast(find_slide_files(root) if ctx.is_main else None)
-    files = _fingerprint_share(root, paths, Path(settings.index_dir) / FINGERPRINT_CACHE, ctx)
-    # the other ranks stop with rank 0's error, if it has one
-    return ctx.on_main(
-        _register_on_main, catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease
-    )
-
-
-def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, metadata, collection, lease):
-    notes = [] if files else [f"no slide files under {root} (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"]
-    # always matched: without metadata files a TCGA barcode in a file name still gives the patient
-    match = match_archive_metadata(metadata, [f.relpath for f in files])
-    meta = match.by_relpath
-    notes += match.report_lines()
-    _ensure_encoder_row(catalog, encoder, shard_encoder)
-    with catalog.session() as s:
-        enc = encoder_row(s, encoder.info, shard_encoder)
-        check_one_encoder(s, enc)
-        reg = Registration()
-        repair(
-            s,
-            Path(settings.index_dir),
-            shard_encoder,
-            enc,
-            reg,
-            other_builds=lambda: [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()],
-        )
-        found = register(s, root, files, index_dir=Path(settings.index_dir), metadata=meta, collection=collection)
-        found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
-        encoder_id = enc.id
-    # Files go only after the commit: a kill in between leaves orphans the next run removes.
-    for file in found.files_to_delete:
-        file.unlink(missing_ok=True)
-    notes += found.repaired
-    notes += [f"moved: {old} -> {new}" for old, new in found.moved]
-    notes += [f"changed since it was indexed, its old tiles and vectors dropped: {rel}" for rel in found.replaced]
-    notes += [f"same content as {first}, not indexed twice: {rel}" for rel, first in found.duplicates]
-    notes += [f"back in the archive: {rel}" for rel in found.back]
-    if found.missing:
-        notes.append(
-            f"{len(found.missing)} catalog slides under {root} are gone or unreadable, marked missing and left out of search "
-            f"(restore the files, or drop them with `indexer remove`): {', '.join(found.missing[:5])}"
-        )
-    return found, encoder_id, notes
-
-
-def _ensure_encoder_row(catalog: Catalog, encoder: Encoder, shard_encoder: ShardEncoder) -> None:
-    """Create the encoder's row in a transaction of its own: two builds starting together on
-    a new catalog both find none and both insert it; the second one's insert breaks the
-    unique constraint, and then the row is there to use."""
-    try:
-        with catalog.session() as s:
-            encoder_row(s, encoder.info, shard_encoder)
-    except sa.exc.IntegrityError:
-        LOG.info("another build registered the encoder at the same moment; using its row")
 
 
 def build_archive(
@@ -258,7 +166,7 @@ def _build(
     progress,
 ) -> BuildSummary:
     """build_archive's work once the catalog is open and the lease held."""
-    reg, encoder_id, notes = _prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease)
+    reg, encoder_id, notes = prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease)
     LOG.info(
         "%d slides under %s: %d already indexed, %d to index over %d process(es)",
         len(reg.jobs) + reg.already_indexed,

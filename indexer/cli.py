@@ -35,6 +35,41 @@ def main(verbose: int) -> None:
     setup_logging(verbose, rank=_rank_from_env())
 
 
+def tiling_options(func):
+    """The tiling options `build` and `preview` share, so a preview shows what a build with
+    the same flags embeds."""
+    options = [
+        click.option(
+            "--target-mpp",
+            type=click.FloatRange(min=0.01, max=100),
+            default=None,
+            help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].",
+        ),
+        click.option(
+            "--tile-px",
+            type=click.IntRange(min=16),
+            default=None,
+            help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
+        ),
+        click.option(
+            "--min-tissue",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.5,
+            show_default=True,
+            help="Smallest fraction of a tile the tissue mask must cover for the tile to be embedded.",
+        ),
+        click.option(
+            "--default-mpp",
+            type=click.FloatRange(min=0.01, max=100),
+            default=None,
+            help="Microns per level-0 pixel for slides that carry neither mpp nor objective power (otherwise such slides fail).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command()
 @click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -43,31 +78,7 @@ def main(verbose: int) -> None:
     multiple=True,
     help="Slide metadata, recognised by its header; repeat for several files (merged by slide, then by patient): a GDC sample sheet, a GDC clinical TSV, or a CSV with a column naming each slide file (slide/path/file/filename) and any of patient, site, diagnosis, label, collection (other columns are kept as extra metadata). Without it, a TCGA barcode in a file name gives the patient.",
 )
-@click.option(
-    "--target-mpp",
-    type=float,
-    default=None,
-    help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].",
-)
-@click.option(
-    "--tile-px",
-    type=int,
-    default=None,
-    help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
-)
-@click.option(
-    "--min-tissue",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.5,
-    show_default=True,
-    help="Smallest fraction of a tile the tissue mask must cover for the tile to be embedded.",
-)
-@click.option(
-    "--default-mpp",
-    type=click.FloatRange(min=0.01, max=100, min_open=False),
-    default=None,
-    help="Microns per level-0 pixel for slides that carry neither mpp nor objective power (otherwise such slides fail).",
-)
+@tiling_options
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -227,31 +238,7 @@ def remove(slides, settings: Settings) -> None:
 @main.command()
 @click.argument("slide", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
-@click.option(
-    "--target-mpp",
-    type=float,
-    default=None,
-    help="Microns per pixel of the tiles [env HISTOSEEK_TARGET_MPP; default 1.0, as `indexer build`].",
-)
-@click.option(
-    "--tile-px",
-    type=click.IntRange(min=16),
-    default=None,
-    help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
-)
-@click.option(
-    "--min-tissue",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.5,
-    show_default=True,
-    help="Smallest tissue fraction of a kept tile.",
-)
-@click.option(
-    "--default-mpp",
-    type=click.FloatRange(min=0.01, max=100),
-    default=None,
-    help="Microns per level-0 pixel when the slide carries none.",
-)
+@tiling_options
 @click.option(
     "--max-px", type=click.IntRange(min=64), default=1600, show_default=True, help="Longest side of the picture."
 )

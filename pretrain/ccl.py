@@ -70,6 +70,26 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Gener
     return centroids
 
 
+def weighted_info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: torch.Tensor,
+    same: torch.Tensor,
+    temperature: float,
+    same_cluster_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instance-level InfoNCE of queries q (N x D) against their own keys k (N x D) and the
+    negatives (K x D), where a negative in the query's own cluster (`same`, N x K) counts with
+    `same_cluster_weight` in the denominator (it is probably the same tissue). Returns (loss,
+    logits N x (1+K), the positive first)."""
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+    l_neg = q @ negatives.T  # N x K
+    log_w = torch.where(same, math.log(same_cluster_weight) if same_cluster_weight > 0 else -math.inf, 0.0)
+    logits = torch.cat([l_pos / temperature, l_neg / temperature + log_w], dim=1)  # N x (1+K)
+    zeros = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits.float(), zeros), logits
+
+
 class CCL(nn.Module):
     """MoCo v2 + clustering-guided group loss and weighted negatives.
 
@@ -197,15 +217,10 @@ class CCL(nn.Module):
             queue_assign = (self.queue_group.float() @ centroids.T).argmax(dim=1)  # K
 
         # instance level: positive = own key, negatives = queue, weighted by cluster
-        l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
-        l_neg = q @ self.queue.clone().detach().T  # N x K
         same = assign[:, None] == queue_assign[None, :]  # N x K
-        log_w = torch.where(
-            same, math.log(self.same_cluster_weight) if self.same_cluster_weight > 0 else -math.inf, 0.0
+        loss_inst, logits = weighted_info_nce(
+            q, k, self.queue.clone().detach(), same, self.temperature, self.same_cluster_weight
         )
-        logits = torch.cat([l_pos / self.temperature, l_neg / self.temperature + log_w], dim=1)  # N x (1+K)
-        zeros = torch.zeros(n, dtype=torch.long, device=q.device)
-        loss_inst = F.cross_entropy(logits.float(), zeros)
 
         # group level, across views: query view -> centroid of its key view's cluster
         group_logits = q_group @ centroids.to(q_group.dtype).T / self.group_temperature  # N x C

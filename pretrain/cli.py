@@ -158,7 +158,7 @@ def train(resume: bool, **options) -> None:
     Each rank reads its share of the tile stream; checkpoints go to --out every
     --checkpoint-every steps. A killed run continues with the same command plus --resume.
     """
-    from pretrain.train import TrainConfig
+    from pretrain.config import TrainConfig
     from pretrain.train import train as run_training
 
     ctx = click.get_current_context()

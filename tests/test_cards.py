@@ -266,3 +266,32 @@ def test_preset_builds_on_the_meta_device_with_its_published_width(name):
     assert model.patch_embed.img_size == (224, 224)
     if name == "virchow2":
         assert model.num_prefix_tokens == 5
+
+
+def test_engine_features_with_a_card_equals_timm(vit, tmp_path):
+    """The whole command: `engine features --encoder CARD.json --precision fp32` on image
+    files gives what timm's own forward gives for the same pixels."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from engine.cli.main import main
+
+    model, folder = vit
+    card = write_card(folder, name="features-card.json")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    rng = np.random.default_rng(3)
+    arrays = []
+    for i in range(3):
+        low = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(low).resize((224, 224), Image.Resampling.BILINEAR))
+        Image.fromarray(arr).save(tiles / f"t{i}.png")
+        arrays.append(arr)
+    out = tmp_path / "f.npy"
+    args = ["features", str(tiles), "--encoder", str(card), "--precision", "fp32", "--out", str(out), "--workers", "0"]
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = model(reference_input(batch)).numpy()
+    assert rel_err(np.load(out), expected) < 1e-4

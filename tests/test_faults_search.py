@@ -36,7 +36,8 @@ from tests.conftest import REPO
 from tests.indexed_archive import make_indexed_archive
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
-from webapp.slide_cache import READ_MAX_PX, SlideCache
+from webapp.slide_cache import SlideCache
+from webapp.slide_reading import READ_MAX_PX
 
 PASSWORD = "faults test pw"
 NAMES = ["alpha.tiff", "beta.tiff", "gamma.tiff", "delta.tiff", "epsilon.tiff"]
@@ -212,6 +213,7 @@ REGION_MEMORY = """
     from PIL import Image
     from engine.errors import QueryError
     from engine.search import SearchEngine
+    from engine.search.query import region_tiles
     from tests.indexed_archive import archive_settings
     from tests.synthetic_slides import tissue_blobs
 
@@ -222,7 +224,7 @@ REGION_MEMORY = """
         image = Image.fromarray(tissue_blobs(edge, edge, seed=5, n_blobs=8, radius=(0.3, 0.45)))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
-            tiles, _ = engine.region_tiles(image, mpp)
+            tiles, _ = region_tiles(image, mpp, engine.index_mpp, engine.tile_px)
             result = f"{len(tiles)} tiles"
         except QueryError as exc:
             result = str(exc)

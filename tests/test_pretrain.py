@@ -19,8 +19,9 @@ from engine.encoder import load_backbone
 from pretrain.augment import AugmentConfig, hed_jitter, two_views
 from pretrain.ccl import CCL, spherical_kmeans
 from pretrain.cli import main as pretrain_cli
+from pretrain.config import TrainConfig
 from pretrain.data import ImageFolderSource, TwoViewBatches, make_loader, open_source, shuffled_stream
-from pretrain.train import TrainConfig, train
+from pretrain.train import train
 
 
 @pytest.fixture(autouse=True)

@@ -176,17 +176,7 @@ class CompressedIndex:
         allowed_rows = np.flatnonzero(allowed)
         if len(allowed_rows) <= max(self.exact_max, R):
             return self.rowstore.exact(xq, allowed_rows, k)
-        bitmap = np.packbits(allowed, bitorder="little")
-        sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        C = self.ivfpq.candidates(xq, R, nprobe, sel)
-        nlist = self.ivfpq.nlist
-        short = (C >= 0).sum(axis=1) < min(k, len(allowed_rows))
-        while short.any() and nprobe < nlist:
-            # a selective filter leaves too few vectors in the probed lists: widen the probe
-            nprobe = min(nlist, nprobe * 4)
-            C[short] = self.ivfpq.candidates(xq[short], R, nprobe, sel)
-            short = (C >= 0).sum(axis=1) < min(k, len(allowed_rows))
-        return self.rerank(xq, C, k)
+        return self.rerank(xq, filtered_candidates(self.ivfpq, xq, R, nprobe, allowed, min(k, len(allowed_rows))), k)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored (float16-rounded) vectors of tile `ids`; zeros for ids not in the index."""
@@ -199,6 +189,25 @@ class CompressedIndex:
         """Bytes this index holds in RAM: the FAISS index (engine.index.ivfpq) and the row ->
         tile id map."""
         return int(self.ivfpq.ram_bytes() + self.rows.nbytes)
+
+
+def filtered_candidates(
+    ivfpq: IvfPq, xq: np.ndarray, R: int, nprobe: int, allowed: np.ndarray, want: int
+) -> np.ndarray:
+    """Candidate rows (nq x R, -1 = none) among the `allowed` rows (a bool per row), the
+    filter applied inside IVF as a row bitmap. Queries that find fewer than `want` widen
+    their probe until they have them or every list was scanned."""
+    bitmap = np.packbits(allowed, bitorder="little")  # must outlive `sel`, which points into it
+    sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+    C = ivfpq.candidates(xq, R, nprobe, sel)
+    nlist = ivfpq.nlist
+    short = (C >= 0).sum(axis=1) < want
+    while short.any() and nprobe < nlist:
+        # a selective filter leaves too few vectors in the probed lists: widen the probe
+        nprobe = min(nlist, nprobe * 4)
+        C[short] = ivfpq.candidates(xq[short], R, nprobe, sel)
+        short = (C >= 0).sum(axis=1) < want
+    return C
 
 
 def train_index(

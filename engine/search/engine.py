@@ -43,6 +43,41 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
 
 
+def find_hits(
+    live: LiveIndex,
+    xq: np.ndarray,
+    top_k: int,
+    filters: dict | None,
+    exclude: dict,
+    rule: str,
+    timing: dict,
+    q_cells: np.ndarray | None = None,
+):
+    """Search, rank and describe the top_k slides; with `q_cells` (a region's tile grid
+    cells, more than one) each hit's regions are the region placed on the slide, else
+    each query tile's best match in it. Returns (hits, result slide rows by id)."""
+    catalog = live.catalog
+    with catalog.session() as s:
+        allowed = id_filter(s, live.encoder_row["id"], filters, **exclude)
+    t = time.perf_counter()
+    nb = search_tiles(live, catalog, xq, top_k, allowed)
+    timing["search"] = _ms(t)
+    t = time.perf_counter()
+    ranked = rank_slides(nb, top_k, rule)
+    place = q_cells is not None and len(xq) > 1
+    slides = result_slides(catalog, [sid for sid, _ in ranked], with_tiles=place)
+    ranked = [(sid, score) for sid, score in ranked if sid in slides]  # removed meanwhile
+    hits = []
+    for rank, (sid, score) in enumerate(ranked, 1):
+        row = slides[sid]
+        regions = (
+            placed_regions(xq, q_cells, row.tile_ids, row.boxes, live.vectors) if place else matched_tiles(nb, sid)
+        )
+        hits.append(SlideHit(rank, row.info, score, regions))
+    timing["aggregate"] = _ms(t)
+    return hits, slides
+
+
 class SearchEngine:
     """Searches one archive (catalog + shard index) with one encoder.
 
@@ -108,45 +143,6 @@ class SearchEngine:
     def tile_px(self) -> int:
         return int(self.encoder_row["tile_px"])
 
-    def region_tiles(self, image: Image.Image, mpp: float) -> tuple[list[Image.Image], list[tuple[int, int]]]:
-        """The query tiles of a region image at `mpp` um/px (engine.search.query.region_tiles)."""
-        return Q.region_tiles(image, mpp, self.index_mpp, self.tile_px)
-
-    def _hits(
-        self,
-        xq: np.ndarray,
-        top_k: int,
-        filters: dict | None,
-        exclude: dict,
-        rule: str,
-        timing: dict,
-        q_cells: np.ndarray | None = None,
-    ):
-        """Search, rank and describe the top_k slides; with `q_cells` (a region's tile grid
-        cells, more than one) each hit's regions are the region placed on the slide, else
-        each query tile's best match in it. Returns (hits, result slide rows by id)."""
-        with self.catalog.session() as s:
-            allowed = id_filter(s, self.encoder_row["id"], filters, **exclude)
-        t = time.perf_counter()
-        nb = search_tiles(self.live, self.catalog, xq, top_k, allowed)
-        timing["search"] = _ms(t)
-        t = time.perf_counter()
-        ranked = rank_slides(nb, top_k, rule)
-        place = q_cells is not None and len(xq) > 1
-        slides = result_slides(self.catalog, [sid for sid, _ in ranked], with_tiles=place)
-        ranked = [(sid, score) for sid, score in ranked if sid in slides]  # removed meanwhile
-        hits = []
-        for rank, (sid, score) in enumerate(ranked, 1):
-            row = slides[sid]
-            regions = (
-                placed_regions(xq, q_cells, row.tile_ids, row.boxes, self.live.vectors)
-                if place
-                else matched_tiles(nb, sid)
-            )
-            hits.append(SlideHit(rank, row.info, score, regions))
-        timing["aggregate"] = _ms(t)
-        return hits, slides
-
     def search_region(
         self,
         image: Image.Image,
@@ -164,12 +160,12 @@ class SearchEngine:
         check_top_k(top_k)
         mpp = Q.region_mpp(mpp, magnification, self.index_mpp)
         timing: dict[str, float] = {}
-        tiles, corners = self.region_tiles(image, mpp)
+        tiles, corners = Q.region_tiles(image, mpp, self.index_mpp, self.tile_px)
         xq = Q.embed(self.encoder, tiles, self.tile_px)
         timing["embed"] = _ms(t0)
         exclude = {"exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient}
-        hits, slides = self._hits(
-            xq, top_k, filters, exclude, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px
+        hits, slides = find_hits(
+            self.live, xq, top_k, filters, exclude, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px
         )
         t = time.perf_counter()
         if hits:
@@ -216,7 +212,7 @@ class SearchEngine:
             xq, boxes = Q.file_mosaic(path, default_mpp, self.encoder, self.index_mpp, self.tile_px)
         timing["mosaic"] = _ms(t)
         exclude = {"exclude_slide_id": slide_id if exclude_self else None}
-        hits, _ = self._hits(xq, top_k, filters, exclude, "median", timing)
+        hits, _ = find_hits(self.live, xq, top_k, filters, exclude, "median", timing)
         timing["total"] = _ms(t0)
         query = {
             "type": "slide",
