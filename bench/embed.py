@@ -20,6 +20,11 @@ their img/s, with one ResNet (random weights, batch-norm statistics re-estimated
 patches, as for the probe) through the engine's Encoder at both precisions:
 
     python bench/embed.py --int8-retrieval --arch resnet50 --no-throughput
+
+`--vit` adds ViT rows (ViT-S/B/L at random init through an encoder card, the engine's
+default path against a naive fp32 timm forward, same run; bench/embed_vit.py):
+
+    python bench/embed.py --vit --no-throughput --vit-model vit_small_patch16_224:16:1
 """
 
 from __future__ import annotations
@@ -256,14 +261,24 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-throughput", action="store_true", help="skip the naive/engine throughput rounds (with --int8-retrieval)"
     )
+    ap.add_argument("--vit", action="store_true", help="also the ViT rows (bench/embed_vit.py): engine vs naive fp32")
+    ap.add_argument(
+        "--vit-model", action="append", default=None, help="ARCH[:BATCH[:ROUNDS]] for --vit (repeatable) [ViT-S/B/L]"
+    )
     args = ap.parse_args(argv)
+    vit = None
+    if args.vit:
+        from embed_vit import vit_rows  # bench/ is the script's folder, first on sys.path
+
+        vit = vit_rows(args.vit_model, args.device)
     if args.no_throughput:
-        if not args.int8_retrieval:
-            ap.error("--no-throughput only makes sense with --int8-retrieval")
+        if not (args.int8_retrieval or args.vit):
+            ap.error("--no-throughput only makes sense with --int8-retrieval or --vit")
         json.dump(
             {
                 "bench": "embed",
-                "int8_retrieval": int8_retrieval(args.arch, args.batch_size),
+                **({"int8_retrieval": int8_retrieval(args.arch, args.batch_size)} if args.int8_retrieval else {}),
+                **({"vit": vit} if vit else {}),
                 "cpu_flags": cpu_flags(),
                 "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
             },
@@ -326,6 +341,7 @@ def main(argv=None) -> int:
             else {}
         ),
         **({"int8_retrieval": int8_retrieval(args.arch, args.batch_size)} if args.int8_retrieval else {}),
+        **({"vit": vit} if vit else {}),
         "cpu_flags": cpu_flags(),
         "machine": {
             "cpus": os.cpu_count(),

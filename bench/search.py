@@ -1,8 +1,9 @@
 """Search speed and quality at archive scale, on synthetic clustered 2048-d embeddings
 (engine.index.synthetic) streamed in chunks, so 1 M tiles (8 GB as float32) never sit in RAM.
 
-For each archive size: the compressed index (PCA-rotation + IVF-PQ + exact float16
-re-ranking) is trained on a sample and filled chunk by chunk; the exact reference is computed
+For each archive size: the compressed index (PCA-rotation + IVF-PQ + re-ranking from the row
+store on disk, `--store`: by default float16 of the PCA-256 rotation, 512 B per tile) is
+trained on a sample and filled chunk by chunk; the exact reference is computed
 on the same stream (brute force). Measured: p50/p99 latency of a region query (4 query tiles,
 a 2 x 2-tile region) and of a slide query (a 32-tile mosaic), each = index search + grouping of
 the hits into slides; recall@10 of single tiles against exact search; RAM bytes per tile of
@@ -12,7 +13,16 @@ slide, as `indexer build` writes them) where it fits in RAM (default up to 100 k
     python bench/search.py --sizes 10000 100000 1000000 --plot docs/search_latency.png
 
 `--compare-8bit` also times, in the same run, the same index with 8-bit PQ codes (the
-layout before fast-scan PQ) as a second baseline.
+layout before fast-scan PQ) as a second baseline. `--compare-stores f16 pca-sq8` fills, in
+the same run, other row stores (engine.index.codec) and re-ranks the same IVF-PQ candidates
+with each: recall@10, latency and bytes per tile of each under "stores".
+
+The synthetic stream is generated one chunk ahead in a second process (`--gen-workers`,
+default 1; 0: in line), so a build costs about max(generation, indexing) per chunk; queries are
+timed after the build, with nothing else of the bench running.
+
+Per size, the summary keys: tiles, recall_at_10, region_p50_ms, slide_p50_ms,
+ram_bytes_per_tile, disk_bytes_per_tile (the row store), build_s (train + add + save).
 
 Prints one JSON document.
 """
@@ -20,23 +30,30 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import resource
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from engine.index import CompressedIndex, FlatShardIndex, default_nlist, merge_topk, recall_at_k
+from engine.index.codec import DEFAULT_KIND, KINDS, Codec, index_pca
 from engine.index.common import topk_rows
 from engine.index.compressed import train_sample_size
+from engine.index.rowstore import RowStore
 from engine.index.synthetic import BLOCK, ClusteredVectors
+from engine.index.vectorstore import VectorStore
 from engine.search import slide_scores
 
 LOG = logging.getLogger("bench.search")
@@ -89,7 +106,15 @@ def run_size(n: int, args, folder: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     blocks = rng.choice(max(1, n // BLOCK), size=max(1, min(n // BLOCK, -(-want // BLOCK))), replace=False)
     sample = np.concatenate([gen.chunk(int(b) * BLOCK, min(n, (int(b) + 1) * BLOCK))[1] for b in blocks])[:want]
-    index = CompressedIndex.train(folder, sample, nlist=nlist)
+    index = CompressedIndex.train(folder, sample, nlist=nlist, store=args.store)
+    # other row stores, filled from the same stream, re-ranking the same candidates
+    stores = {}
+    for kind in dict.fromkeys(args.compare_stores):
+        if kind != args.store:
+            codec = Codec.train(kind, sample, pca=index_pca(index.index.chain.at(0)))
+            path = folder.with_name(f"{folder.name}-{kind}") / codec.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stores[kind] = RowStore(VectorStore(path, codec.width, dtype=codec.dtype), np.zeros(0, np.int64), codec)
     # baseline in the same run: the same index with 8-bit PQ codes (same bytes per tile)
     eight = (
         CompressedIndex.train(folder.with_name(folder.name + "-pq8"), sample, nlist=nlist, pq_bits=8)
@@ -103,13 +128,14 @@ def run_size(n: int, args, folder: Path) -> dict:
     flat = FlatShardIndex(args.dim) if n <= args.flat_max else None
     D_ex = I_ex = None
     add_s = 0.0
-    for start in range(0, n, args.chunk):
-        ids, xb = gen.chunk(start, min(n, start + args.chunk))
+    for start, (ids, xb) in zip(range(0, n, args.chunk), stream(gen, n, args.chunk, args.gen_workers)):
         t = time.perf_counter()
         index.add(ids, xb)
         add_s += time.perf_counter() - t
         if eight is not None:
             eight.add(ids, xb)
+        for store in stores.values():
+            store.append(ids, xb)
         Dc, Ic = topk_rows(xq_recall @ xb.T, ids, 10)
         D_ex, I_ex = (Dc, Ic) if D_ex is None else merge_topk([D_ex, Dc], [I_ex, Ic], 10)
         if flat is not None:
@@ -131,7 +157,8 @@ def run_size(n: int, args, folder: Path) -> dict:
     _, I_c = index.search(xq_recall, 10)
     out["recall_at_10"] = round(recall_at_k(I_c, I_ex, 10), 4)
     out["ram_bytes_per_tile"] = round(index.ram_bytes() / n, 1)
-    out["disk_bytes_per_tile"] = round(index.store.nbytes / n, 1)
+    out["disk_bytes_per_tile"] = round(index.disk_bytes() / n, 1)
+    out["store"] = index.manifest["rerank"]
 
     # -- latency: warm up, then time each query ----------------------------------------------
     for q in region_qs[:5]:
@@ -140,6 +167,15 @@ def run_size(n: int, args, folder: Path) -> dict:
         "region_query": percentiles([timed_query(index, q, slide_of_id, "mean") for q in region_qs]),
         "slide_query": percentiles([timed_query(index, q, slide_of_id, "median") for q in slide_qs]),
     }
+    out["region_p50_ms"] = out["compressed"]["region_query"]["p50_ms"]
+    out["slide_p50_ms"] = out["compressed"]["slide_query"]["p50_ms"]
+    out["build_s"] = round(out["train_s"] + out["add_s"], 1)
+    if stores:
+        out["stores"] = {args.store: store_summary(index, xq_recall, I_ex, region_qs, slide_qs, slide_of_id, n)}
+        for kind, store in stores.items():
+            view = copy.copy(index)
+            view.rowstore = store
+            out["stores"][kind] = store_summary(view, xq_recall, I_ex, region_qs, slide_qs, slide_of_id, n)
     if eight is not None:
         _, I_8 = eight.search(xq_recall, 10)
         for q in region_qs[:5]:
@@ -184,6 +220,40 @@ def run_size(n: int, args, folder: Path) -> dict:
     return out
 
 
+def stream(gen: ClusteredVectors, n: int, chunk: int, workers: int):
+    """(ids, vectors) chunks of tiles 0..n-1 in order; with `workers` > 0 generated ahead in
+    that many processes while the caller indexes the previous chunk (generation is the
+    costliest step of the build loop and no part of what is measured)."""
+    starts = range(0, n, chunk)
+    if workers <= 0:
+        yield from (gen.chunk(s, min(n, s + chunk)) for s in starts)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = deque()
+        for s in starts:
+            pending.append(pool.submit(gen.chunk, s, min(n, s + chunk)))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def store_summary(index, xq_recall, I_ex, region_qs, slide_qs, slide_of_id, n: int) -> dict:
+    """Recall@10, latency and bytes per tile of the index re-ranking from its row store."""
+    _, I = index.search(xq_recall, 10)
+    for q in region_qs[:5]:
+        index.search(q, K_TILES)
+    region = [timed_query(index, q, slide_of_id, "mean") for q in region_qs]
+    slide = [timed_query(index, q, slide_of_id, "median") for q in slide_qs]
+    return {
+        "recall_at_10": round(recall_at_k(I, I_ex, 10), 4),
+        "region_p50_ms": round(float(np.median(region)), 2),
+        "slide_p50_ms": round(float(np.median(slide)), 2),
+        "ram_bytes_per_tile": round(index.ram_bytes() / n, 1),
+        "disk_bytes_per_tile": round(index.disk_bytes() / n, 1),
+    }
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -225,6 +295,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
+    parser.add_argument(
+        "--gen-workers",
+        type=int,
+        default=1,
+        help="processes generating the synthetic stream ahead of the build (0: in line); queries are timed after",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--compare-8bit",
@@ -232,12 +308,20 @@ def main(argv=None) -> None:
         help="also build and time the same index with 8-bit PQ codes (the earlier layout)",
     )
     parser.add_argument(
+        "--store", choices=KINDS, default=DEFAULT_KIND, help="row store the index re-ranks from (engine.index.codec)"
+    )
+    parser.add_argument(
+        "--compare-stores",
+        nargs="*",
+        choices=KINDS,
+        default=[],
+        help="also fill these row stores and re-rank the same candidates with each (f16 costs 4 kB/tile of disk)",
+    )
+    parser.add_argument(
         "--sweep", action="store_true", help="at each size, also measure other nprobe / shortlist settings"
     )
     parser.add_argument("--plot", type=Path, default=None, help="write the latency-vs-size plot here (PNG)")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="folder for the float16 vector files (default: a temp folder)"
-    )
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the row stores (default: a temp folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

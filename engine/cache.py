@@ -14,14 +14,20 @@ V = TypeVar("V")
 
 
 class LRUCache(Generic[V]):
-    """At most `maxsize` entries; `on_evict(value)` runs for each value pushed out or
-    dropped (e.g. to close a slide handle), outside the lock."""
+    """At most `maxsize` entries -- or, with `weight`, entries whose weights sum to at most
+    `maxsize` (e.g. `weight=len` bounds encoded tiles in bytes; a value heavier than the
+    whole cache is not kept). `on_evict(value)` runs for each value pushed out or dropped
+    (e.g. to close a slide handle), outside the lock."""
 
-    def __init__(self, maxsize: int, on_evict: Callable[[V], None] | None = None):
+    def __init__(
+        self, maxsize: int, on_evict: Callable[[V], None] | None = None, weight: Callable[[V], int] | None = None
+    ):
         if maxsize < 1:
             raise ValueError("an LRU cache holds at least one entry")
         self.maxsize = maxsize
         self._on_evict = on_evict
+        self._weight = weight or (lambda _value: 1)
+        self._total = 0
         self._items: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -32,6 +38,11 @@ class LRUCache(Generic[V]):
         with self._lock:
             return key in self._items
 
+    def keys(self) -> list[Hashable]:
+        """A snapshot of the keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def get(self, key: Hashable, default: V | None = None) -> V | None:
         with self._lock:
             if key not in self._items:
@@ -40,12 +51,21 @@ class LRUCache(Generic[V]):
             return self._items[key]
 
     def put(self, key: Hashable, value: V) -> None:
+        if self._weight(value) > self.maxsize:
+            return
+        evicted = []
         with self._lock:
             old = self._items.pop(key, None)
+            if old is not None:
+                self._total -= self._weight(old)
+                if old is not value:
+                    evicted.append(old)
             self._items[key] = value
-            evicted = [self._items.popitem(last=False)[1] for _ in range(len(self._items) - self.maxsize)]
-        if old is not None and old is not value:
-            evicted.append(old)
+            self._total += self._weight(value)
+            while self._total > self.maxsize:
+                _, dropped = self._items.popitem(last=False)
+                self._total -= self._weight(dropped)
+                evicted.append(dropped)
         self._evict(evicted)
 
     def get_or_build(self, key: Hashable, build: Callable[[], V]) -> V:
@@ -62,6 +82,8 @@ class LRUCache(Generic[V]):
         """Drop `key` (its value is evicted)."""
         with self._lock:
             value = self._items.pop(key, None)
+            if value is not None:
+                self._total -= self._weight(value)
         if value is not None:
             self._evict([value])
 
@@ -70,6 +92,7 @@ class LRUCache(Generic[V]):
         with self._lock:
             keys = [k for k in self._items if predicate(k)]
             values = [self._items.pop(k) for k in keys]
+            self._total -= sum(self._weight(v) for v in values)
         self._evict(values)
 
     def clear(self) -> None:

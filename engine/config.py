@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from engine.errors import ConfigError
 
 ENV_PREFIX = "HISTOSEEK_"
 RELEASED_WEIGHTS_NAME = "best_ckpt.pth"
+# RetCCL's own grid (1 um/px, 224 px): the grid of every encoder that does not name one
+RETCCL_MPP = 1.0
+RETCCL_TILE_PX = 224
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -34,8 +37,11 @@ class Settings:
                  (default: <data_dir>/weights/best_ckpt.pth when that file exists)
     device:      `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`
     precision:   `auto` (fastest numerically safe path) or `fp32` (exact)
-    target_mpp:  microns per pixel that tiles are embedded at (default 1.0, as RetCCL)
-    tile_px:     tile edge in pixels at target_mpp (default 224)
+    target_mpp_given / tile_px_given: the grid override (`--target-mpp`/`--tile-px` or
+                 HISTOSEEK_TARGET_MPP/HISTOSEEK_TILE_PX), None when not given: the encoder
+                 then sets the grid (`grid_for`: a card's `mpp`/`input_px`, else RetCCL's
+                 1.0 um/px, 224 px). `target_mpp`/`tile_px` are the grid for an encoder
+                 that names none (RetCCL); code that knows its encoder uses `grid_for`.
     instance_dir: the web app's instance folder: its secret key and `histoseek.cfg`
                  (default: <data_dir>/webapp)
     """
@@ -46,13 +52,42 @@ class Settings:
     encoder: str | None
     device: str = "auto"
     precision: str = "auto"
-    target_mpp: float = 1.0
-    tile_px: int = 224
+    target_mpp_given: float | None = None
+    tile_px_given: int | None = None
     instance_dir: Path | None = None
 
     def __post_init__(self):
         if self.instance_dir is None:  # built directly (tests): the same default as load()
             object.__setattr__(self, "instance_dir", self.data_dir / "webapp")
+
+    @property
+    def target_mpp(self) -> float:
+        """The override, else RetCCL's 1.0 um/px (for callers that do not know the encoder)."""
+        return RETCCL_MPP if self.target_mpp_given is None else self.target_mpp_given
+
+    @property
+    def tile_px(self) -> int:
+        """The override, else RetCCL's 224 px (for callers that do not know the encoder)."""
+        return RETCCL_TILE_PX if self.tile_px_given is None else self.tile_px_given
+
+    def grid_for(self, info: Any = None) -> tuple[float, int]:
+        """(target_mpp, tile_px) an encoder embeds at: each from the flag/environment when
+        given, else the encoder's own (a card's `mpp` and `input_px`), else RetCCL's 1.0
+        um/px and 224 px. `info`: the encoder's `info` (EncoderInfo or CardInfo), or None."""
+        mpp, px = native_grid(info)
+        return (
+            mpp if self.target_mpp_given is None else self.target_mpp_given,
+            px if self.tile_px_given is None else self.tile_px_given,
+        )
+
+    def grid_source(self, info: Any = None) -> dict[str, str]:
+        """Where each part of `grid_for(info)` comes from: "encoder" (the encoder's own, or
+        an override equal to it) or "override" (flag/environment, differing from it)."""
+        native = native_grid(info)
+        return {
+            name: "encoder" if got == own else "override"
+            for name, got, own in zip(("target_mpp", "tile_px"), self.grid_for(info), native)
+        }
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **flags) -> "Settings":
@@ -61,7 +96,8 @@ class Settings:
         `HISTOSEEK_DEVICE`, `HISTOSEEK_PRECISION`, `HISTOSEEK_TARGET_MPP`, `HISTOSEEK_TILE_PX`,
         `HISTOSEEK_DATA_DIR`, `HISTOSEEK_INSTANCE_DIR`), then defaults."""
         env = os.environ if env is None else env
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"target_mpp_given", "tile_px_given"}
+        known |= {"target_mpp", "tile_px"}
         unknown = set(flags) - known
         if unknown:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
@@ -85,11 +121,13 @@ class Settings:
         if precision not in ("auto", "fp32"):
             raise ConfigError(f"precision must be 'auto' or 'fp32', not {precision!r}")
         try:
-            target_mpp = float(pick("target_mpp", "TARGET_MPP") or 1.0)
-            tile_px = int(pick("tile_px", "TILE_PX") or 224)
+            target_mpp = pick("target_mpp", "TARGET_MPP")
+            target_mpp = None if target_mpp is None else float(target_mpp)
+            tile_px = pick("tile_px", "TILE_PX")
+            tile_px = None if tile_px is None else int(tile_px)
         except ValueError as exc:
             raise ConfigError(f"bad number in settings: {exc}") from None
-        if target_mpp <= 0 or tile_px < 16:
+        if (target_mpp is not None and not target_mpp > 0) or (tile_px is not None and tile_px < 16):
             raise ConfigError("target mpp must be > 0 and tile px >= 16")
         return cls(
             data_dir=data_dir,
@@ -98,8 +136,8 @@ class Settings:
             encoder=encoder,
             device=device,
             precision=precision,
-            target_mpp=target_mpp,
-            tile_px=tile_px,
+            target_mpp_given=target_mpp,
+            tile_px_given=tile_px,
             instance_dir=instance_dir,
         )
 
@@ -112,3 +150,9 @@ class Settings:
                 "HISTOSEEK_ENCODER, or use --encoder random for a demo (not for diagnosis)"
             )
         return self.encoder
+
+
+def native_grid(info: Any = None) -> tuple[float, int]:
+    """An encoder's own grid: a card's (`mpp`, `input_px`), else RetCCL's (1.0, 224)."""
+    mpp, px = getattr(info, "mpp", None), getattr(info, "input_px", None)
+    return (RETCCL_MPP if mpp is None else float(mpp), RETCCL_TILE_PX if px is None else int(px))

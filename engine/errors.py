@@ -1,7 +1,10 @@
 """One exception hierarchy for the whole project.
 
 Library code raises these; the CLI (`click.ClickException`) and the web API (`{"error",
-"message"}` JSON) translate them at the edge. Messages say what was wrong and what to do.
+"message"}` JSON) translate them at the edge. Messages say what was wrong and what to do in
+words any caller can act on; where the remedy is a setting, the error names it (`setting`,
+a field of engine.config.Settings or of the command), and each edge words it its own way:
+the CLI as its option (`--index-dir`), the web app not at all (its users cannot pass one).
 """
 
 
@@ -10,6 +13,10 @@ class HistoseekError(Exception):
 
     #: short machine-readable name used by the JSON API
     code = "error"
+
+    def __init__(self, *args, setting: str | None = None):
+        super().__init__(*args)
+        self.setting = setting
 
 
 class ConfigError(HistoseekError):

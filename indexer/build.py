@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from engine import distributed
 from engine.catalog.db import Catalog
+from engine.catalog.models import EncoderRecord
 from engine.config import Settings
 from engine.encoder import Encoder
 from engine.errors import CatalogError, ConfigError, ShardError
@@ -112,8 +113,10 @@ def build_archive(
             encoder = Encoder.from_spec(
                 settings.require_encoder(), device=ctx.device_for(settings.device), precision=settings.precision
             )
+        # the encoder sets the grid (a card's mpp/input_px) unless --target-mpp/--tile-px override
+        target_mpp, tile_px = settings.grid_for(encoder.info)
         shard_encoder = ShardEncoder(
-            encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, settings.target_mpp, settings.tile_px
+            encoder.info.name, encoder.info.checkpoint_sha256, encoder.dim, target_mpp, tile_px
         )
         # Rank 0 migrates the schema alone; concurrent Alembic runs would race.
         catalog = _operator_errors(settings, Catalog, settings.catalog_url) if ctx.is_main else None
@@ -167,6 +170,8 @@ def _build(
 ) -> BuildSummary:
     """build_archive's work once the catalog is open and the lease held."""
     reg, encoder_id, notes = prepare(catalog, settings, root, encoder, shard_encoder, metadata, collection, ctx, lease)
+    if ctx.is_main:
+        _record_grid_source(catalog, encoder_id, settings.grid_source(encoder.info))
     LOG.info(
         "%d slides under %s: %d already indexed, %d to index over %d process(es)",
         len(reg.jobs) + reg.already_indexed,
@@ -181,8 +186,8 @@ def _build(
     plan_fn = functools.partial(
         plan_slide,
         default_mpp=default_mpp,
-        target_mpp=settings.target_mpp,
-        tile_px=settings.tile_px,
+        target_mpp=shard_encoder.target_mpp,
+        tile_px=shard_encoder.tile_px,
         min_tissue=min_tissue,
     )
     local = _embed_slides(
@@ -216,6 +221,16 @@ def _build(
     return summary
 
 
+def _record_grid_source(catalog: Catalog, encoder_id: int, source: dict[str, str]) -> None:
+    """Say in the encoder row's `normalisation` JSON whether its grid is the encoder's own or
+    an override ({"grid_source": {"target_mpp": "encoder"|"override", "tile_px": ...}}): the
+    catalog keeps no other column for it, and `indexer status` reads it from there."""
+    with catalog.session() as s:
+        row = s.get(EncoderRecord, encoder_id)
+        if row is not None and (row.normalisation or {}).get("grid_source") != source:
+            row.normalisation = {**(row.normalisation or {}), "grid_source": source}
+
+
 def _check_writable(index_dir: Path) -> None:
     """Fail before any work (not hours later, at the first shard) when the index folder
     cannot be created or written."""
@@ -227,7 +242,8 @@ def _check_writable(index_dir: Path) -> None:
         advice = write_error_advice(exc, f"the index folder {index_dir}")
         raise ConfigError(
             advice
-            or f"cannot write to the index folder {index_dir} ({exc.strerror or exc}); choose a writable index folder"
+            or f"cannot write to the index folder {index_dir} ({exc.strerror or exc}); choose a writable index folder",
+            setting="index_dir",
         ) from None
     finally:
         try:
@@ -274,7 +290,7 @@ def _embed_slides(
     summary = BuildSummary()
     states: dict[int, _SlideState] = {}
     announced: collections.deque[SlidePlan] = collections.deque()
-    sampler = PlanSampler(iter_plans(jobs, plan_fn), settings.tile_px, announced.append)
+    sampler = PlanSampler(iter_plans(jobs, plan_fn), shard_encoder.tile_px, announced.append)
     slide_bar = tqdm(total=total_slides, unit="slide", desc="slides", disable=not progress, position=0)
     tile_bar = tqdm(total=0, unit="tile", desc="tiles", disable=not progress, position=1, leave=False)
 

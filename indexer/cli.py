@@ -43,13 +43,13 @@ def tiling_options(func):
             "--target-mpp",
             type=click.FloatRange(min=0.01, max=100),
             default=None,
-            help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default 1.0, as RetCCL].",
+            help="Microns per pixel tiles are embedded at [env HISTOSEEK_TARGET_MPP; default: the encoder's own, a card's mpp, 1.0 for RetCCL].",
         ),
         click.option(
             "--tile-px",
             type=click.IntRange(min=16),
             default=None,
-            help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default 224].",
+            help="Tile edge in pixels at --target-mpp [env HISTOSEEK_TILE_PX; default: the encoder's input size, 224 for RetCCL].",
         ),
         click.option(
             "--min-tissue",
@@ -160,19 +160,24 @@ def build(
 @handle_errors
 def status(as_json, only, settings: Settings) -> None:
     """Per slide: id, status (indexed, failed, pending or missing), tiles, path, and the
-    error of a failed slide."""
+    error of a failed slide; per encoder: the grid it indexes at and where that came from."""
     from engine.catalog.db import Catalog
-    from indexer.status import slide_statuses, status_counts
+    from indexer.status import encoder_grids, slide_statuses, status_counts
 
     catalog = Catalog(settings.catalog_url)
     try:
         rows = slide_statuses(catalog, only)
+        encoders = encoder_grids(catalog)
     finally:
         catalog.dispose()
     counts = status_counts(rows)
     if as_json:
-        click.echo(json.dumps({"counts": counts, "slides": rows}, indent=1))
+        click.echo(json.dumps({"counts": counts, "encoders": encoders, "slides": rows}, indent=1))
         return
+    for enc in encoders:
+        click.echo(
+            f"encoder {enc['name']}: {enc['target_mpp']:g} um/px, {enc['tile_px']} px tiles ({enc['grid_source']}), {enc['indexed_slides']} indexed slides"
+        )
     for r in rows:
         line = f"{r['id']:>6}  {r['status']:<8} {r['tiles']:>7}  {r['path']}"
         click.echo(line + (f"\n        error: {r['error']}" if r["error"] else ""))
@@ -264,3 +269,44 @@ def preview(slide, out, target_mpp, tile_px, min_tissue, default_mpp, max_px) ->
         f"{len(result.tiles)} tiles of {settings.tile_px} px at {settings.target_mpp:g} um/px; tissue covers {result.tissue_fraction:.1%} "
         f"of the slide (mpp {result.mpp:g} from {result.mpp_source}); wrote {out}"
     )
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Only measure recall@10 on stored vectors and say whether retraining pays.")
+@click.option(
+    "--convert", "convert_only", is_flag=True, help="Keep the trained index; rewrite its re-ranking store only."
+)
+@click.option(
+    "--store",
+    type=click.Choice(["f16", "pca-f16", "pca-sq8"]),
+    default="pca-f16",
+    show_default=True,
+    help="Re-ranking store to convert to (with --convert).",
+)
+@click.option("--queries", type=click.IntRange(min=10), default=200, show_default=True, help="Tiles the check samples.")
+@settings_options
+@handle_errors
+def reindex(check, convert_only, store, queries, settings: Settings) -> None:
+    """Rebuild (train anew and fill), convert (--convert) or check (--check) the compressed
+    index of each encoder, online: the new index is built aside and swapped in atomically,
+    searches answer from the old one until then. Exit status 1 when --check finds that
+    retraining pays."""
+    from engine.catalog.db import Catalog
+    from indexer.reindex import reindex as run_reindex
+
+    catalog = Catalog(settings.catalog_url)
+    try:
+        reports = run_reindex(
+            catalog,
+            settings.index_dir,
+            check=check,
+            convert_only=convert_only,
+            store=store,
+            queries=queries,
+            progress=sys.stderr.isatty(),
+        )
+    finally:
+        catalog.dispose()
+    click.echo(json.dumps(reports, indent=1))
+    if check and any(r.get("retrain") or "error" in r for r in reports):
+        sys.exit(1)

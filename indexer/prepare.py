@@ -73,9 +73,10 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
     match = match_archive_metadata(metadata, [f.relpath for f in files])
     meta = match.by_relpath
     notes += match.report_lines()
-    _ensure_encoder_row(catalog, encoder, shard_encoder)
+    spec = _recorded_spec(settings, encoder)
+    _ensure_encoder_row(catalog, encoder, shard_encoder, spec)
     with catalog.session() as s:
-        enc = encoder_row(s, encoder.info, shard_encoder)
+        enc = encoder_row(s, encoder.info, shard_encoder, spec)
         check_one_encoder(s, enc)
         reg = Registration()
         repair(
@@ -105,12 +106,22 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
     return found, encoder_id, notes
 
 
-def _ensure_encoder_row(catalog: Catalog, encoder: Encoder, shard_encoder: ShardEncoder) -> None:
+def _recorded_spec(settings: Settings, encoder: Encoder) -> str | None:
+    """What loads this build's encoder again, as the catalog keeps it (engine.search.which_encoder):
+    search uses it when no encoder is given."""
+    from engine.search.which_encoder import canonical_spec
+
+    return canonical_spec(settings.encoder, encoder.info) if settings.encoder else None
+
+
+def _ensure_encoder_row(
+    catalog: Catalog, encoder: Encoder, shard_encoder: ShardEncoder, spec: str | None = None
+) -> None:
     """Create the encoder's row in a transaction of its own: two builds starting together on
     a new catalog both find none and both insert it; the second one's insert breaks the
     unique constraint, and then the row is there to use."""
     try:
         with catalog.session() as s:
-            encoder_row(s, encoder.info, shard_encoder)
+            encoder_row(s, encoder.info, shard_encoder, spec)
     except sa.exc.IntegrityError:
         LOG.info("another build registered the encoder at the same moment; using its row")

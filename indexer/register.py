@@ -55,8 +55,11 @@ class Registration:
     files_to_delete: list[Path] = dataclasses.field(default_factory=list)
 
 
-def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder) -> EncoderRecord:
-    """The catalog row of this encoder + grid, created on first use."""
+def encoder_row(
+    session: Session, info: EncoderInfo, shard_encoder: ShardEncoder, spec: str | None = None
+) -> EncoderRecord:
+    """The catalog row of this encoder + grid, created on first use; `spec` (canonical, see
+    engine.search.which_encoder) is recorded on a new row and on a row that has none yet."""
     row = session.scalar(
         sa.select(EncoderRecord).where(
             EncoderRecord.checkpoint_sha256 == info.checkpoint_sha256,
@@ -74,9 +77,12 @@ def encoder_row(session: Session, info: EncoderInfo, shard_encoder: ShardEncoder
             tile_px=shard_encoder.tile_px,
             normalisation=info.normalisation,
             is_random=info.is_random,
+            spec=spec,
         )
         session.add(row)
         session.flush()
+    elif spec and not row.spec:
+        row.spec = spec
     return row
 
 

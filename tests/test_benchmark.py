@@ -325,3 +325,66 @@ def test_runs_are_stored_on_every_catalog(catalog_url):
         run = s.get(BenchmarkRun, ids[0])
         assert run.encoder_name == "e" and run.metrics["overall"]["acc@1"] == metrics["overall"]["acc@1"]
     cat.dispose()
+
+
+def test_a_card_beside_retccl_in_one_report(tmp_path):
+    """Issue 15.4: `engine benchmark --encoder random:resnet18 --encoder CARD`: one table with a
+    row each, one JSON, one plot, a catalog run each marked as one comparison, and the web
+    app's side-by-side group of them."""
+    from tests.test_encoder_grid import vit_tiny_card
+    from webapp.archive import benchmark_json, list_benchmarks
+    from webapp.plots import comparisons
+
+    _tiny_folder(tmp_path / "set")
+    card = vit_tiny_card(tmp_path / "card")
+    catalog = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    args = ["benchmark", "--dataset", f"folder:{tmp_path / 'set'}", "--encoder", ENCODER, "--encoder", str(card)]
+    args += ["--k", "1,2", "--data-dir", str(tmp_path / "d"), "--catalog", catalog, "--workers", "0"]
+    args += ["--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--precision", "fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| ") and "Encoder" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["random:resnet18:0", "vit-tiny-test"]
+    assert "every encoder embeds the same patches and split" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [(e["name"], e["native_mpp"], e["input_px"]) for e in doc["encoders"]] == [
+        ("random:resnet18:0", 1.0, 224),
+        ("vit-tiny-test", 0.5, 224),
+    ]
+    assert doc["parameters"]["comparison"]["encoders"] == ["random:resnet18:0", "vit-tiny-test"]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cat = Catalog(catalog)
+    try:
+        runs = [benchmark_json(r) for r in list_benchmarks(cat)]
+    finally:
+        cat.dispose()
+    assert len(runs) == 2 and len({json.dumps(r["parameters"], sort_keys=True) for r in runs}) == 1
+    groups = comparisons(runs)
+    assert len(groups) == 1 and [r["encoder_name"] for r in groups[0]["rows"]] == ["random:resnet18:0", "vit-tiny-test"]
+    assert "acc@1" in groups[0]["metrics"] and str(groups[0]["svg"]).startswith("<svg")
+    assert str(groups[0]["svg"]).count("<rect") >= 2 * len(groups[0]["metrics"])
+
+
+def test_runs_of_one_encoder_or_other_protocols_are_not_compared():
+    from webapp.plots import comparisons
+
+    def run(i, name, protocol="retccl", path="p"):
+        params = {"protocol": protocol, "k": [1], "exclusion": "image", "label_column": "label", "mpp": None}
+        metrics = {"overall": {"acc@1": 0.5 + i / 10}}
+        return {
+            "id": i,
+            "dataset_kind": "csv",
+            "dataset_path": path,
+            "encoder_name": name,
+            "encoder_sha256": name,
+            "parameters": params,
+            "metrics": metrics,
+            "created_at": None,
+        }
+
+    assert comparisons([run(2, "a"), run(1, "a")]) == []
+    assert comparisons([run(2, "a"), run(1, "b", protocol="sish")]) == []
+    assert comparisons([run(2, "a"), run(1, "b", path="q")]) == []
+    (group,) = comparisons([run(3, "a"), run(2, "b"), run(1, "a")])  # newest of each encoder
+    assert [r["id"] for r in group["rows"]] == [2, 3]
+    assert "<script" not in str(comparisons([run(2, "<script>x"), run(1, "b")])[0]["svg"])

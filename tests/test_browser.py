@@ -230,6 +230,18 @@ def test_search_and_view_in_chromium(server, archive, region_file, test_output):
             assert page.locator("#match-0.active").count() == 1
             page.screenshot(path=str(test_output / "3-viewer.png"), full_page=True)
             assert REAL_SLIDE in page.locator("h1").inner_text()
+
+            # the same region with its magnification unknown: the engine estimates it, the
+            # results page says what it found, and the source still comes first
+            page.goto(server + "/")
+            page.set_input_files("#image", str(region_file))
+            assert page.get_by_label("Magnification").input_value() == ""  # the default: estimate it
+            page.get_by_role("button", name="Search by region").click()
+            page.wait_for_selector("#results li.result", timeout=90_000)
+            assert page.locator("#results li.result .slide-link").first.inner_text() == REAL_SLIDE
+            estimated = page.locator("#estimated-mpp").inner_text()
+            assert "Resolution estimated" in estimated and page.locator("#scale-candidates tr").count() >= 3
+            page.screenshot(path=str(test_output / "4-unknown-mpp.png"), full_page=True)
         finally:
             browser.close()
     assert not outside, f"pages must not load anything from the internet: {outside[:5]}"

@@ -42,3 +42,18 @@ def test_threads_never_exceed_the_bound():
     for t in threads:
         t.join()
     assert len(c) <= 8
+
+
+def test_a_weighted_cache_is_bounded_by_the_sum_of_weights():
+    c = LRUCache(100, weight=len)
+    for i in range(3):
+        c.put(i, bytes(40))
+    assert 0 not in c and c.keys() == [1, 2]
+    c.get(1)
+    c.put(3, bytes(40))  # 1 was used last, so 2 goes
+    assert c.keys() == [1, 3]
+    c.put("big", bytes(101))  # heavier than the whole cache: not kept, nothing evicted
+    assert "big" not in c and c.keys() == [1, 3]
+    c.pop(1)
+    c.put(4, bytes(60))
+    assert c.keys() == [3, 4]

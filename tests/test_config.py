@@ -54,3 +54,19 @@ def test_instance_dir_is_under_the_data_dir_unless_named(tmp_path):
     )
     built = Settings(data_dir=tmp_path, catalog_url="sqlite://", index_dir=tmp_path / "index", encoder=None)
     assert built.instance_dir == tmp_path / "webapp"
+
+
+def test_the_grid_is_the_encoders_unless_overridden(tmp_path):
+    from types import SimpleNamespace
+
+    card = SimpleNamespace(mpp=0.5, input_px=256)
+    retccl = SimpleNamespace(name="retccl")  # EncoderInfo: no mpp, no input_px
+    plain = Settings.load(env={}, data_dir=str(tmp_path))
+    assert (plain.target_mpp_given, plain.tile_px_given) == (None, None)
+    assert plain.grid_for(card) == (0.5, 256) and plain.grid_for(retccl) == (1.0, 224) == plain.grid_for()
+    assert plain.grid_source(card) == {"target_mpp": "encoder", "tile_px": "encoder"}
+    flagged = Settings.load(env={"HISTOSEEK_TILE_PX": "512"}, data_dir=str(tmp_path), target_mpp=1.0)
+    assert flagged.grid_for(card) == (1.0, 512) and (flagged.target_mpp, flagged.tile_px) == (1.0, 512)
+    assert flagged.grid_source(card) == {"target_mpp": "override", "tile_px": "override"}
+    # an override equal to the encoder's own grid is the encoder's grid
+    assert flagged.grid_source(retccl) == {"target_mpp": "encoder", "tile_px": "override"}

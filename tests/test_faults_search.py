@@ -322,7 +322,7 @@ def test_a_catalog_row_that_now_names_another_file_never_gets_the_cached_slide(a
             Image.fromarray(tifffile.imread(other_file)).resize(shown.shape[1::-1], Image.Resampling.BOX), np.float64
         )
         assert not np.array_equal(shown, own) and np.abs(shown - expected).mean() < 3
-        assert [key for key in cache._open if key[0] == epsilon.id] == [(epsilon.id, fingerprint(other_file))]
+        assert [key for key in cache._open.keys() if key[0] == epsilon.id] == [(epsilon.id, fingerprint(other_file))]
     finally:
         with catalog.session() as s:
             row = s.get(models.Slide, epsilon.id)
@@ -354,7 +354,7 @@ def test_unreadable_slide_gives_422_on_every_request(app, client, shared_data):
             response = client.get(url)
             assert response.status_code == 422, (url, response.status_code)
             assert "Bogus marker length" in response.json["message"] and "indexer verify" in response.json["message"]
-        assert not any(key[0] == slide_id for key in app.extensions["histoseek"].slides._open)
+        assert not any(key[0] == slide_id for key in app.extensions["histoseek"].slides._open.keys())
     finally:
         with catalog.session() as s:
             s.delete(s.get(models.Slide, slide_id))

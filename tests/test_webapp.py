@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from PIL import Image
 
+from engine.cache import LRUCache
 from engine.catalog import models
 from engine.config import Settings
 from engine.slides import fingerprint
@@ -23,7 +24,6 @@ from tests.conftest import postgres_url
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp import create_app, users
 from webapp.cli import main as web_cli
-from webapp.slide_cache import TileBytes
 
 PASSWORD = "correct horse"
 # The layout `engine benchmark` stores (overall, per-class, curve, svm).
@@ -144,7 +144,7 @@ def csrf(client) -> str:
 def concrete_urls(app):
     """Every route of the app with real ids filled in (so new routes are covered too)."""
     slide, _, run = ids(app)
-    values = {"slide_id": slide, "run_id": run, "level": 0, "col": 0, "row": 0, "fmt": "jpeg"}
+    values = {"slide_id": slide, "run_id": run, "level": 0, "col": 0, "row": 0, "fmt": "jpeg", "name": "example"}
     urls = []
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
@@ -278,7 +278,7 @@ def test_slide_detail_dzi_tiles_and_regions(app, client):
     assert again == client.get(f"/tiles/{slide}_files/{top}/0_0.jpeg").data
     assert any(
         key[0] == slide and key[2:] == (top, 0, 0, "JPEG")
-        for key in app.extensions["histoseek"].slides.tile_bytes._items
+        for key in app.extensions["histoseek"].slides.tile_bytes.keys()
     )
     assert client.get(f"/tiles/{slide}_files/{top}/99_0.jpeg").status_code == 404
     assert client.get(f"/tiles/{slide}_files/40/0_0.jpeg").status_code == 404
@@ -298,7 +298,7 @@ def test_slide_detail_dzi_tiles_and_regions(app, client):
 
 
 def test_tile_cache_is_bounded_in_bytes():
-    cache = TileBytes(max_bytes=100)
+    cache = LRUCache(100, weight=len)
     for i in range(3):
         cache.put(("k", i), bytes(40))
     assert cache.get(("k", 0)) is None and cache.get(("k", 1)) is not None
@@ -401,7 +401,7 @@ def bomb_png(edge: int) -> bytes:
         ("truncated", 400, "not a readable image"),
         ("tiny", 422, "at least 32"),
         ("blank", 422, "looks blank"),
-        ("no_resolution", 400, "magnification"),
+        ("bad_resolution", 400, "mpp must be a number"),
         ("bad_top_k", 400, "top_k"),
         ("no_file", 400, "choose an image"),
     ],
@@ -423,8 +423,8 @@ def test_hostile_or_bad_uploads_refused(client, case, status, message):
         data = region_png((20, 20))
     elif case == "blank":
         data = region_png(blank=True)
-    elif case == "no_resolution":
-        fields = {"magnification": ""}
+    elif case == "bad_resolution":  # no resolution at all is fine: the engine estimates it
+        fields = {"mpp": "fast"}
     elif case == "bad_top_k":
         fields = {"top_k": "1000"}
     if case == "no_file":

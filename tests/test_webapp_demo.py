@@ -12,8 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from engine.slides import open_slide, slide_mpp
+from engine.tissue import tissue_mask_rgb
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 from webapp.demo import main as demo_main
+from webapp.demo_cases import find_shared_data
 from webapp.demo_data import SLIDE_NAME, build_demo_archive, fetch_cmu_small_region, stain_shift
 
 
@@ -58,6 +60,31 @@ def test_demo_variants_are_real_pyramids(tmp_path):
     stamp = os.stat(tmp_path / "archive" / "cmu1-mirrored.tiff").st_mtime_ns
     build_demo_archive(source, tmp_path / "archive")
     assert os.stat(tmp_path / "archive" / "cmu1-mirrored.tiff").st_mtime_ns == stamp  # reused
+
+
+@pytest.mark.slow
+def test_with_the_shared_data_the_demo_has_real_cases_of_different_tissues(tmp_path):
+    shared = find_shared_data()
+    if shared is None:
+        pytest.skip("needs ../shared/data (or HISTOSEEK_SHARED_DATA)")
+    rgb = tissue_blobs(800, 600, seed=5)
+    source = write_pyramidal_tiff(tmp_path / "src" / "source.tiff", rgb, mpp=0.5)
+    metadata = build_demo_archive(source, tmp_path / "archive", shared)
+    with open(metadata) as fh:
+        rows = list(csv.DictReader(fh))
+    cases = [r for r in rows if r["collection"] != "demo"]
+    assert len(cases) >= 8 and len({r["diagnosis"] for r in cases}) >= 8  # not variants of one slide
+    assert {r["tumour"] for r in cases} == {"yes", "no"} and all(r["patient"] for r in cases)
+    assert [r["slide"] for r in rows if r["collection"] == "demo"] == [
+        "source.tiff",
+        "cmu1-mirrored.tiff",
+        "cmu1-stain-shifted.tiff",
+    ]
+    for row in cases:
+        image, mpp, levels = level0(tmp_path / "archive" / row["slide"])
+        assert mpp == pytest.approx(0.5) and levels >= 2
+        # mostly tissue, not glass (fat reads partly as glass: its vacuoles are glass-coloured)
+        assert tissue_mask_rgb(image).mean() > 0.3, row["slide"]
 
 
 def test_stain_shift_keeps_white_and_darkens_haematoxylin():

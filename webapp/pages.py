@@ -6,7 +6,8 @@ import base64
 import io
 import math
 
-from flask import Blueprint, Response, abort, current_app, flash, g, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, flash, g, render_template, request, send_file, url_for
+from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.exceptions import HTTPException
 
 from engine.catalog.models import SLIDE_STATUSES
@@ -14,6 +15,7 @@ from engine.errors import ImageError, NotFound, QueryError
 from engine.search.filters import FILTER_FIELDS
 from webapp import archive, mil, plots, users
 from webapp.errors import message_for, status_for
+from webapp.examples import find_example, list_examples
 from webapp.queries import MAGNIFICATIONS
 from webapp.searching import region_search, slide_search
 from webapp.state import state
@@ -33,6 +35,7 @@ def _search_form(status: int = 200):
     catalog = state().catalog
     return render_template(
         "search.html",
+        examples=list_examples(current_app.config["EXAMPLES_DIR"]),
         slides=archive.indexed_slides(catalog),
         choices=archive.filter_choices(catalog),
         magnifications=MAGNIFICATIONS,
@@ -63,6 +66,32 @@ def _query_thumbnail(image) -> str:
 @bp.get("/")
 def search():
     return _search_form()
+
+
+@bp.get("/examples/<name>")
+def example_image(name: str):
+    """An example region's image, for the search page's thumbnails."""
+    _, path = find_example(current_app.config["EXAMPLES_DIR"], name)
+    return send_file(path, max_age=3600)
+
+
+@bp.get("/search/example/<name>")
+def search_example(name: str):
+    """Search with an example region, as if it had been uploaded with its resolution."""
+    example, path = find_example(current_app.config["EXAMPLES_DIR"], name)
+    with open(path, "rb") as fh:
+        storage = FileStorage(stream=fh, filename=path.name)
+        try:
+            result, image = region_search(storage, MultiDict(example.form_values()))
+        except (HTTPException, *FORM_ERRORS) as exc:
+            return _form_error(exc)
+    return render_template(
+        "results.html",
+        result=result,
+        query_kind="region",
+        query_image=_query_thumbnail(image),
+        query_name=example.title,
+    )
 
 
 @bp.post("/search/region")
@@ -171,7 +200,14 @@ def benchmarks():
         run["overall"] = plots.overall(run["metrics"])
     columns = sorted({k for run in runs for k in run["overall"]}, key=_metric_order)
     mil_runs = mil.summary_rows([run for run in everything if mil.is_mil(run)])
-    return render_template("benchmarks.html", runs=runs, columns=columns, percent=plots.percent, mil_runs=mil_runs)
+    return render_template(
+        "benchmarks.html",
+        runs=runs,
+        columns=columns,
+        percent=plots.percent,
+        mil_runs=mil_runs,
+        comparisons=plots.comparisons(runs),
+    )
 
 
 @bp.get("/benchmarks/<int:run_id>")

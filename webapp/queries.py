@@ -79,7 +79,7 @@ def _number(values, name: str, cast, low, high):
 
 def search_params(values, config, *, region: bool) -> SearchParams:
     """top_k, filters (engine.search.filters.FILTER_FIELDS) and, for a region, its mpp or
-    magnification, from a form or a JSON object. For a slide search, slide_id is checked to
+    magnification (both optional: unknown is estimated), from a form or a JSON object. For a slide search, slide_id is checked to
     be a possible catalog id here (its absence is reported by the slide search)."""
     top_k = _number(values, "top_k", int, 1, int(config["MAX_TOP_K"])) or int(config["DEFAULT_TOP_K"])
     raw_filters = values.get("filters") if isinstance(values.get("filters"), dict) else values
@@ -92,11 +92,7 @@ def search_params(values, config, *, region: bool) -> SearchParams:
     if region:
         params.mpp = _number(values, "mpp", float, 0.05, 20.0)
         params.magnification = _number(values, "magnification", float, 0.5, 100.0)
-        if params.mpp is None and params.magnification is None:
-            abort(
-                400,
-                description="say how the region was captured: its microns per pixel (mpp) or its magnification (e.g. 20 for 20x)",
-            )
+        # neither: the resolution is unknown, and the engine estimates it (engine.search.scale)
     else:
         _number(values, "slide_id", int, 1, MAX_ROW_ID)
     return params
@@ -128,8 +124,7 @@ def check_region(image: Image.Image, config, params: SearchParams) -> None:
     """Refuse regions too small to compare with the archive, and those the search engine
     would refuse, by its own rule (engine.search.query.tissue_tiles: size at the index's
     resolution, tissue per tile), before the engine is loaded: a blank upload gets its 422
-    even while the archive has no index. The grid is the settings' (the index's unless it
-    was built on another)."""
+    even while the archive has no index. The grid is the index's (webapp.state.index_grid)."""
     from engine.search.query import region_mpp, tissue_tiles
 
     min_px = int(config["MIN_REGION_PX"])
@@ -137,7 +132,11 @@ def check_region(image: Image.Image, config, params: SearchParams) -> None:
         raise QueryError(
             f"the region is {image.size[0]} x {image.size[1]} pixels; at least {min_px} x {min_px} are needed to compare it with the archive"
         )
-    settings = current_app.extensions["histoseek"].settings
-    tissue_tiles(
-        image, region_mpp(params.mpp, params.magnification, settings.target_mpp), settings.target_mpp, settings.tile_px
-    )
+    index_mpp, tile_px = current_app.extensions["histoseek"].index_grid()
+    mpp = region_mpp(params.mpp, params.magnification, index_mpp)
+    if mpp is None:  # unknown: searchable at some scale of the ladder (engine.search.scale)
+        from engine.search.scale import candidate_grids
+
+        candidate_grids(image, index_mpp, tile_px)
+    else:
+        tissue_tiles(image, mpp, index_mpp, tile_px)

@@ -14,7 +14,6 @@ Reads are bounded in memory whatever the slide's size: see webapp/slide_reading.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import io
@@ -50,38 +49,6 @@ class OpenedSlide:
         return (self.slide_id, self.fingerprint)
 
 
-class TileBytes:
-    """Encoded deep-zoom tiles, least recently used dropped first, bounded in bytes. Viewers
-    of one slide ask for the same few hundred tiles again and again; decoding and
-    re-encoding them is most of a tile request's cost. (engine.cache.LRUCache bounds the
-    number of entries; tiles differ in size, and TILE_CACHE_MB is a budget in bytes.)"""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= len(dropped)
-
-
 def _file_stat(slide_id: int, path: Path) -> tuple[int, int, int, int]:
     """(device, inode, size, mtime_ns) of a slide's file; SlideChanged when it is gone."""
     try:
@@ -100,24 +67,16 @@ def _file_error(slide_id: int, path: Path, exc: OSError) -> SlideError:
     return SlideError(f"slide {slide_id} ({path.name}): its file cannot be read ({exc.strerror or exc})")
 
 
-class _OpenSlides(LRUCache[OpenedSlide]):
-    """Open slides by (id, fingerprint). Iterating gives a snapshot of the keys, least
-    recently used first (what the tests inspect)."""
-
-    def __iter__(self):
-        with self._lock:
-            return iter(list(self._items))
-
-
 class SlideCache:
     def __init__(self, catalog: Catalog, capacity: int = 16, tile_cache_bytes: int = 0):
         self.catalog = catalog
         # Handles pushed out are not closed: a request in another thread may still read from
         # one; the garbage collector closes it once nothing refers to it.
-        self._open = _OpenSlides(max(1, capacity))
+        self._open: LRUCache[OpenedSlide] = LRUCache(max(1, capacity))
         # Makes "is it there, else drop this slide's other entries and add it" one step.
         self._lock = threading.Lock()
-        self.tile_bytes = TileBytes(tile_cache_bytes)
+        # encoded deep-zoom tiles, bounded in bytes (0: none kept)
+        self.tile_bytes: LRUCache[bytes] = LRUCache(max(1, tile_cache_bytes), weight=len)
 
     # -- which slide ---------------------------------------------------------------------
 

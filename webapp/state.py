@@ -60,10 +60,30 @@ class AppState:
                 self._index_stamp = stamp
         return self._engine
 
+    def index_grid(self) -> tuple[float, int]:
+        """(um/px, tile px) of the index: the loaded engine's when there is one, else what
+        the settings say (an index built with an encoder card may differ until then)."""
+        engine = self._engine
+        if engine is not None:
+            return engine.index_mpp, engine.tile_px
+        return self.settings.grid_for(None)
+
     @property
     def encoder_is_random(self) -> bool:
-        """True when the configured encoder has random weights (demo, not for diagnosis)."""
-        return is_random_spec(self.settings.encoder)
+        """True when the encoder searches use has random weights (demo, not for diagnosis): the
+        configured one, else the index's own (engine.search.which_encoder, as SearchEngine loads it)."""
+        if self._engine is not None:
+            return bool(self._engine.encoder.info.is_random)
+        spec = self.settings.encoder
+        if spec is None:
+            from engine.errors import HistoseekError
+            from engine.search.which_encoder import index_encoder_spec
+
+            try:
+                spec = index_encoder_spec(self.catalog, verify=False)
+            except (HistoseekError, sa.exc.SQLAlchemyError):
+                return False
+        return is_random_spec(spec)
 
 
 def state() -> AppState:

@@ -45,6 +45,9 @@ class EncoderRecord(Base):
     normalisation: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
     is_random: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # what loads the encoder again (engine.search.which_encoder): ``random:ARCH:SEED``, an
+    # absolute checkpoint or card path, or ``preset:NAME:/abs/weights``; null before 0003
+    spec: Mapped[Optional[str]] = mapped_column(Text)
 
 
 class Slide(Base):

@@ -46,7 +46,7 @@ def parse_ks(ctx, param, value: str | None) -> tuple[int, ...] | None:
     "encoders",
     multiple=True,
     metavar="SPEC",
-    help="Encoder to compare (repeat for several): a RetCCL checkpoint (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] [default: HISTOSEEK_ENCODER, else <data-dir>/weights/best_ckpt.pth].",
+    help="Encoder to compare (repeat for several: one table row, JSON entry and catalog run each, on the same patches and split): a RetCCL checkpoint (best_ckpt.pth), a `pretrain export` file, an encoder card (CARD.json, preset:NAME:WEIGHTS), or random[:ARCH] [default: HISTOSEEK_ENCODER, else <data-dir>/weights/best_ckpt.pth].",
 )
 @click.option(
     "--k",
@@ -258,7 +258,7 @@ def _archive_benchmark(settings, ks, protocol, exclusion, label_column, json_pat
 
     if exclusion == "image":
         exclusion = "slide"  # a slide query's "image" is its slide
-    settings.require_encoder()
+    # no --encoder: the index's own (engine.search.which_encoder), as every search does
     opts = SlideBenchmarkOptions(ks=tuple(ks), label_column=label_column, exclusion=exclusion, protocol=protocol)
     report = run_slide_benchmark(
         settings,

@@ -79,11 +79,13 @@ def settings_options(func=None, *, int8: bool = False):
 
 
 def run_edge(func, *args, **kwargs):
-    """Call library code, turning our typed errors into a one-line CLI error."""
+    """Call library code, turning our typed errors into a one-line CLI error; a setting the
+    error names is given as the option that sets it."""
     try:
         return func(*args, **kwargs)
     except HistoseekError as exc:
-        raise click.ClickException(str(exc)) from None
+        hint = f" (option --{exc.setting.replace('_', '-')})" if exc.setting else ""
+        raise click.ClickException(f"{exc}{hint}") from None
 
 
 def handle_errors(func):

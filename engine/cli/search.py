@@ -24,7 +24,14 @@ def format_table(result: dict) -> str:
     """The human-readable view of a search result: one line per slide, then the vote."""
     q = result["query"]
     if q["type"] == "region":
-        head = f"region {q['width']}x{q['height']} px at {q['mpp']:g} um/px -> {q['tiles']} query tile(s) at {q['index_mpp']:g} um/px"
+        head = f"region {q['width']}x{q['height']} px at {q['mpp']:.3g} um/px -> {q['tiles']} query tile(s) at {q['index_mpp']:g} um/px"
+        scale = q.get("scale")
+        if scale:  # no --mpp: estimated (engine.search.scale)
+            cands = ", ".join(f"{c['mpp']:g}: {c['score']:.3f}" for c in scale["candidates"])
+            head += f"\nmpp estimated {scale['estimated_mpp']:.3g} um/px (evidence: {scale['evidence']}; candidate scores {cands})"
+        check = q.get("pixel_check")
+        if check and check["stopped_by_budget"]:
+            head += f"\npixel check: {check['slides']} of {check['of']} candidate slides tried within {check['budget_s']:g} s"
     else:
         head = (
             f"slide {q['slide_id'] if q['slide_id'] is not None else q['path']} -> mosaic of {len(q['mosaic'])} tiles"
@@ -65,7 +72,12 @@ def format_table(result: dict) -> str:
     default=None,
     help="A region image (PNG, JPEG, TIFF, ...) to search for.",
 )
-@click.option("--mpp", type=float, default=None, help="Microns per pixel of --image [default: the index's, e.g. 1.0].")
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help="Microns per pixel of --image [default: unknown, estimated from the archive at 0.25 - 2 um/px].",
+)
 @click.option(
     "--magnification",
     type=float,
@@ -117,14 +129,18 @@ def search_command(
 
     \b
         engine search --image crop.png --mpp 0.5 --top-k 5
+        engine search --image screenshot.jpg          (mpp estimated; the index's encoder)
         engine search --image crop.jpg --magnification 20 --site colon --json
         engine search --slide 12
         engine search --slide new_case.svs --default-mpp 0.25
 
     Each result names the slide, its score (cosine similarity, 1 = identical), its labels,
     and where in it the match is (level-0 pixel box); the suggestion is the majority label
-    of the results. Uses the catalog and index of `indexer build` (same --catalog and
-    --index-dir options and HISTOSEEK_* environment).
+    of the results; a slide the region is a pixel copy of ranks first ("exact"). Without --mpp
+    or --magnification the region's scale is estimated (the query's `scale` in --json). Uses
+    the catalog and index of `indexer build` (same --catalog and --index-dir options and
+    HISTOSEEK_* environment), and the encoder the index was built with unless --encoder or
+    HISTOSEEK_ENCODER names one.
     """
     if (image is None) == (slide is None):
         raise click.UsageError("give exactly one of --image PATH or --slide PATH_OR_ID")

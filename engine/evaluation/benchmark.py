@@ -23,7 +23,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.config import Settings
+from engine.config import Settings, native_grid
 from engine.encoder import Encoder, l2_normalise
 from engine.errors import DatasetError
 from engine.evaluation.datasets import LabelledSet
@@ -280,6 +280,7 @@ def run_benchmark(
         metrics = evaluate(feats, dataset, opts.ks, exclusion, progress=opts.progress, protocol=protocol.name)
         svm = svm_accuracy(feats, dataset, exclusion, opts.svm_folds) if opts.svm_folds else None
         info = encoder.info
+        native = native_grid(info)
         results.append(
             EncoderResult(
                 info={
@@ -289,6 +290,9 @@ def run_benchmark(
                     "dim": info.dim,
                     "random": info.is_random,
                     "spec": spec,
+                    # the grid the encoder was trained at (a card's mpp/input_px, RetCCL's 1.0/224)
+                    "native_mpp": native[0],
+                    "input_px": native[1],
                 },
                 metrics=metrics,
                 svm=svm,
@@ -296,7 +300,15 @@ def run_benchmark(
                 embed_s=embed_s,
             )
         )
-    return BenchmarkReport(dataset, parameters, results, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if len(results) > 1:
+        # side by side: every run of this invocation names the others (the web app groups them)
+        shas = [r.info["sha256"] for r in results]
+        parameters["comparison"] = {
+            "id": hashlib.sha256(json.dumps([created, dataset.fingerprint(), shas]).encode()).hexdigest()[:16],
+            "encoders": [r.info["name"] for r in results],
+        }
+    return BenchmarkReport(dataset, parameters, results, created)
 
 
 def store_runs(catalog_url: str, report: BenchmarkReport, plot_path: Path | None = None) -> list[int]:

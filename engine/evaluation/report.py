@@ -53,12 +53,31 @@ def table(report: BenchmarkReport) -> str:
     if mismatch:
         lines.append(f"Note: {mismatch}.")
     lines.extend(f"Note: {note}." for note in report.dataset.notes)
+    lines.extend(f"Note: {note}." for note in grid_notes(report))
     short = [r.info["name"] for r in report.results if r.metrics["queries_short_of_k"]]
     if short:
         lines.append(
             f"Some queries had fewer than {kmax} results left after the exclusion ({', '.join(short)}); missing results count as wrong."
         )
     return "\n".join(lines)
+
+
+def grid_notes(report: BenchmarkReport) -> list[str]:
+    """With several encoders, all embed the same patches; say so when one of them was trained
+    at another resolution than the patches are cut at (a card's `mpp`)."""
+    if len(report.results) < 2:
+        return []
+    mpp = report.parameters.get("mpp")
+    at = f"{mpp:g} um/px" if mpp else f"whole patches resized to {report.parameters['tile_px']} px"
+    other = [
+        f"{r.info['name']} ({r.info['native_mpp']:g} um/px)"
+        for r in report.results
+        if r.info.get("native_mpp") is not None and (mpp is None or abs(r.info["native_mpp"] - mpp) > 1e-9)
+    ]
+    note = f"every encoder embeds the same patches and split ({at})"
+    if other and mpp:
+        note += "; trained at another resolution: " + ", ".join(other)
+    return [note]
 
 
 def write_json(report: BenchmarkReport, path: Path) -> Path:

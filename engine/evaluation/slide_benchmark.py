@@ -189,8 +189,9 @@ def run_slide_benchmark(
         "exclusion_text": f"results from the query's own {opts.exclusion} are excluded",
         "level": "slide",
         "label_column": opts.label_column,
-        "tile_px": settings.tile_px,
-        "target_mpp": settings.target_mpp,
+        # the grid the archive was indexed at (its encoder row), not the settings' default
+        "tile_px": int(getattr(engine, "tile_px", settings.tile_px)),
+        "target_mpp": float(getattr(engine, "index_mpp", settings.target_mpp)),
         "precision": settings.precision,
         "tie_rule": "MV ties go to the label of the best-ranked result among the tied labels; ranking as SearchEngine.search_slide returns it",
         "map_definition": "AP@k = mean of precision@i over the relevant ranks i <= k (0 when none); mAP@k = mean over queries; sish: (1/k) x sum",

@@ -1,20 +1,30 @@
-"""The compressed index for large archives: PCA-rotation + IVF-PQ codes in RAM, exact
-re-ranking of a short list from float16 vectors on disk.
+"""The compressed index for large archives: PCA-rotation + IVF-PQ codes in RAM, re-ranking
+of a short list from a memory-mapped row store on disk.
 
 Layout of its folder (derived data: it can always be rebuilt from the shard files):
 
     ivfpq.faiss     IndexPreTransform(PCAR<pca_dim>, IndexIVFPQFastScan(nlist, 2m x 4 bits));
-                    FAISS ids are row numbers of the vector file
-    vectors.f16     VectorStore: one float16 row per vector ever added
+                    FAISS ids are row numbers of the row store
+    rerank.f16      the row store (engine.index.codec, manifest key "rerank"): one row per
+                    vector ever added; by default float16 of the PCA-256 rotation the index
+                    learns (512 B per tile). Indexes written before issue 18 have no "rerank"
+                    key and store float16 of the full vector in vectors.f16 (4,096 B per
+                    2048-d tile): they keep working, and `indexer reindex --convert` (engine.
+                    index.convert) rewrites them in the compact layout.
+    rerank.npz      the codec's projection (compact layouts only)
     rows.npy        tile id of each row (-1: removed)
     manifest.json   parameters, row count, and the row range [start, end) of each shard key
+
+The folder's manifest.json may instead point at a generation subfolder ({"current":
+"gen-..."}) holding the files above: `indexer reindex` builds a new index in a new
+generation and swaps it in by rewriting this pointer atomically (engine.index.convert).
 
 In RAM per vector: m bytes of PQ code + 8 bytes of row id (IVF lists) + 8 bytes of tile id
 (rows.npy) = 48 bytes at m = 32, whatever the dimension (fast-scan codes: engine.index.ivfpq).
 Search: IVF-PQ returns `shortlist`
-candidate rows per query (approximate distances), whose float16 vectors are read back and
-scored exactly (inner product), so the final order is exact among the candidates and the
-recall is that of the short list. A filter that leaves few vectors is answered by exact search
+candidate rows per query (approximate distances), whose stored rows are read back and scored
+(inner product; exact for float16 full vectors, of the coded vectors otherwise, recall@10
+against exact float32 search measured in docs/benchmarks.md). A filter that leaves few vectors is answered by exact search
 over just those vectors; a filter that leaves many is applied inside IVF as a row bitmap, and
 queries that still find fewer than k widen their probe until they have k or all were scanned.
 
@@ -26,6 +36,7 @@ step on disk and answers queries.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import faiss
@@ -33,10 +44,13 @@ import numpy as np
 
 from engine.errors import ShardError
 from engine.files import atomic_output, atomic_write_text
+from engine.index.codec import DEFAULT_KIND, Codec, index_pca
 from engine.index.common import IdFilter, empty_result
 from engine.index.ivfpq import IvfPq, default_nlist, default_nprobe, train_ivfpq, train_sample_size
 from engine.index.rowstore import RowStore
 from engine.index.vectorstore import VectorStore
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["CompressedIndex", "default_nlist", "default_nprobe", "train_sample_size"]
 
@@ -44,6 +58,8 @@ INDEX_FILE = "ivfpq.faiss"
 VECTORS_FILE = "vectors.f16"
 ROWS_FILE = "rows.npy"
 MANIFEST_FILE = "manifest.json"
+PARAMS_FILE = "rerank.npz"
+BUILDING_FILE = "building.json"  # names the generation being built (engine.index.convert)
 
 
 class CompressedIndex:
@@ -57,10 +73,18 @@ class CompressedIndex:
 
     kind = "compressed"
 
-    def __init__(self, folder: Path, index: faiss.Index, store: VectorStore, rows: np.ndarray, manifest: dict):
+    def __init__(
+        self,
+        folder: Path,
+        index: faiss.Index,
+        store: VectorStore,
+        rows: np.ndarray,
+        manifest: dict,
+        codec: Codec | None = None,
+    ):
         self.folder = Path(folder)
         self.ivfpq = IvfPq(index)
-        self.rowstore = RowStore(store, rows)
+        self.rowstore = RowStore(store, rows, codec)
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self.nprobe = int(manifest.get("nprobe", 32))
@@ -103,14 +127,8 @@ class CompressedIndex:
         return open_folder(folder)
 
     def save(self) -> None:
-        """Write index, row map and manifest atomically (the vector file is append-only and
-        already on disk); the manifest goes last, so a crash leaves the previous state."""
-        with atomic_output(self.folder / INDEX_FILE) as tmp:
-            faiss.write_index(self.index, str(tmp))
-        with atomic_output(self.folder / ROWS_FILE) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, self.rows)
-        self.manifest["n_rows"] = int(len(self.rows))
-        atomic_write_text(self.folder / MANIFEST_FILE, json.dumps(self.manifest, indent=1))
+        """Write index, row map and manifest: see `save_index`."""
+        save_index(self)
 
     # -- updating --------------------------------------------------------------------------
 
@@ -179,16 +197,37 @@ class CompressedIndex:
         return self.rerank(xq, filtered_candidates(self.ivfpq, xq, R, nprobe, allowed, min(k, len(allowed_rows))), k)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Stored (float16-rounded) vectors of tile `ids`; zeros for ids not in the index."""
+        """Stored vectors of tile `ids` (float16-rounded, or decoded from the compact code,
+        unit length); zeros for ids not in the index."""
         return self.rowstore.vectors(ids, self.dim)
 
     def all_ids(self) -> np.ndarray:
         return self.rowstore.all_ids()
 
     def ram_bytes(self) -> int:
-        """Bytes this index holds in RAM: the FAISS index (engine.index.ivfpq) and the row ->
-        tile id map."""
-        return int(self.ivfpq.ram_bytes() + self.rows.nbytes)
+        """Bytes this index holds in RAM: the FAISS index (engine.index.ivfpq), the row ->
+        tile id map and the codec's projection (the row store is memory-mapped)."""
+        return int(self.ivfpq.ram_bytes() + self.rows.nbytes + self.rowstore.codec.ram_bytes())
+
+    def disk_bytes(self) -> int:
+        """Bytes of the row store on disk (the re-ranking copies of the vectors)."""
+        return int(self.store.nbytes)
+
+
+def save_index(index: CompressedIndex) -> None:
+    """Write index, row map and manifest atomically (the row store is append-only and
+    already on disk); the manifest goes last, so a crash after an add leaves the previous
+    state (a crash between the files leaves them inconsistent: open_folder says so, and the
+    index is rebuilt). An index `indexer reindex` replaced is not saved over the new one."""
+    if superseded(index.folder):
+        LOG.warning("index in %s was replaced by `indexer reindex`; not saving over it", index.folder)
+        return
+    with atomic_output(index.folder / INDEX_FILE) as tmp:
+        faiss.write_index(index.index, str(tmp))
+    with atomic_output(index.folder / ROWS_FILE) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, index.rows)
+    index.manifest["n_rows"] = int(len(index.rows))
+    atomic_write_text(index.folder / MANIFEST_FILE, json.dumps(index.manifest, indent=1))
 
 
 def filtered_candidates(
@@ -220,49 +259,91 @@ def train_index(
     m: int = 32,
     pq_bits: int = 4,
     seed: int = 0,
+    store: str = DEFAULT_KIND,
 ) -> CompressedIndex:
     """A new, empty index trained on `sample` (n x dim float32, L2-normalised), in `folder`
     (replacing what was there). nlist defaults to `default_nlist(expected_n)`; codes are m
     bytes, as 2m fast-scan 4-bit sub-quantisers (pq_bits 4, the default) or m 8-bit ones
-    (pq_bits 8, the earlier layout, kept for comparison)."""
+    (pq_bits 8, the earlier layout, kept for comparison). `store`: how the vectors are kept
+    for re-ranking (engine.index.codec.KINDS; default the compact float16 PCA rotation)."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     index, factory, nlist = train_ivfpq(
         sample, nlist=nlist, expected_n=expected_n, pca_dim=pca_dim, m=m, pq_bits=pq_bits, seed=seed
     )
+    codec = Codec.train(store, sample, pca=index_pca(index.chain.at(0)))
+    return new_index(folder, index, codec, factory=factory, nlist=nlist, trained_n=len(sample))
+
+
+def new_index(folder: str | Path, index: faiss.Index, codec: Codec, **params) -> CompressedIndex:
+    """An index in `folder` (its files replaced) from a trained, possibly filled FAISS index
+    and a codec; the row store starts empty. `params`: factory, nlist, trained_n."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (INDEX_FILE, VECTORS_FILE, ROWS_FILE, MANIFEST_FILE):
+    for name in (INDEX_FILE, VECTORS_FILE, ROWS_FILE, MANIFEST_FILE, PARAMS_FILE, codec.file):
         (folder / name).unlink(missing_ok=True)
-    dim = sample.shape[1]
+    codec.save(folder)
+    dim, nlist = codec.dim, params["nlist"]
     manifest = {
         "dim": dim,
-        "factory": factory,
-        "nlist": nlist,
-        "trained_n": len(sample),
+        **params,
         "n_rows": 0,
         "shards": {},
         "nprobe": default_nprobe(nlist),
         "shortlist": 100,
         "exact_max": 20000,
+        "rerank": codec.spec(),
     }
-    out = CompressedIndex(folder, index, VectorStore(folder / VECTORS_FILE, dim), np.zeros(0, np.int64), manifest)
+    store = VectorStore(folder / codec.file, codec.width, dtype=codec.dtype)
+    out = CompressedIndex(folder, index, store, np.zeros(0, np.int64), manifest, codec)
     out.save()
     return out
 
 
 def open_folder(folder: str | Path) -> CompressedIndex:
     """Load an index written by `CompressedIndex.save`; ShardError when it is missing or
-    inconsistent (the caller rebuilds it: it is derived from the shard files)."""
-    folder = Path(folder)
+    inconsistent (the caller rebuilds it: it is derived from the shard files). A folder
+    whose manifest points at a generation subfolder opens that."""
+    folder = resolve(folder)
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         index = faiss.read_index(str(folder / INDEX_FILE))
         rows = np.load(folder / ROWS_FILE)
-        store = VectorStore(folder / VECTORS_FILE, manifest["dim"], manifest["n_rows"])
+        codec = Codec.load(folder, manifest.get("rerank"), manifest["dim"])
+        store = VectorStore(folder / codec.file, codec.width, manifest["n_rows"], dtype=codec.dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ShardError(
             f"compressed index in {folder} is missing or unreadable ({str(exc).splitlines()[0]})"
         ) from None
     if len(rows) != manifest["n_rows"] or index.ntotal != int((rows >= 0).sum()):
         raise ShardError(f"compressed index in {folder} is inconsistent (an interrupted update?)")
-    return CompressedIndex(folder, index, store, rows, manifest)
+    return CompressedIndex(folder, index, store, rows, manifest, codec)
+
+
+def resolve(folder: str | Path) -> Path:
+    """The folder holding the index files: `folder`, or the generation subfolder its
+    manifest points at ({"current": name}, written by engine.index.convert.swap_in)."""
+    folder = Path(folder)
+    try:
+        current = json.loads((folder / MANIFEST_FILE).read_text()).get("current")
+    except (OSError, ValueError):
+        return folder
+    return folder / current if current else folder
+
+
+def superseded(folder: Path) -> bool:
+    """True when `folder` (a generation subfolder, or a top folder whose files were
+    replaced by a pointer) is no longer the one its parent's pointer names, and is not the
+    generation being built (named in BUILDING_FILE)."""
+    for top in (folder, folder.parent):
+        try:
+            current = json.loads((top / MANIFEST_FILE).read_text()).get("current")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if current is None:
+            continue
+        try:
+            building = json.loads((top / BUILDING_FILE).read_text()).get("folder")
+        except (OSError, ValueError, AttributeError):
+            building = None
+        return folder not in (top / current, top / str(building))
+    return False

@@ -14,6 +14,7 @@ error is raised as before.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,9 @@ INDEX_KINDS = ("auto", "flat", "compressed")
 # (measured figures: bench/search.py --sweep, docs/benchmarks.md). Below ~20 k tiles there
 # is too little to train the compressed index well, and flat is fast enough.
 FLAT_MAX_TILES = 20_000
+# While a compressed index is filled, it is saved this often (seconds): an interrupted build
+# then resumes from its last save. A save writes the FAISS index (~50 B per tile).
+SAVE_EVERY_S = 300.0
 
 
 def choose_kind(n_tiles: int, requested: str = "auto", flat_max: int = FLAT_MAX_TILES) -> str:
@@ -76,7 +80,8 @@ def _training_sample(
     one shard in memory at a time)."""
     rng = np.random.default_rng(seed)
     total = sum(counts.values())
-    frac = min(1.0, size / max(total, 1))
+    # a little over size/total, so the draw is not short of `size` by chance; cut back below
+    frac = min(1.0, 1.05 * size / max(total, 1))
     parts = []
     for key, count in tqdm(counts.items(), desc="sampling for training", unit="shard", disable=not progress):
         if not count:
@@ -84,7 +89,10 @@ def _training_sample(
         _, xb = shard_arrays(shards[key])
         take = rng.random(len(xb)) < frac
         parts.append(xb[take])
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    sample = np.concatenate(parts)
+    return sample[np.sort(rng.permutation(len(sample))[:size])] if len(sample) > size else sample
 
 
 def sync_index(
@@ -94,17 +102,21 @@ def sync_index(
     progress: bool = False,
     sha256: dict[str, str] | None = None,
     on_error: OnError | None = None,
+    save_every_s: float = SAVE_EVERY_S,
 ) -> tuple[int, int]:
     """Make `index` hold exactly the given shards (key -> file); returns (added, removed)
     shard counts. `sha256`: key -> the checksum each file must have; `on_error`: called
     with (key, ShardError) for a shard that fails to load, which is then left out (else
-    the error is raised)."""
+    the error is raised). A compressed index is saved every `save_every_s` seconds while
+    shards are added, so an interrupted fill resumes from there (the shards it holds are
+    in its manifest) instead of from the start."""
     current = index.keys
     gone = sorted(current - set(shards))
     new = [key for key in shards if key not in current]
     for key in gone:
         index.remove_shard(key)
     added = 0
+    saved = time.monotonic()
     for key in tqdm(new, desc="loading shards", unit="shard", disable=not progress or len(new) < 2):
         loaded = _read_checked(key, shards[key], sha256, on_error)
         if loaded is None:
@@ -114,6 +126,9 @@ def sync_index(
         else:
             ids, xb = shard_arrays_of(loaded)
             index.add(ids, xb, key=key)
+            if time.monotonic() - saved >= save_every_s:
+                index.save()
+                saved = time.monotonic()
         added += 1
     if isinstance(index, CompressedIndex) and (added or gone):
         index.save()
@@ -131,10 +146,12 @@ def open_index(
     seed: int = 0,
     sha256: dict[str, str] | None = None,
     on_error: OnError | None = None,
+    save_every_s: float = SAVE_EVERY_S,
 ):
     """An index of `kind` ('flat' or 'compressed') holding `shards`. A compressed index is
     reopened from `folder` when it is there and of this dimension, and trained when not.
-    `sha256` and `on_error` as in sync_index."""
+    `sha256`, `on_error` and `save_every_s` as in sync_index; an index found in `folder`
+    half filled (an interrupted build) is filled on from where it was last saved."""
     if kind == "flat":
         index = FlatShardIndex(dim, use_gpu=use_gpu)
     elif kind == "compressed":
@@ -160,5 +177,5 @@ def open_index(
         index.use_gpu = use_gpu
     else:
         raise ValueError(f"index kind must be 'flat' or 'compressed', not {kind!r}")
-    sync_index(index, shards, progress=progress, sha256=sha256, on_error=on_error)
+    sync_index(index, shards, progress=progress, sha256=sha256, on_error=on_error, save_every_s=save_every_s)
     return index

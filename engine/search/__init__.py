@@ -4,8 +4,10 @@ engine.search.engine: SearchEngine, the one object callers hold, composed of
   query (query tiles of a region or a slide), live_index (the index kept in step with the
   catalog), filters (the filter fields and the tile-id filter), ranking (nearest tiles to
   ranked slides), lookups (the catalog reads after the index search), placement (where in a
-  slide the region lies: on features, or on pixels by localise + ncc), results (what a
-  search answers); mosaic: the tiles that stand for a slide.
+  slide the region lies: on features, or on pixels by localise + ncc), copies (pixel-verified
+  copies ranked first), scale (a region's unknown mpp estimated on a ladder; rescale_match
+  verifies copies over scales), results (what a search answers); mosaic: the tiles that stand
+  for a slide; which_encoder: the encoder the index was built with, used when none is given.
 
 The names below are imported on first use: the web app reads FILTER_FIELDS at start-up
 without loading FAISS and the encoder's dependencies.

@@ -4,7 +4,9 @@ group them into slides and rank the slides (engine.search.ranking), and say wher
 slide the match is (engine.search.placement) and what the top slides' labels vote for.
 
 Region query: a slide's score is the mean over query tiles of the best similarity of that
-tile to any tile of the slide. Slide query: a mosaic (engine.search.mosaic) of ~10 % of the
+tile to any tile of the slide; slides the region is a pixel-verified copy of rank first
+(engine.search.copies); a region of unknown mpp is searched at the scale estimated from the
+archive (engine.search.scale). Slide query: a mosaic (engine.search.mosaic) of ~10 % of the
 slide's tiles, spread over its kinds of tissue and its area, each searched; a slide's score
 is the median over mosaic tiles of their best similarity to the slide (the median ignores a
 few tiles that match by chance, such as background or folds, in a way the mean and max do
@@ -28,15 +30,18 @@ from engine.config import Settings
 from engine.encoder import Encoder
 from engine.index import FLAT_MAX_TILES, gpu_available
 from engine.search import query as Q
+from engine.search.copies import allowed_ids, region_hits
 from engine.search.filters import id_filter
 from engine.search.live_index import LiveIndex
 from engine.search.localise import RegionQuery, view_cache
 from engine.search.lookups import result_slides
-from engine.search.placement import pin_on_pixels, placed_regions
+from engine.search.placement import placed_regions
 from engine.search.ranking import check_top_k, matched_tiles, rank_slides, search_tiles
+from engine.search.rescale_match import any_scale_matcher
 from engine.search.results import SearchResult, SlideHit, suggest
-
-REFINE_SLIDES = 3  # region queries: the top slides whose box is pinned from pixels (engine.search.localise)
+from engine.search.scale import describe as describe_scale
+from engine.search.scale import estimate_mpp
+from engine.search.which_encoder import index_encoder_spec
 
 
 def _ms(since: float) -> float:
@@ -78,12 +83,44 @@ def find_hits(
     return hits, slides
 
 
+def region_query(engine, image: Image.Image, mpp: float | None, allowed, top_k: int, timing: dict):
+    """A region's query tiles and the index's answer: (mpp, candidate scales or None, vectors,
+    grid cells, Neighbours or None to search). At unknown `mpp` (None) the scale ladder's
+    (engine.search.scale); else the region cut at `mpp` (engine.search.query) and searched."""
+    cands, nb = None, None
+    if mpp is None:  # unknown: estimated on the ladder, whose tiles at that scale are the query's
+        est = estimate_mpp(engine, image, allowed, top_k, timing)
+        mpp, cands, xq, q_cells, nb = est.mpp, est.cands, est.xq, est.cells, est.nb
+    else:
+        t = time.perf_counter()
+        tiles, corners = Q.region_tiles(image, mpp, engine.index_mpp, engine.tile_px)
+        xq = Q.embed(engine.encoder, tiles, engine.tile_px)
+        q_cells = np.array(corners, np.int64) // engine.tile_px
+        timing["embed"] = _ms(t)
+    if nb is None:
+        t = time.perf_counter()
+        nb = search_tiles(engine.live, engine.catalog, xq, top_k, allowed)
+        timing["search"] = timing.get("search", 0.0) + _ms(t)
+    return mpp, cands, xq, q_cells, nb
+
+
+def copy_matcher(image: Image.Image, cands, views, measured: dict):
+    """At an unknown scale (`cands`: the ladder's candidates), copies are verified over scales
+    around the best candidate's, then the others' (best feature score first), which measures
+    the scale (engine.search.rescale_match); at a known one, None (the default matcher)."""
+    if cands is None:
+        return None
+    ranked = [c.mpp for c in sorted(cands, key=lambda c: -c.score)]
+    return any_scale_matcher(image, ranked[0], views, measured, tuple(ranked[1:]))
+
+
 class SearchEngine:
     """Searches one archive (catalog + shard index) with one encoder.
 
     settings:   where the catalog and index are, which encoder, device
     catalog:    an open Catalog to share (default: opened from settings.catalog_url)
-    encoder:    a loaded engine.encoder.Encoder to share (default: loaded from settings)
+    encoder:    a loaded engine.encoder.Encoder to share (default: loaded from settings, else
+                the index's own, engine.search.which_encoder)
     index_kind: 'auto' (flat up to `flat_max` tiles, compressed above), 'flat', 'compressed'
     """
 
@@ -99,16 +136,16 @@ class SearchEngine:
     ):
         self.settings = settings
         self.catalog = catalog or Catalog(settings.catalog_url)
+        # no encoder given: the index's own (engine.search.which_encoder)
         self.encoder = encoder or Encoder.from_spec(
-            settings.require_encoder(), device=settings.device, precision=settings.precision
+            settings.encoder or index_encoder_spec(self.catalog), device=settings.device, precision=settings.precision
         )
         use_gpu = settings.device != "cpu" and gpu_available()
         self.live = LiveIndex(
             self.catalog,
             self.encoder,
             settings.index_dir,
-            settings.target_mpp,
-            settings.tile_px,
+            *settings.grid_for(self.encoder.info),
             kind=index_kind,
             flat_max=flat_max,
             use_gpu=use_gpu,
@@ -154,39 +191,40 @@ class SearchEngine:
         exclude_slide_id: int | None = None,
         exclude_patient: str | None = None,
     ) -> SearchResult:
-        """Slides most similar to a region image. Its resolution is `mpp` (um/px), else
-        10 / `magnification`, else the index's own."""
+        """Slides most similar to a region image, copies first (engine.search.copies), at `mpp`
+        um/px, else 10 / `magnification`, else estimated (engine.search.scale)."""
         t0 = time.perf_counter()
         check_top_k(top_k)
         mpp = Q.region_mpp(mpp, magnification, self.index_mpp)
         timing: dict[str, float] = {}
-        tiles, corners = Q.region_tiles(image, mpp, self.index_mpp, self.tile_px)
-        xq = Q.embed(self.encoder, tiles, self.tile_px)
-        timing["embed"] = _ms(t0)
         exclude = {"exclude_slide_id": exclude_slide_id, "exclude_patient": exclude_patient}
-        hits, slides = find_hits(
-            self.live, xq, top_k, filters, exclude, "mean", timing, q_cells=np.array(corners, np.int64) // self.tile_px
+        allowed = allowed_ids(self.live, filters, exclude)
+        mpp, cands, xq, q_cells, nb = region_query(self, image, mpp, allowed, top_k, timing)
+        region = RegionQuery(image, mpp)  # prepared once for all the slides tried
+        measured: dict[int, float] = {}  # slide id -> the region's mpp measured on its pixels
+        match = copy_matcher(image, cands, self.views, measured)
+        hits, check = region_hits(
+            self.live, xq, q_cells, top_k, filters, exclude, timing, region, self.views, nb=nb, match=match
         )
-        t = time.perf_counter()
-        if hits:
-            region = RegionQuery(image, mpp)  # prepared once for all the slides tried
-            for hit in hits[:REFINE_SLIDES]:
-                if slides[hit.slide["id"]].mpp:
-                    pin_on_pixels(hit, region, slides[hit.slide["id"]].mpp, self.views)
-        timing["refine"] = _ms(t)
+        evidence = "features"
+        if hits and hits[0].slide["id"] in measured:  # a pixel-verified copy beats any feature score
+            mpp, evidence = measured[hits[0].slide["id"]], "pixels"
         timing["total"] = _ms(t0)
         query = {
             "type": "region",
             "width": image.width,
             "height": image.height,
             "mpp": mpp,
+            "mpp_given": cands is None,
             "index_mpp": self.index_mpp,
-            "tiles": len(tiles),
+            "tiles": len(xq),
             "top_k": top_k,
             "filters": filters or {},
             "exclude_slide_id": exclude_slide_id,
             "exclude_patient": exclude_patient,
             "index": self.index.kind,
+            "pixel_check": check,
+            "scale": describe_scale(cands, mpp, evidence) if cands is not None else None,
         }
         return SearchResult(query, hits, suggest(hits), timing, warnings=list(self.warnings))
 

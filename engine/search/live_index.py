@@ -165,9 +165,10 @@ class LiveIndex:
 
             kind = choose_kind(sum(sh.count for sh in live), self.kind, self.flat_max)
             options = {"progress": self.progress, "sha256": checksums, "on_error": on_error}
-            if self.index is None or self.index.kind != kind:
-                # a new index is built aside (searches go on with the old one) and swapped in
-                folder = encoder_dir(self.index_dir, shard_encoder) / "compressed"
+            folder = encoder_dir(self.index_dir, shard_encoder) / "compressed"
+            if self.index is None or self.index.kind != kind or _swapped(self.index, folder):
+                # a new index is built aside (searches go on with the old one) and swapped in;
+                # also when `indexer reindex` swapped a new generation into the folder
                 index = open_index(kind, row["dim"], files, folder=folder, use_gpu=self.use_gpu, **options)
                 with self._lock:
                     self.index, self.encoder_row = index, row
@@ -197,3 +198,12 @@ class LiveIndex:
                 len(files) - len(damaged),
                 f" ({n_bad} quarantined)" if n_bad else "",
             )
+
+
+def _swapped(index, folder: Path) -> bool:
+    """Whether the compressed index in use is no longer the folder's current generation
+    (engine.index.convert.swap_in moved the folder's pointer to a rebuilt one)."""
+    from engine.index.compressed import resolve
+
+    current = getattr(index, "folder", None)
+    return index.kind == "compressed" and current is not None and Path(current) != resolve(folder)

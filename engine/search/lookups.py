@@ -51,20 +51,22 @@ class SlideRow:
     boxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
-def result_slides(catalog: Catalog, slide_ids: list[int], *, with_tiles: bool) -> dict[int, SlideRow]:
+def result_slides(
+    catalog: Catalog, slide_ids: list[int], *, with_tiles: bool, tiles_of: list[int] | None = None
+) -> dict[int, SlideRow]:
     """The slides still in the catalog among `slide_ids`, by id; `with_tiles`: with all
     their tiles, joined in the same statement (a few top slides' tiles, a few thousand
-    rows each, so the slide columns repeated on every row cost less than a second trip)."""
+    rows each, so the slide columns repeated on every row cost less than a second trip);
+    `tiles_of`: only those slides' tiles (the others are described without)."""
     if not slide_ids:
         return {}
     cols = [Slide.id, Slide.path, Slide.patient, Slide.site, Slide.diagnosis, Slide.label, Slide.mpp]
     q = sa.select(*cols).where(Slide.id.in_([int(i) for i in slide_ids]))
     if with_tiles:
-        q = (
-            q.add_columns(Tile.id, Tile.x, Tile.y, Tile.size)
-            .outerjoin(Tile, Tile.slide_id == Slide.id)
-            .order_by(Slide.id, Tile.id)
-        )
+        on = Tile.slide_id == Slide.id
+        if tiles_of is not None:
+            on = sa.and_(on, Tile.slide_id.in_([int(i) for i in tiles_of] or [-1]))
+        q = q.add_columns(Tile.id, Tile.x, Tile.y, Tile.size).outerjoin(Tile, on).order_by(Slide.id, Tile.id)
     out: dict[int, SlideRow] = {}
     tiles: dict[int, list] = {}
     with catalog.session() as s:

@@ -84,29 +84,36 @@ def placed_regions(
     return sorted(regions, key=lambda r: -r.score)[:MAX_REGIONS]
 
 
-def pin_on_pixels(hit: SlideHit, region: RegionQuery, slide_mpp: float, views) -> None:
-    """When the region's pixels are a copy of part of the hit's slide, put that box first
-    in its regions (features find the slide and a coarse place, registration pins the box).
-    `views`: the engine.search.localise view cache. A slide that cannot be opened or read is
-    left as it is: search results must not fail because one file is unreachable."""
+def pixel_match(slide_info: dict, region: RegionQuery, slide_mpp: float, views) -> Region | None:
+    """The box of the slide (`slide_info`: id, path) whose pixels the region is a copy of,
+    as a Region with match "pixels", or None. `views`: the engine.search.localise view
+    cache. A slide that cannot be opened or read gives None: search results must not fail
+    because one file is unreachable."""
     import openslide
 
     from engine.slides import open_slide
 
-    path = hit.slide["path"]
+    path = slide_info["path"]
     try:
         slide = open_slide(path)
     except SlideError as exc:
-        LOG.debug("no pixel match for slide %s: %s", hit.slide["id"], exc)
-        return
+        LOG.debug("no pixel match for slide %s: %s", slide_info["id"], exc)
+        return None
     try:
         placed = register_region(slide, slide_mpp, region, views=views, path=path)
     except (openslide.OpenSlideError, OSError, SlideError) as exc:
-        LOG.debug("no pixel match for slide %s: cannot read %s: %s", hit.slide["id"], path, exc)
-        return
+        LOG.debug("no pixel match for slide %s: cannot read %s: %s", slide_info["id"], path, exc)
+        return None
     finally:
         slide.close()
-    if placed is not None:
-        hit.regions = [Region(placed.x, placed.y, placed.w, placed.h, placed.ncc, match="pixels"), *hit.regions][
-            :MAX_REGIONS
-        ]
+    if placed is None:
+        return None
+    return Region(placed.x, placed.y, placed.w, placed.h, placed.ncc, match="pixels")
+
+
+def pin_on_pixels(hit: SlideHit, region: RegionQuery, slide_mpp: float, views) -> None:
+    """When the region's pixels are a copy of part of the hit's slide, put that box first
+    in its regions (features find the slide and a coarse place, registration pins the box)."""
+    found = pixel_match(hit.slide, region, slide_mpp, views)
+    if found is not None:
+        hit.regions = [found, *hit.regions][:MAX_REGIONS]

@@ -1,8 +1,10 @@
 """Query tiles: a region image cut into tiles on the index's grid, or the mosaic of a whole
 slide (engine.search.mosaic), indexed or a file, and their unit-length features.
 
-Region: the image is resampled to the index's microns per pixel and cut into a centred grid
-of tiles; tiles with less than MIN_TISSUE tissue are dropped, and a region left with none is
+Region: the image is cut into a centred grid of squares of one index tile each (at the index's
+microns per pixel), each resized to the tile size by the index's own rule (a box read, then
+engine.images.resize_bilinear: engine.slides.read_box_array), so a region of an indexed slide
+at the slide's mpp embeds to the very vectors the index holds for those tiles; tiles with less than MIN_TISSUE tissue are dropped, and a region left with none is
 refused as blank (this is the one tissue rule for region queries: the web app and the CLI
 leave it to this module)."""
 
@@ -19,7 +21,7 @@ from PIL import Image
 from engine.catalog.db import Catalog
 from engine.catalog.models import INDEXED, Slide, Tile
 from engine.errors import NotFound, QueryError
-from engine.images import to_uint8_chw
+from engine.images import encoder_input
 from engine.search.live_index import LiveIndex
 
 MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused
@@ -37,15 +39,18 @@ MAX_QUERY_ASPECT = 32  # longer side / shorter side: a thinner strip is a select
 MASK_MAX_PIXELS = 2_000_000
 
 
-def region_mpp(mpp: float | None, magnification: float | None, index_mpp: float) -> float:
-    """The region's um/px: `mpp`, else 10 / `magnification`, else the index's own."""
+def region_mpp(mpp: float | None, magnification: float | None, index_mpp: float) -> float | None:
+    """The region's um/px: `mpp`, else 10 / `magnification`, else None (unknown: the engine
+    estimates it, engine.search.scale)."""
     if mpp is None and magnification is not None:
         if not (np.isfinite(magnification) and magnification > 0):
             raise QueryError(
                 f"the region's magnification must be a positive number (e.g. 20 for 20x), not {magnification!r}"
             )
         return 10.0 / magnification
-    mpp = index_mpp if mpp is None else float(mpp)
+    if mpp is None:
+        return None
+    mpp = float(mpp)
     if not (np.isfinite(mpp) and mpp > 0):
         raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
     return mpp
@@ -85,67 +90,95 @@ def _resampled_size(src: tuple[int, int], mpp: float, index_mpp: float, tile: in
     return w, h
 
 
-def tissue_tiles(
-    image: Image.Image, mpp: float, index_mpp: float, tile: int
-) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """The region's size at the index's `index_mpp` and the top-left corners (in it) of its
-    query tiles: a centred grid of `tile` px tiles, those with at least MIN_TISSUE tissue,
-    the MAX_QUERY_TILES with most first. A QueryError when its size cannot be searched or
-    no tile holds enough tissue (the region looks blank).
+def source_tile_px(size: tuple[int, int], mpp: float, index_mpp: float, tile: int) -> int:
+    """The region's pixels under one index tile edge: the rule the index reads its tiles by
+    (engine.slides.tile_size0), or the region's shorter side when that is less (a region
+    between half a tile and a tile is zoomed up to one tile rather than padded with glass)."""
+    return max(1, min(round(tile * index_mpp / mpp), min(size)))
 
-    The one tissue rule of region queries: the web app calls this before it has an engine,
-    the engine again on every search. Cheap: the mask is taken on a copy of the upload
-    reduced to at most MASK_MAX_PIXELS, and nothing is resampled."""
+
+def region_mask(image: Image.Image) -> np.ndarray:
+    """The region's tissue mask, on a copy reduced to at most MASK_MAX_PIXELS: the mask's float
+    images cost ~50 bytes per pixel, and tissue fractions per tile do not need every pixel (a
+    tile stays >= ~80 px across in the reduced copy)."""
     from engine.tissue import tissue_mask_rgb
 
-    if not (np.isfinite(mpp) and mpp > 0):
-        raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
-    w, h = _resampled_size(image.size, mpp, index_mpp, tile)
-    # the mask's float images cost ~50 bytes per pixel, and tissue fractions per tile do not
-    # need every pixel: a tile stays >= ~80 px across in the reduced copy
     f = 1
     while (image.width // f) * (image.height // f) > MASK_MAX_PIXELS:
         f += 1
     rgb = image.convert("RGB")
-    mask = tissue_mask_rgb(np.asarray(rgb.reduce(f) if f > 1 else rgb))
-    sx, sy = mask.shape[1] / w, mask.shape[0] / h  # mask pixels per resampled pixel
-    nx, ny = w // tile, h // tile
-    ox, oy = (w - nx * tile) // 2, (h - ny * tile) // 2
+    return tissue_mask_rgb(np.asarray(rgb.reduce(f) if f > 1 else rgb))
+
+
+def tissue_tiles(
+    image: Image.Image, mpp: float, index_mpp: float, tile: int, mask: np.ndarray | None = None
+) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The region's query tiles for an index at `index_mpp` with `tile` px tiles: (edge of a
+    tile in the region's own pixels, their top-left corners in the region, their grid cells).
+    A centred grid of tiles with at least MIN_TISSUE tissue, the MAX_QUERY_TILES with most
+    first. A QueryError when its size cannot be searched or no tile holds enough tissue (the
+    region looks blank).
+
+    The one tissue rule of region queries: the web app calls this before it has an engine,
+    the engine again on every search. Cheap: the mask is taken on a copy of the upload
+    reduced to at most MASK_MAX_PIXELS (region_mask; `mask`: made once for several mpp), and
+    nothing is resampled."""
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise QueryError(f"the region's resolution must be a positive number of um/px, not {mpp!r}")
+    _resampled_size(image.size, mpp, index_mpp, tile)  # the size checks
+    src = source_tile_px(image.size, mpp, index_mpp, tile)
+    if mask is None:
+        mask = region_mask(image)
+    sx, sy = mask.shape[1] / image.width, mask.shape[0] / image.height  # mask pixels per region pixel
+    nx, ny = image.width // src, image.height // src
+    ox, oy = (image.width - nx * src) // 2, (image.height - ny * src) // 2
     cands = []
     for j in range(ny):
         for i in range(nx):
-            x, y = ox + i * tile, oy + j * tile
+            x, y = ox + i * src, oy + j * src
             r0, c0 = int(y * sy), int(x * sx)
-            r1, c1 = max(r0 + 1, math.ceil((y + tile) * sy)), max(c0 + 1, math.ceil((x + tile) * sx))
+            r1, c1 = max(r0 + 1, math.ceil((y + src) * sy)), max(c0 + 1, math.ceil((x + src) * sx))
             frac = float(mask[r0:r1, c0:c1].mean())
             if frac >= MIN_TISSUE:
-                cands.append((frac, x, y))
+                cands.append((frac, x, y, i, j))
     if not cands:
         raise QueryError(
             f"the region looks blank: no {tile} px tile of it has {MIN_TISSUE:.0%} tissue; select an area with tissue"
         )
     cands = sorted(cands, key=lambda c: -c[0])[:MAX_QUERY_TILES]
-    return (w, h), [(x, y) for _, x, y in cands]
+    return src, [(c[1], c[2]) for c in cands], [(c[3], c[4]) for c in cands]
+
+
+def cut_tiles(image: Image.Image, src: int, corners: list[tuple[int, int]], tile: int) -> list[np.ndarray]:
+    """The region's squares of `src` px at `corners`, each resized to `tile` px by the index's
+    one filter (engine.images.resize_bilinear), as the index's tiles are read
+    (engine.slides.read_box_array: a box of the slide, resized to the tile)."""
+    from engine.images import resize_bilinear
+
+    arr = np.asarray(image.convert("RGB"))
+    out = []
+    for x, y in corners:
+        box = np.ascontiguousarray(arr[y : y + src, x : x + src])
+        out.append(box if src == tile else resize_bilinear(box, tile))
+    return out
 
 
 def region_tiles(
     image: Image.Image, mpp: float, index_mpp: float, tile: int
-) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """The query tiles of a region image at `mpp` um/px for an index at `index_mpp` with
-    `tile` px tiles (tissue_tiles): the region resampled to index_mpp and cut. Returns
-    (tiles, their top-left corners in the resampled image). Every size is checked before
-    the region is resampled: at most MAX_QUERY_PIXELS, at most MAX_QUERY_ASPECT times
-    longer than wide."""
-    (w, h), corners = tissue_tiles(image, mpp, index_mpp, tile)
-    region = (
-        image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image.convert("RGB")
-    )
-    return [region.crop((x, y, x + tile, y + tile)) for x, y in corners], corners
+    `tile` px tiles (tissue_tiles): each tile's square of the region resized to `tile` px by
+    the index's own rule (cut_tiles), so the region of an indexed slide at its own mpp gives
+    the very tiles the index holds. Returns (tiles as tile x tile x 3 uint8 arrays, their
+    grid cells times `tile`). Every size is checked before anything is resampled: at most
+    MAX_QUERY_PIXELS at the index's mpp, at most MAX_QUERY_ASPECT times longer than wide."""
+    src, corners, cells = tissue_tiles(image, mpp, index_mpp, tile)
+    return cut_tiles(image, src, corners, tile), [(i * tile, j * tile) for i, j in cells]
 
 
-def embed(encoder, tiles: list[Image.Image], tile_px: int) -> np.ndarray:
+def embed(encoder, tiles: list[Image.Image | np.ndarray], tile_px: int) -> np.ndarray:
     """Unit-length features of the tiles, as the index holds them."""
-    return encoder.embed_unit(torch.stack([to_uint8_chw(t, tile_px) for t in tiles]))
+    return encoder.embed_unit(torch.stack([encoder_input(t, tile_px) for t in tiles]))
 
 
 def resolve_slide(catalog: Catalog, slide: int | str | Path, encoder_id: int) -> tuple[int | None, Path | None]:
