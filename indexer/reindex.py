@@ -17,11 +17,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, SHARD_OK, EncoderRecord, Shard, Slide, Tile
+from engine.catalog.models import SHARD_OK, EncoderRecord, Shard
 from engine.errors import ShardError
 from engine.index.codec import DEFAULT_KIND
 from engine.index.compressed import CompressedIndex
 from engine.index.convert import convert, drift_check, rebuild
+from engine.search.live_index import hidden_shards
 from engine.shards import ShardEncoder, encoder_dir
 
 LOG = logging.getLogger(__name__)
@@ -32,14 +33,7 @@ def encoder_shards(catalog: Catalog, index_dir: Path) -> list[tuple[EncoderRecor
     as the search engine names them): not quarantined, no tiles of slides left out."""
     out = []
     with catalog.session() as s:
-        hidden = set(
-            s.scalars(
-                sa.select(Tile.shard_id)
-                .join(Slide, Slide.id == Tile.slide_id)
-                .where(Slide.status != INDEXED)
-                .distinct()
-            )
-        )
+        hidden = hidden_shards(s)
         for row in s.scalars(sa.select(EncoderRecord).order_by(EncoderRecord.id)):
             shards = s.execute(
                 sa.select(Shard.id, Shard.path, Shard.sha256).where(

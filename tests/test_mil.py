@@ -306,9 +306,9 @@ def test_demo_mil_run_is_small_and_recorded_once(tmp_path):
         tmp_path, sites, slides_per_patient=1, n_tiles=30, n_signal=3, positive="demo site B", label_column="site"
     )
     t0 = time.perf_counter()
-    first = demo_mil_run(settings, tmp_path / "mil-site")
+    first = demo_mil_run(settings, tmp_path / "mil-site", "site")
     assert time.perf_counter() - t0 < 10
-    assert demo_mil_run(settings, tmp_path / "mil-site") == first
+    assert demo_mil_run(settings, tmp_path / "mil-site", "site") == first
     catalog = Catalog(settings.catalog_url)
     with catalog.session() as s:
         run = s.get(models.BenchmarkRun, first)

@@ -134,9 +134,10 @@ def ensure_demo_user(catalog: Catalog) -> None:
 @click.option("--workers", default=1, show_default=True, help="gunicorn worker processes.")
 @click.option("--serve/--no-serve", default=True, help="Start the web server after building (--no-serve: build only).")
 def main(demo_dir: Path, encoder, device, host, port, workers, serve) -> None:
-    """Build the demo archive (the real CMU-1-Small-Region.svs, two copies of it, and cases of
-    other tissues and diagnoses from the shared test data when at hand) and serve the web
-    app on http://HOST:PORT/ with the login demo / histoseek-demo."""
+    """Serve a demo archive on http://HOST:PORT/; log in as demo / histoseek-demo.
+
+    The archive: the real CMU-1-Small-Region.svs, two copies of it, and cases of other
+    tissues and diagnoses from the shared test data when it is at hand."""
     setup_logging()
     demo_dir = demo_dir.resolve()
     released = run_edge(Settings.load).encoder

@@ -81,32 +81,23 @@ def search_example(name: str):
     example, path = find_example(current_app.config["EXAMPLES_DIR"], name)
     with open(path, "rb") as fh:
         storage = FileStorage(stream=fh, filename=path.name)
-        try:
-            result, image = region_search(storage, MultiDict(example.form_values()))
-        except (HTTPException, *FORM_ERRORS) as exc:
-            return _form_error(exc)
-    return render_template(
-        "results.html",
-        result=result,
-        query_kind="region",
-        query_image=_query_thumbnail(image),
-        query_name=example.title,
-    )
+        return _region_results(storage, MultiDict(example.form_values()), example.title)
 
 
 @bp.post("/search/region")
 def search_region():
     storage = request.files.get("image")
+    return _region_results(storage, request.form, storage.filename if storage else "")
+
+
+def _region_results(storage, values, name: str):
+    """The results page of a region search, or the form again with what went wrong."""
     try:
-        result, image = region_search(storage, request.form)
+        result, image = region_search(storage, values)
     except (HTTPException, *FORM_ERRORS) as exc:
         return _form_error(exc)
     return render_template(
-        "results.html",
-        result=result,
-        query_kind="region",
-        query_image=_query_thumbnail(image),
-        query_name=storage.filename,
+        "results.html", result=result, query_kind="region", query_image=_query_thumbnail(image), query_name=name
     )
 
 

@@ -121,16 +121,7 @@ class LiveIndex:
                     Shard.encoder_id == row.id
                 )
             ).all()
-            # tiles of slides that are not indexed (missing files): few, and found by the
-            # (slide_id, ...) index, so this stays cheap on an archive of millions of tiles
-            hidden = set(
-                s.scalars(
-                    sa.select(Tile.shard_id)
-                    .join(Slide, Slide.id == Tile.slide_id)
-                    .where(Slide.status != INDEXED)
-                    .distinct()
-                )
-            )
+            hidden = hidden_shards(s)
             missing = s.scalar(
                 sa.select(sa.func.count(Slide.id)).where(Slide.status == MISSING, Slide.encoder_id == row.id)
             )
@@ -207,3 +198,14 @@ def _swapped(index, folder: Path) -> bool:
 
     current = getattr(index, "folder", None)
     return index.kind == "compressed" and current is not None and Path(current) != resolve(folder)
+
+
+def hidden_shards(session) -> set[int]:
+    """Shards holding tiles of slides that are not indexed (missing files): they stay out
+    of search. Few, and found by the (slide_id, ...) index, so this stays cheap on an
+    archive of millions of tiles."""
+    return set(
+        session.scalars(
+            sa.select(Tile.shard_id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status != INDEXED).distinct()
+        )
+    )
