@@ -343,10 +343,7 @@ class CardEncoder(Encoder):
     def __init__(self, model: nn.Module, info: CardInfo, device: str = "auto", precision: str = "auto"):
         if precision == "int8":
             raise EncoderError("precision 'int8' is the ResNet CPU path; card encoders take 'auto' or 'fp32'")
-        super().__init__(model, info, device=device, precision=precision)
-        self.input_px = info.input_px
-        self._mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1) * 255
+        super().__init__(model, info, device=device, precision=precision)  # the card's preprocessing
 
     @classmethod
     def from_card(cls, card: EncoderCard, device: str = "auto", precision: str = "auto") -> "CardEncoder":
@@ -356,16 +353,6 @@ class CardEncoder(Encoder):
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", precision: str = "auto") -> "CardEncoder":
         return cls.from_card(card_from_spec(spec), device=device, precision=precision)
-
-    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x H x W (RGB) -> float N x 3 x input_px x input_px, card-normalised."""
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected a N x 3 x H x W batch, got shape {tuple(batch.shape)}")
-        x = batch.to(self.device, non_blocking=True).float()
-        size = (self.input_px, self.input_px)
-        if x.shape[-2:] != size:
-            x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return (x - self._mean) / self._std
 
     def _build_fast(self, example: torch.Tensor):
         # autocast (fp16 on CUDA, bf16 on CPUs with native bf16) is applied by the inherited

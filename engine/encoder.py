@@ -245,8 +245,12 @@ class Encoder:
             )
         self.precision = precision
         self.model = model.eval().to(self.device)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        # preprocessing as the encoder's info describes it (ImageNet statistics at 224 px for
+        # RetCCL, a card's own for card encoders): one `normalise` for every encoder
+        norm = info.normalisation
+        self.input_px = int(norm["input_px"])
+        self._mean = torch.tensor(norm["mean"], device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(norm["std"], device=self.device).view(1, 3, 1, 1) * 255
         # The fast path (channels_last model, or a traced + frozen TorchScript graph on CPU)
         # is built once: by warm_up() before serving, else by the first batch. Building it
         # changes the model's memory format in place and tracing runs the model, so two
@@ -271,14 +275,13 @@ class Encoder:
         return self.info.dim
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x H x W (RGB) -> float N x 3 x 224 x 224, ImageNet-normalised."""
+        """uint8 N x 3 x H x W (RGB) -> float N x 3 x input_px x input_px, normalised."""
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a N x 3 x H x W batch, got shape {tuple(batch.shape)}")
         x = batch.to(self.device, non_blocking=True).float()
-        if x.shape[-2:] != (INPUT_PX, INPUT_PX):
-            x = nn.functional.interpolate(
-                x, size=(INPUT_PX, INPUT_PX), mode="bilinear", antialias=True, align_corners=False
-            )
+        size = (self.input_px, self.input_px)
+        if x.shape[-2:] != size:
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
     def _fast_model(self, example: torch.Tensor):
@@ -347,7 +350,7 @@ class Encoder:
         if self.precision == "auto":
             with torch.inference_mode():
                 self._fast_model(
-                    self.normalise(torch.zeros((1, 3, INPUT_PX, INPUT_PX), dtype=torch.uint8)).contiguous(
+                    self.normalise(torch.zeros((1, 3, self.input_px, self.input_px), dtype=torch.uint8)).contiguous(
                         memory_format=torch.channels_last
                     )
                 )
