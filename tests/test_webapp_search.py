@@ -195,3 +195,16 @@ def test_example_regions_are_offered_and_searched_with_one_click(app, client, tm
         assert client.get("/examples/..%2Fsecret").status_code == 404
     finally:
         app.config["EXAMPLES_DIR"] = ""
+
+
+def test_a_blank_region_is_refused_by_the_loaded_engine_with_the_same_message(app, client):
+    """Once the engine is loaded the web app leaves the tissue rule to it (one mask per
+    query): a blank upload still gets 422 "looks blank"."""
+    from PIL import Image
+
+    app.extensions["histoseek"].search_engine()
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 600), (243, 243, 243)).save(buf, format="PNG")
+    form = {"image": (io.BytesIO(buf.getvalue()), "glass.png"), "mpp": "0.5", "csrf_token": csrf(client)}
+    response = client.post("/api/v1/search/region", data=form, content_type="multipart/form-data")
+    assert response.status_code == 422 and "looks blank" in response.json["message"], response.json

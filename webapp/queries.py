@@ -124,7 +124,8 @@ def check_region(image: Image.Image, config, params: SearchParams) -> None:
     """Refuse regions too small to compare with the archive, and those the search engine
     would refuse, by its own rule (engine.search.query.tissue_tiles: size at the index's
     resolution, tissue per tile), before the engine is loaded: a blank upload gets its 422
-    even while the archive has no index. The grid is the index's (webapp.state.index_grid)."""
+    even while the archive has no index. Once this worker's engine is loaded it checks every
+    region itself, so only the size is checked here then."""
     from engine.search.query import region_mpp, tissue_tiles
 
     min_px = int(config["MIN_REGION_PX"])
@@ -132,7 +133,10 @@ def check_region(image: Image.Image, config, params: SearchParams) -> None:
         raise QueryError(
             f"the region is {image.size[0]} x {image.size[1]} pixels; at least {min_px} x {min_px} are needed to compare it with the archive"
         )
-    index_mpp, tile_px = current_app.extensions["histoseek"].index_grid()
+    state = current_app.extensions["histoseek"]
+    if state.engine_loaded:
+        return  # the engine applies the same rule on search: no second tissue mask per query
+    index_mpp, tile_px = state.settings.grid_for(None)  # the index's unless built with a card
     mpp = region_mpp(params.mpp, params.magnification, index_mpp)
     if mpp is None:  # unknown: searchable at some scale of the ladder (engine.search.scale)
         from engine.search.scale import candidate_grids

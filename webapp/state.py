@@ -60,13 +60,9 @@ class AppState:
                 self._index_stamp = stamp
         return self._engine
 
-    def index_grid(self) -> tuple[float, int]:
-        """(um/px, tile px) of the index: the loaded engine's when there is one, else what
-        the settings say (an index built with an encoder card may differ until then)."""
-        engine = self._engine
-        if engine is not None:
-            return engine.index_mpp, engine.tile_px
-        return self.settings.grid_for(None)
+    @property
+    def engine_loaded(self) -> bool:
+        return self._engine is not None
 
     @property
     def encoder_is_random(self) -> bool:
