@@ -6,18 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from engine.slides import flatten_rgba, open_slide, slide_mpp
 from webapp.examples import Example, write_index
 
 
-def _crop(path: Path, x: int, y: int, size: int) -> tuple[Image.Image, float]:
+def _crop(path: Path, x: int, y: int, size: int) -> Image.Image:
     slide = open_slide(path)
     try:
-        mpp, _ = slide_mpp(slide)
-        return flatten_rgba(slide.read_region((x, y), 0, (size, size))), mpp
+        return flatten_rgba(slide.read_region((x, y), 0, (size, size)))
     finally:
         slide.close()
 
@@ -32,12 +30,16 @@ def write_examples(archive: Path, folder: Path, shared: Path | None, estimate_mp
     if cmu.is_file():
         target = folder / "cmu1-photo.jpg"
         if not target.exists():
-            image, _ = _crop(cmu, 900, 1300, 640)
+            image = _crop(cmu, 900, 1300, 640)
             # turned a quarter and mirrored, as a phone photo of the screen may come
             image.transpose(Image.Transpose.ROTATE_90).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
                 target, quality=70
             )
-        _, mpp = _crop(cmu, 0, 0, 1)
+        slide = open_slide(cmu)
+        try:
+            mpp, _ = slide_mpp(slide)
+        finally:
+            slide.close()
         examples.append(
             Example(
                 "cmu1-photo",
@@ -51,7 +53,7 @@ def write_examples(archive: Path, folder: Path, shared: Path | None, estimate_mp
     if tcga.is_file():
         target = folder / "colorectal-field.jpg"
         if not target.exists():
-            image, _ = _crop(tcga, 0, 0, 480)
+            image = _crop(tcga, 0, 0, 480)
             image.save(target, quality=85)
         examples.append(
             Example(
@@ -66,7 +68,7 @@ def write_examples(archive: Path, folder: Path, shared: Path | None, estimate_mp
     if template is not None and template.is_file():
         target = folder / "pale-stroma.png"
         if not target.exists():
-            Image.fromarray(np.asarray(Image.open(template).convert("RGB"))).save(target)
+            Image.open(template).convert("RGB").save(target)
         examples.append(
             Example(
                 "pale-stroma",
