@@ -160,10 +160,13 @@ def transform(a: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(a[:, ::-1] if mirrored else a, turns))
 
 
-def coarse_peaks(view: np.ndarray, template: np.ndarray) -> list[tuple[float, float, float, int, bool]]:
+def coarse_peaks(
+    view: np.ndarray, template: np.ndarray, matcher: Matcher | None = None
+) -> list[tuple[float, float, float, int, bool]]:
     """For each of the 8 transforms of `template` that fits in `view`, its best placement:
-    (NCC, top-left row, column in view pixels, turns, mirrored), best first."""
-    matcher = Matcher(view)
+    (NCC, top-left row, column in view pixels, turns, mirrored), best first. `matcher`: the
+    view's Matcher, when templates at several scales are matched against it."""
+    matcher = matcher if matcher is not None else Matcher(view)
     peaks = []
     for mirrored in (False, True):
         for turns in range(4):

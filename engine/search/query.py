@@ -24,7 +24,11 @@ from engine.errors import NotFound, QueryError
 from engine.images import encoder_input
 from engine.search.live_index import LiveIndex
 
-MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused
+MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused ...
+# ... give or take this factor: scanners' nominal resolutions are not round (a "40x" Aperio
+# scan is 0.2495 - 0.2525 um/px, and a 2x zoom of a 0.499 um/px slide 0.2495), and a region
+# 4.01x finer than an index at 1 um/px is as searchable as one 4x finer
+MPP_RATIO_SLACK = 1.02
 MIN_TISSUE = 0.25  # a query tile needs this much tissue to be searched
 MAX_QUERY_TILES = 64
 # A region is resampled to the index's mpp before it is tiled, which can multiply its pixels
@@ -61,7 +65,7 @@ def _resampled_size(src: tuple[int, int], mpp: float, index_mpp: float, tile: in
     and a tile), or a QueryError saying why it cannot be searched. Checked before any pixel
     is allocated."""
     scale = mpp / index_mpp
-    if not 1 / MPP_RATIO_MAX <= scale <= MPP_RATIO_MAX:
+    if not 1 / (MPP_RATIO_MAX * MPP_RATIO_SLACK) <= scale <= MPP_RATIO_MAX * MPP_RATIO_SLACK:
         raise QueryError(
             f"the region is at {mpp:g} um/px, the index at {index_mpp:g} um/px: more than {MPP_RATIO_MAX:g}x apart; give the region's true mpp or magnification, or export it closer to {index_mpp:g} um/px"
         )
@@ -97,17 +101,19 @@ def source_tile_px(size: tuple[int, int], mpp: float, index_mpp: float, tile: in
     return max(1, min(round(tile * index_mpp / mpp), min(size)))
 
 
-def region_mask(image: Image.Image) -> np.ndarray:
+def region_mask(image: Image.Image, mpp: float | None = None) -> np.ndarray:
     """The region's tissue mask, on a copy reduced to at most MASK_MAX_PIXELS: the mask's float
     images cost ~50 bytes per pixel, and tissue fractions per tile do not need every pixel (a
-    tile stays >= ~80 px across in the reduced copy)."""
+    tile stays >= ~80 px across in the reduced copy). With the region's um/px known, fat
+    vacuoles count as tissue (engine.tissue.fill_fat needs the scale to tell a fat cell from
+    open glass); at an unknown scale they do not."""
     from engine.tissue import tissue_mask_rgb
 
     f = 1
     while (image.width // f) * (image.height // f) > MASK_MAX_PIXELS:
         f += 1
     rgb = image.convert("RGB")
-    return tissue_mask_rgb(np.asarray(rgb.reduce(f) if f > 1 else rgb))
+    return tissue_mask_rgb(np.asarray(rgb.reduce(f) if f > 1 else rgb), mpp=mpp * f if mpp else None)
 
 
 def tissue_tiles(
@@ -128,7 +134,7 @@ def tissue_tiles(
     _resampled_size(image.size, mpp, index_mpp, tile)  # the size checks
     src = source_tile_px(image.size, mpp, index_mpp, tile)
     if mask is None:
-        mask = region_mask(image)
+        mask = region_mask(image, mpp)
     sx, sy = mask.shape[1] / image.width, mask.shape[0] / image.height  # mask pixels per region pixel
     nx, ny = image.width // src, image.height // src
     ox, oy = (image.width - nx * src) // 2, (image.height - ny * src) // 2
@@ -158,7 +164,7 @@ def cut_tiles(image: Image.Image, src: int, corners: list[tuple[int, int]], tile
     arr = np.asarray(image.convert("RGB"))
     out = []
     for x, y in corners:
-        box = np.ascontiguousarray(arr[y : y + src, x : x + src])
+        box = np.array(arr[y : y + src, x : x + src], order="C")  # a copy: PIL's array is read-only, torch warns
         out.append(box if src == tile else resize_bilinear(box, tile))
     return out
 

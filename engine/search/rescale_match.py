@@ -87,6 +87,7 @@ def register_any_scale(
     # a stage whose peaks verify ends the search
     tried: list[float] = []
     best = None
+    matcher = Matcher(view.grey)  # the view's FFT, shared by every scale tried
     for stage in ([mpp_guess], [mpp_guess / COARSE_SPREAD, mpp_guess * COARSE_SPREAD], list(also)):
         stage = [m for m in stage if all(abs(math.log(m / c)) > 0.1 for c in tried)]
         tried += stage
@@ -95,9 +96,11 @@ def register_any_scale(
             template = query(m).coarse(view_mpp)
             if min(template.shape) < 8 or float(template.std()) < 2.0:
                 continue
-            peaks += [(*p, m) for p in coarse_peaks(view.grey, template)[:CANDIDATES] if p[0] >= COARSE_MIN - 0.1]
+            peaks += [
+                (*p, m) for p in coarse_peaks(view.grey, template, matcher)[:CANDIDATES] if p[0] >= COARSE_MIN - 0.1
+            ]
         for _, row, col, turns, mirrored, m in sorted(peaks, key=lambda p: -p[0])[:CANDIDATES]:
-            found = _verify(slide, slide_mpp, image, view, view_mpp, row, col, turns, mirrored, m)
+            found = _verify(slide, slide_mpp, query, view, view_mpp, row, col, turns, mirrored, m)
             if found is not None and (best is None or found[0] > best[0]):
                 best = (*found, turns, mirrored)
             if best is not None and best[0] >= ACCEPT_NCC:
@@ -113,11 +116,12 @@ def register_any_scale(
     return Placement(round(x - left * to0), round(y - t * to0), round(w * to0), round(h * to0), ncc, turns, mirrored), m
 
 
-def _verify(slide, slide_mpp, image, view, view_mpp, row, col, turns, mirrored, m_peak):
+def _verify(slide, slide_mpp, query, view, view_mpp, row, col, turns, mirrored, m_peak):
     """The best fine match over scales around `m_peak` near the coarse peak: (NCC, level-0 x, y
-    of the core's corner, scale, region margins), or None."""
+    of the core's corner, scale, region margins), or None. `query(m)`: the RegionQuery at m,
+    kept across peaks and slides (its fine patches are most of the cost)."""
     scales = _scales(m_peak)
-    queries = [RegionQuery(image, m) for m in scales]
+    queries = [query(m) for m in scales]
     core_um = max(max(q.core_um) for q in queries)
     fine_mpp = max(FINE_MPP, core_um / FINE_MAX_PX, slide_mpp, max(scales))
     r = max(1, round(HIGHPASS_UM / fine_mpp))
