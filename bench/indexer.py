@@ -13,6 +13,14 @@ Raw reads and the decode path alternate for `--repeats` rounds (each round a fre
 handle, so neither profits from the other's OpenSlide tile cache); the ratio of their
 medians is `decode_over_raw` (issue 14 asks >= 0.8 per decoding process).
 
+`--decoder jpeg` (or `auto` on CUDA) also times the JPEG-tile decode path in the same rounds
+(`jpeg_decode_tiles_per_s`, `jpeg_over_raw`: compressed tiles read in the DataLoader,
+decoded by torchvision on the device, CPU here) and builds with it; the slide must be a
+TIFF of JPEG tiles (an SVS, or `bench/make_mosaic_slide.py --jpeg 90`).
+
+    python bench/make_mosaic_slide.py --size 20000 --jpeg 90 --out /tmp/mosaic-20k-jpeg.tiff
+    python bench/indexer.py --slide /tmp/mosaic-20k-jpeg.tiff --decode-only --workers 0 --decoder jpeg
+
 The encoder-only rate is measured before and after the end-to-end run (other load on the
 machine drifts); efficiency = end-to-end / mean of the two. encoder_busy_fraction = time
 inside the encoder / wall time of the end-to-end run: free of that drift, it says how much
@@ -22,6 +30,7 @@ the encoder waited for tiles.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,11 +48,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from engine.config import Settings  # noqa: E402
-from engine.encoder import Encoder, cpu_flags  # noqa: E402
+from engine.encoder import Encoder, cpu_flags, resolve_device  # noqa: E402
 from engine.features import default_workers  # noqa: E402
+from engine.jpeg_tiles import JpegTiles  # noqa: E402
 from engine.slides import open_slide, read_box  # noqa: E402
 from indexer.build import build_archive  # noqa: E402
-from indexer.pipeline import PlanSampler, plan_slide, tile_batches  # noqa: E402
+from indexer.pipeline import PlanSampler, plan_slide, resolve_decoder, tile_batches  # noqa: E402
 
 
 def raw_read_rate(slide_path: Path, boxes, tile_px: int) -> float:
@@ -61,15 +71,28 @@ def raw_read_rate(slide_path: Path, boxes, tile_px: int) -> float:
         slide.close()
 
 
-def decode_rate(plan, tile_px: int, batch_size: int, workers: int) -> float:
+def decode_rate(plan, tile_px: int, batch_size: int, workers: int, decoder: str = "openslide", device=None) -> float:
     """Tiles/s of the indexer's decode path: PlanSampler -> DataLoader(TileReader) batches,
-    as `indexer build` runs it, without the encoder."""
-    start = time.perf_counter()
-    n = 0
-    for keys, _batch, errors in tile_batches(PlanSampler([plan], tile_px, lambda _p: None), batch_size, workers):
-        if errors:
-            raise SystemExit(f"decode errors: {errors[:3]}")
-        n += len(keys)
+    as `indexer build` runs it, without the encoder; `decoder` "jpeg": the JPEG-tile path,
+    decoded on `device`. With workers=0 this process decodes, with one torch thread as a
+    DataLoader worker has (torch sets it there): "per decoding process"."""
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        n = 0
+        sampler = PlanSampler([plan], tile_px, lambda _p: None, decoder=decoder, device=device)
+        for keys, _batch, errors in tile_batches(sampler, batch_size, workers, device):
+            if errors:
+                raise SystemExit(f"decode errors: {errors[:3]}")
+            n += len(keys)
+    finally:
+        torch.set_num_threads(threads)
+    if plan.decoder != decoder:
+        raise SystemExit(f"{plan.path.name} was read through {plan.decoder}, not {decoder}: {plan.note}")
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()  # the tiles are decoded asynchronously on the GPU
     if n != len(plan.boxes):
         raise SystemExit(f"decoded {n} tiles of {len(plan.boxes)}")
     return n / (time.perf_counter() - start)
@@ -122,7 +145,19 @@ def main(argv=None) -> None:
         "--repeats", type=int, default=3, help="alternating rounds of raw reads and decode path (default 3)"
     )
     parser.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="alternate raw reads and decode path every CHUNK tiles within a round (0: whole plan; for loaded machines)",
+    )
+    parser.add_argument(
         "--decode-only", action="store_true", help="only raw reads and the decode path: skip the encoder and the build"
+    )
+    parser.add_argument(
+        "--decoder",
+        choices=("auto", "openslide", "jpeg"),
+        default="auto",
+        help="the build's tile decoding (auto: JPEG tiles on CUDA); jpeg/auto-on-CUDA also times the JPEG decode path",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON document to this file")
     args = parser.parse_args(argv)
@@ -154,8 +189,13 @@ def main(argv=None) -> None:
             index_dir=str(tmp / "index"),
             encoder=args.encoder,
             device=args.device,
+            decoder=args.decoder,
             **overrides,
         )
+        device = resolve_device(settings.device)
+        jpeg = resolve_decoder(settings.decoder, device) == "jpeg"
+        if jpeg and JpegTiles.open(args.slide) is None:
+            raise SystemExit(f"{args.slide} has no JPEG tiles: make one with bench/make_mosaic_slide.py --jpeg 90")
 
         plan = plan_slide(
             0,
@@ -167,10 +207,29 @@ def main(argv=None) -> None:
         )
         if plan.error:
             raise SystemExit(f"{args.slide}: {plan.error}")
-        raw, dec = [], []
+        raw, dec, jdec = [], [], []
+        step = args.chunk or len(plan.boxes)
+        # warm-up, untimed: one-time costs (lazy imports, the DataLoader's first iterator)
+        # would otherwise land on the first chunk of the decode path only
+        warm = dataclasses.replace(plan, boxes=plan.boxes[:8])
+        decode_rate(warm, settings.tile_px, args.batch_size, 0)
+        if jpeg:
+            decode_rate(warm, settings.tile_px, args.batch_size, 0, "jpeg", device)
         for _ in range(args.repeats):
-            raw.append(raw_read_rate(args.slide, plan.boxes, settings.tile_px))
-            dec.append(decode_rate(plan, settings.tile_px, args.batch_size, workers))
+            # each round in chunks of `step` tiles, the paths alternating chunk by chunk: on
+            # shared cores whose load swings within seconds, both see the same load
+            secs = np.zeros(3)
+            for k in range(0, len(plan.boxes), step):
+                part = dataclasses.replace(plan, boxes=plan.boxes[k : k + step])
+                n = len(part.boxes)
+                secs[0] += n / raw_read_rate(args.slide, part.boxes, settings.tile_px)
+                secs[1] += n / decode_rate(part, settings.tile_px, args.batch_size, workers)
+                if jpeg:
+                    secs[2] += n / decode_rate(part, settings.tile_px, args.batch_size, workers, "jpeg", device)
+            raw.append(len(plan.boxes) / secs[0])
+            dec.append(len(plan.boxes) / secs[1])
+            if jpeg:
+                jdec.append(len(plan.boxes) / secs[2])
         raw_med, dec_med = float(np.median(raw)), float(np.median(dec))
         slide = open_slide(args.slide)
         size0 = plan.boxes[0].size
@@ -190,8 +249,19 @@ def main(argv=None) -> None:
                 "decode_over_raw": round(dec_med / raw_med, 3),
                 "raw_read_rounds": [round(r, 1) for r in raw],
                 "decode_rounds": [round(d, 1) for d in dec],
+                "chunk": args.chunk or None,
+                "load_average_1min": round(os.getloadavg()[0], 2),
             }
         )
+        if jpeg:
+            doc.update(
+                {
+                    "jpeg_decode_device": str(device),
+                    "jpeg_decode_tiles_per_s": round(float(np.median(jdec)), 1),
+                    "jpeg_over_raw": round(float(np.median(jdec)) / raw_med, 3),
+                    "jpeg_decode_rounds": [round(d, 1) for d in jdec],
+                }
+            )
         slide.close()
 
         if not args.decode_only:

@@ -8,19 +8,28 @@ glass, so that the tissue mask has real work to do.
     python bench/make_mosaic_slide.py --size 20000 --out /tmp/mosaic-20k.tiff
     python bench/make_mosaic_slide.py --size 20000 --mpp 0.25 --out /tmp/mosaic-20k-40x.tiff
     python bench/make_mosaic_slide.py --size 20000 --level-factor 4 --out /tmp/mosaic-20k-4x.tiff  # levels 1x, 4x, 16x as a 20x SVS
+    python bench/make_mosaic_slide.py --size 20000 --level-factor 4 --jpeg 90 --out /tmp/mosaic-20k-4x-jpeg.tiff  # JPEG tiles
+
+`--jpeg QUALITY` writes JPEG tiles (YCbCr 4:2:0, as scanners and vips write generic TIFFs)
+instead of deflate: what `indexer build --decoder jpeg` (torchvision's decode_jpeg, nvJPEG
+on a GPU) reads. tifffile writes JPEG only with the optional imagecodecs package, so the
+tiles are encoded by Pillow and stored as they are, and the compression and photometric
+tags set afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 from tqdm import tqdm
 
-from engine.pyramid_tiff import write_pyramidal_tiff
+from engine.pyramid_tiff import halve, write_pyramidal_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +72,49 @@ def mosaic(size_px: int, patches: list[np.ndarray], seed: int = 0) -> np.ndarray
     return rgb
 
 
+def _jpeg_tiles(rgb: np.ndarray, tile: int, quality: int):
+    """Row-major JPEG streams of the tile x tile tiles of rgb (edge tiles padded with white)."""
+    h, w = rgb.shape[:2]
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            block = np.full((tile, tile, 3), 255, np.uint8)
+            part = rgb[y : y + tile, x : x + tile]
+            block[: part.shape[0], : part.shape[1]] = part
+            buf = io.BytesIO()
+            Image.fromarray(block).save(buf, "JPEG", quality=quality)  # YCbCr 4:2:0, self-contained stream
+            yield buf.getvalue()
+
+
+def write_jpeg_pyramid(path: Path, rgb: np.ndarray, mpp: float, level_factor: int, quality: int, tile: int = 256):
+    """A generic-TIFF pyramid of JPEG tiles: levels as engine.pyramid_tiff makes them (box
+    filter, until the longer side is under 512 px), each tile encoded by Pillow."""
+    levels = [rgb]
+    while max(levels[-1].shape[:2]) >= level_factor * 512:
+        nxt = levels[-1]
+        for _ in range(level_factor // 2):
+            nxt = halve(nxt)
+        levels.append(nxt)
+    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tif:
+        for i, level in enumerate(levels):
+            px_per_cm = 1e4 / (mpp * level_factor**i)
+            tif.write(
+                _jpeg_tiles(level, tile, quality),
+                shape=level.shape,
+                dtype=np.uint8,
+                photometric="rgb",
+                tile=(tile, tile),
+                compression=None,  # the streams are written as given; the tags say JPEG below
+                subfiletype=1 if i else 0,
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for page in tif.pages:
+            page.tags["Compression"].overwrite(7)  # JPEG
+            page.tags["PhotometricInterpretation"].overwrite(6)  # YCbCr (Pillow's JFIF streams)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -89,6 +141,13 @@ def main(argv=None) -> None:
         default=2,
         help="downsample between pyramid levels (4: levels at 1x, 4x, 16x, as a 20x SVS)",
     )
+    parser.add_argument(
+        "--jpeg",
+        type=int,
+        default=None,
+        metavar="QUALITY",
+        help="JPEG tiles of this quality (1-100) instead of deflate: a slide for the JPEG/GPU decode path",
+    )
     args = parser.parse_args(argv)
     scale = 0.5 / args.mpp if args.mpp > 0 else 0.5
     if abs(scale - round(scale)) > 1e-9 or round(scale) < 1:
@@ -97,7 +156,12 @@ def main(argv=None) -> None:
         parser.error(f"--size must be at least {2 * PATCH_PX}")
     patches = load_patches(args.patches, PATCH_PX * int(round(scale)))
     rgb = mosaic(args.size, patches, args.seed)
-    write_pyramidal_tiff(args.out, rgb, mpp=args.mpp, level_factor=args.level_factor)
+    if args.jpeg is not None:
+        if not 1 <= args.jpeg <= 100:
+            parser.error("--jpeg QUALITY must be within 1..100")
+        write_jpeg_pyramid(args.out, rgb, args.mpp, args.level_factor, args.jpeg)
+    else:
+        write_pyramidal_tiff(args.out, rgb, mpp=args.mpp, level_factor=args.level_factor)
     print(
         json.dumps(
             {
@@ -106,6 +170,7 @@ def main(argv=None) -> None:
                 "patches": len(patches),
                 "mpp": args.mpp,
                 "level_factor": args.level_factor,
+                "compression": f"jpeg q{args.jpeg}" if args.jpeg is not None else "deflate",
                 "bytes": args.out.stat().st_size,
             }
         )

@@ -37,6 +37,9 @@ class Settings:
                  (default: <data_dir>/weights/best_ckpt.pth when that file exists)
     device:      `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`
     precision:   `auto` (fastest numerically safe path) or `fp32` (exact)
+    decoder:     how `indexer build` decodes tiles: `auto` (JPEG tiles of SVS/generic TIFFs
+                 decoded on the GPU when the encoder runs on CUDA, else OpenSlide),
+                 `openslide`, or `jpeg` (JPEG tiles decoded by torchvision, also on CPU)
     target_mpp_given / tile_px_given: the grid override (`--target-mpp`/`--tile-px` or
                  HISTOSEEK_TARGET_MPP/HISTOSEEK_TILE_PX), None when not given: the encoder
                  then sets the grid (`grid_for`: a card's `mpp`/`input_px`, else RetCCL's
@@ -55,6 +58,7 @@ class Settings:
     target_mpp_given: float | None = None
     tile_px_given: int | None = None
     instance_dir: Path | None = None
+    decoder: str = "auto"
 
     def __post_init__(self):
         if self.instance_dir is None:  # built directly (tests): the same default as load()
@@ -93,7 +97,7 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None, **flags) -> "Settings":
         """Build settings from CLI flags (keyword arguments; None = not given), then the
         environment (`HISTOSEEK_CATALOG`, `HISTOSEEK_INDEX_DIR`, `HISTOSEEK_ENCODER`,
-        `HISTOSEEK_DEVICE`, `HISTOSEEK_PRECISION`, `HISTOSEEK_TARGET_MPP`, `HISTOSEEK_TILE_PX`,
+        `HISTOSEEK_DEVICE`, `HISTOSEEK_PRECISION`, `HISTOSEEK_DECODER`, `HISTOSEEK_TARGET_MPP`, `HISTOSEEK_TILE_PX`,
         `HISTOSEEK_DATA_DIR`, `HISTOSEEK_INSTANCE_DIR`), then defaults."""
         env = os.environ if env is None else env
         known = {f.name for f in dataclasses.fields(cls)} - {"target_mpp_given", "tile_px_given"}
@@ -120,6 +124,9 @@ class Settings:
         precision = pick("precision", "PRECISION") or "auto"
         if precision not in ("auto", "fp32"):
             raise ConfigError(f"precision must be 'auto' or 'fp32', not {precision!r}")
+        decoder = pick("decoder", "DECODER") or "auto"
+        if decoder not in ("auto", "openslide", "jpeg"):
+            raise ConfigError(f"decoder must be 'auto', 'openslide' or 'jpeg', not {decoder!r}")
         try:
             target_mpp = pick("target_mpp", "TARGET_MPP")
             target_mpp = None if target_mpp is None else float(target_mpp)
@@ -139,6 +146,7 @@ class Settings:
             target_mpp_given=target_mpp,
             tile_px_given=tile_px,
             instance_dir=instance_dir,
+            decoder=decoder,
         )
 
     def require_encoder(self) -> str:

@@ -77,6 +77,7 @@ class BuildSummary:
         self.seconds = max(self.seconds, other.seconds)
         self.encoder_seconds = max(self.encoder_seconds, other.encoder_seconds)
         self.failures += other.failures
+        self.notes += other.notes
 
 
 def build_archive(
@@ -198,6 +199,7 @@ def _build(
         encoder_id,
         mine,
         plan_fn,
+        encodings=reg.encodings,
         workers=default_workers() if workers is None else workers,
         batch_size=batch_size,
         progress=progress and ctx.is_main,
@@ -285,17 +287,33 @@ class _SlideState:
 
 
 def _embed_slides(
-    catalog, settings, encoder, shard_encoder, encoder_id, jobs, plan_fn, *, workers, batch_size, progress, total_slides
+    catalog,
+    settings,
+    encoder,
+    shard_encoder,
+    encoder_id,
+    jobs,
+    plan_fn,
+    *,
+    encodings,
+    workers,
+    batch_size,
+    progress,
+    total_slides,
 ) -> BuildSummary:
+    """Embed `jobs` (slide id, path) with `encoder`; `encodings`: slide id -> its
+    SlideEncoding id for this encoder (registration made them)."""
     summary = BuildSummary()
     states: dict[int, _SlideState] = {}
     announced: collections.deque[SlidePlan] = collections.deque()
-    sampler = PlanSampler(iter_plans(jobs, plan_fn), shard_encoder.tile_px, announced.append)
+    sampler = PlanSampler(
+        iter_plans(jobs, plan_fn), shard_encoder.tile_px, announced.append, settings.decoder, encoder.device
+    )
     slide_bar = tqdm(total=total_slides, unit="slide", desc="slides", disable=not progress, position=0)
     tile_bar = tqdm(total=0, unit="tile", desc="tiles", disable=not progress, position=1, leave=False)
 
     def fail(plan: SlidePlan, error: str) -> None:
-        fail_slide(catalog, plan.slide_id, error, plan.info)
+        fail_slide(catalog, plan.slide_id, error, plan.info, encoder_id=encoder_id)
         summary.failed += 1
         summary.failures.append((str(plan.path), error))
         slide_bar.update(1)
@@ -316,6 +334,7 @@ def _embed_slides(
                     plan.info,
                     plan.boxes,
                     state.features,
+                    encoding_id=encodings.get(slide_id),
                 )
             except ShardError as exc:
                 fail(plan, str(exc))
@@ -328,6 +347,8 @@ def _embed_slides(
     def take_announced() -> None:
         while announced:
             plan = announced.popleft()
+            if plan.note:
+                summary.notes.append(plan.note)
             if plan.error:
                 fail(plan, plan.error)
             else:
@@ -336,7 +357,7 @@ def _embed_slides(
                 tile_bar.refresh()
 
     start = time.perf_counter()
-    for keys, batch, errors in tile_batches(sampler, batch_size, workers):
+    for keys, batch, errors in tile_batches(sampler, batch_size, workers, encoder.device):
         take_announced()
         for slide_id, _, message in errors:
             state = states.get(slide_id)

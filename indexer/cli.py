@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -89,6 +90,12 @@ def tiling_options(func):
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder batch."
 )
 @click.option("--collection", default=None, help="Collection name for slides whose metadata gives none.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["auto", "openslide", "jpeg"]),
+    default=None,
+    help="Tile decoding: auto = JPEG tiles of SVS/generic TIFFs decoded on the GPU when the encoder runs on CUDA, else OpenSlide; jpeg = those tiles decoded by torchvision also on CPU (other slides: OpenSlide, with a note) [env HISTOSEEK_DECODER; default auto].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the closing summary as JSON on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in log files).")
 @settings_options
@@ -101,6 +108,7 @@ def build(
     workers,
     batch_size,
     collection,
+    decoder,
     as_json,
     no_progress,
     settings: Settings,
@@ -119,6 +127,8 @@ def build(
     """
     from indexer.build import build_archive
 
+    if decoder is not None:  # the flag over HISTOSEEK_DECODER (a choice: nothing to check)
+        settings = dataclasses.replace(settings, decoder=decoder)
     summary = build_archive(
         settings,
         archive_dir,
@@ -160,7 +170,8 @@ def build(
 @handle_errors
 def status(as_json, only, settings: Settings) -> None:
     """Per slide: id, status (indexed, failed, pending or missing), tiles, path, and the
-    error of a failed slide; per encoder: the grid it indexes at and where that came from."""
+    error of a failed slide; per encoder: its progress (indexed, pending, failed, missing
+    slides), the grid it indexes at and where that came from."""
     from engine.catalog.db import Catalog
     from indexer.status import encoder_grids, slide_statuses, status_counts
 
@@ -175,11 +186,15 @@ def status(as_json, only, settings: Settings) -> None:
         click.echo(json.dumps({"counts": counts, "encoders": encoders, "slides": rows}, indent=1))
         return
     for enc in encoders:
+        p = enc["progress"]
         click.echo(
-            f"encoder {enc['name']}: {enc['target_mpp']:g} um/px, {enc['tile_px']} px tiles ({enc['grid_source']}), {enc['indexed_slides']} indexed slides"
+            f"encoder {enc['name']}: {enc['target_mpp']:g} um/px, {enc['tile_px']} px tiles ({enc['grid_source']}); "
+            f"{p[INDEXED]} indexed, {p[PENDING]} pending, {p[FAILED]} failed, {p[MISSING]} missing; {p['tiles']} tiles"
         )
     for r in rows:
         line = f"{r['id']:>6}  {r['status']:<8} {r['tiles']:>7}  {r['path']}"
+        if len(encoders) > 1:  # per encoder, where they differ from the slide's own line
+            line += "".join(f"\n        {e['encoder']}: {e['status']}, {e['tiles']} tiles" for e in r["encodings"])
         click.echo(line + (f"\n        error: {r['error']}" if r["error"] else ""))
     click.echo(
         f"{counts[INDEXED]} indexed, {counts[FAILED]} failed, {counts[PENDING]} pending, {counts[MISSING]} missing; {counts['tiles']} tiles"

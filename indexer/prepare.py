@@ -26,7 +26,7 @@ from indexer.discovery import (
     match_archive_metadata,
 )
 from indexer.lease import Lease
-from indexer.register import Registration, check_one_encoder, encoder_row, register, repair
+from indexer.register import Registration, encoder_row, register, repair
 
 LOG = logging.getLogger(__name__)
 
@@ -74,22 +74,31 @@ def _register_on_main(catalog, settings, root, files, encoder, shard_encoder, me
     meta = match.by_relpath
     notes += match.report_lines()
     spec = _recorded_spec(settings, encoder)
-    _ensure_encoder_row(catalog, encoder, shard_encoder, spec)
-    with catalog.session() as s:
-        enc = encoder_row(s, encoder.info, shard_encoder, spec)
-        check_one_encoder(s, enc)
-        reg = Registration()
-        repair(
-            s,
-            Path(settings.index_dir),
-            shard_encoder,
-            enc,
-            reg,
-            other_builds=lambda: [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()],
-        )
-        found = register(s, root, files, index_dir=Path(settings.index_dir), metadata=meta, collection=collection)
-        found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
-        encoder_id = enc.id
+    index_dir = Path(settings.index_dir)
+
+    def others() -> list[str]:
+        return [f"{o.owner}, started {o.started_at:%Y-%m-%d %H:%M}" for o in lease.others()]
+
+    # One transaction: the encoder's row (new on its first build) is committed with the
+    # slides' rows for it or not at all, so a build that stops here leaves no encoder row
+    # that nothing uses. Two builds starting together on a new encoder both insert its row;
+    # the second one's insert breaks the unique constraint, and its second try finds the row.
+    for attempt in (1, 2):
+        try:
+            with catalog.session() as s:
+                enc = encoder_row(s, encoder.info, shard_encoder, spec)
+                reg = Registration()
+                repair(s, index_dir, shard_encoder, enc, reg, other_builds=others)
+                found = register(
+                    s, root, files, index_dir=index_dir, metadata=meta, collection=collection, encoder_id=enc.id
+                )
+                found.repaired, found.files_to_delete = reg.repaired, reg.files_to_delete + found.files_to_delete
+                encoder_id = enc.id
+            break
+        except sa.exc.IntegrityError:
+            if attempt == 2:
+                raise
+            LOG.info("another build registered the encoder or a slide at the same moment; trying again")
     # Files go only after the commit: a kill in between leaves orphans the next run removes.
     for file in found.files_to_delete:
         file.unlink(missing_ok=True)
@@ -112,16 +121,3 @@ def _recorded_spec(settings: Settings, encoder: Encoder) -> str | None:
     from engine.search.which_encoder import canonical_spec
 
     return canonical_spec(settings.encoder, encoder.info) if settings.encoder else None
-
-
-def _ensure_encoder_row(
-    catalog: Catalog, encoder: Encoder, shard_encoder: ShardEncoder, spec: str | None = None
-) -> None:
-    """Create the encoder's row in a transaction of its own: two builds starting together on
-    a new catalog both find none and both insert it; the second one's insert breaks the
-    unique constraint, and then the row is there to use."""
-    try:
-        with catalog.session() as s:
-            encoder_row(s, encoder.info, shard_encoder, spec)
-    except sa.exc.IntegrityError:
-        LOG.info("another build registered the encoder at the same moment; using its row")

@@ -22,10 +22,10 @@ from engine.catalog.models import (
     EncoderRecord,
     Shard,
     Slide,
+    SlideEncoding,
     Tile,
 )
 from engine.encoder import EncoderInfo
-from engine.errors import ConfigError
 from engine.shards import (
     ShardEncoder,
     encoder_dir,
@@ -37,13 +37,17 @@ from engine.shards import (
 )
 from indexer.discovery import SlideFile
 from indexer.metadata import CATALOG_COLUMNS
+from indexer.writer import encoding_of, settle_slide
 
 
 @dataclasses.dataclass
 class Registration:
-    """What registration found; `jobs` are the slides to (re-)index: (id, path, bytes)."""
+    """What registration found; `jobs` are the slides to (re-)index with the build's encoder:
+    (id, path, bytes); `encodings`: slide id -> its SlideEncoding id for that encoder (the
+    tile ids' base, indexer/writer.py)."""
 
     jobs: list[tuple[int, str, int]] = dataclasses.field(default_factory=list)
+    encodings: dict[int, int] = dataclasses.field(default_factory=dict)
     already_indexed: int = 0
     new: int = 0
     moved: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -86,39 +90,26 @@ def encoder_row(
     return row
 
 
-def check_one_encoder(session: Session, encoder: EncoderRecord) -> None:
-    """A slide has one status, so a catalog is indexed with one encoder + grid."""
-    other = session.execute(
-        sa.select(
-            EncoderRecord.name,
-            EncoderRecord.checkpoint_sha256,
-            EncoderRecord.target_mpp,
-            EncoderRecord.tile_px,
-            sa.func.count(Slide.id),
+def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path, *, encoder_id: int | None = None) -> list[Path]:
+    """Delete a slide's tiles and shard rows of one encoder (`encoder_id`), or of every
+    encoder (None: the file changed or went), in the session, and set those encodings
+    pending; returns the shard files to delete once the transaction is committed."""
+    which = Tile.slide_id == slide.id
+    encodings = sa.select(SlideEncoding).where(SlideEncoding.slide_id == slide.id)
+    if encoder_id is not None:
+        encodings = encodings.where(SlideEncoding.encoder_id == encoder_id)
+        mine = sa.select(SlideEncoding.id).where(
+            SlideEncoding.slide_id == slide.id, SlideEncoding.encoder_id == encoder_id
         )
-        .join(Slide, Slide.encoder_id == EncoderRecord.id)
-        .where(Slide.status == INDEXED, EncoderRecord.id != encoder.id)
-        .group_by(EncoderRecord.id)
-    ).first()
-    if other is not None:
-        name, sha, mpp, px, n = other
-        raise ConfigError(
-            f"this catalog holds {n} slides indexed with encoder {name} (sha256 {sha[:12]}, {mpp:g} um/px, {px} px), "
-            f"not the one given ({encoder.name}, sha256 {encoder.checkpoint_sha256[:12]}, {encoder.target_mpp:g} um/px, "
-            f"{encoder.tile_px} px); use another catalog and index folder for another encoder"
-        )
-
-
-def drop_slide_vectors(session: Session, slide: Slide, index_dir: Path) -> list[Path]:
-    """Delete a slide's tiles and shard rows (in the session); returns the shard files to
-    delete once the transaction is committed."""
-    shard_ids = session.scalars(sa.select(Tile.shard_id).where(Tile.slide_id == slide.id).distinct()).all()
-    session.execute(sa.delete(Tile).where(Tile.slide_id == slide.id))
+        which = sa.and_(which, Tile.encoding_id.in_(mine))
+    shard_ids = session.scalars(sa.select(Tile.shard_id).where(which).distinct()).all()
+    session.execute(sa.delete(Tile).where(which))
     files = []
     for shard in session.scalars(sa.select(Shard).where(Shard.id.in_([i for i in shard_ids if i is not None]))):
         files += [index_dir / shard.path, sidecar_of(index_dir / shard.path)]
         session.delete(shard)
-    slide.tile_count = 0
+    for row in session.scalars(encodings):
+        row.status, row.error, row.tile_count = PENDING, None, 0
     return files
 
 
@@ -171,9 +162,8 @@ def repair(
         slide_ids = session.scalars(sa.select(Tile.slide_id).where(Tile.shard_id == shard.id).distinct()).all()
         slides = session.scalars(sa.select(Slide).where(Slide.id.in_(slide_ids))).all()
         for slide in slides:
-            reg.files_to_delete += drop_slide_vectors(session, slide, index_dir)
-            if slide.status != MISSING:
-                slide.status, slide.error = PENDING, None
+            reg.files_to_delete += drop_slide_vectors(session, slide, index_dir, encoder_id=encoder.id)
+            settle_slide(session, slide)
             reg.repaired.append(f"{slide.path}: {why}; indexing it again")
         if not slides and shard in session:  # a shard row no tile points to
             reg.files_to_delete += [file, sidecar_of(file)]
@@ -200,17 +190,21 @@ def register(
     index_dir: Path,
     metadata: dict[str, dict],
     collection: str | None,
+    encoder_id: int | None = None,
 ) -> Registration:
-    """Register the archive's slide files; returns the slides to index.
+    """Register the archive's slide files; returns the slides to index with the encoder
+    `encoder_id` (those it has not indexed; None: those no encoder has), each with its
+    pending SlideEncoding row for it made here.
 
     A catalog slide is its content (fingerprint), so for each slide under `root`:
     - its content is at its path: nothing changes (the same content at other paths too is a
       duplicate, not a move: the slide stays where it is);
     - its content is at another path only: a move (the path is updated, vectors kept);
     - its path holds other content and its own content is nowhere: the file changed; the
-      slide row and its vectors go, the new content is registered like any new file;
+      slide row and its vectors of every encoder go, the new content is registered like any
+      new file;
     - its content is nowhere and its path is gone or unreadable: MISSING; it keeps its
-      tiles and vectors (a share that was not mounted must not cost a re-embedding of the
+      tiles and vectors of every encoder (a share that was not mounted must not cost a re-embedding of the
       archive) but search leaves it out, and it is indexed again when the file is back.
     So one path never has two slide rows."""
     reg = Registration()
@@ -252,7 +246,7 @@ def register(
         reg.duplicates += [(g.relpath, f.relpath) for g in group if g is not f]
         path = str(f.path)
         if slide is None:
-            slide = Slide(path=path, fingerprint=fp, status=PENDING, tile_count=0, extra={})
+            slide = Slide(path=path, fingerprint=fp, status=PENDING, extra={})
             session.add(slide)
             reg.new += 1
         elif slide.path != path:
@@ -264,13 +258,18 @@ def register(
         _apply_metadata(slide, metadata.get(f.relpath), collection)
         if f.read_error:
             slide.status, slide.error = FAILED, f.read_error
-        elif slide.status == INDEXED:
-            reg.already_indexed += 1
         chosen.append((f, slide))
     session.flush()
-    reg.jobs = [
-        (slide.id, str(f.path), f.size_bytes) for f, slide in chosen if slide.status != INDEXED and not f.read_error
-    ]
+    done = _indexed_with(session, [slide.id for _, slide in chosen], encoder_id)
+    for f, slide in chosen:
+        if f.read_error:
+            continue
+        if slide.id in done:
+            reg.already_indexed += 1
+            continue
+        reg.jobs.append((slide.id, str(f.path), f.size_bytes))
+        if encoder_id is not None:
+            reg.encodings[slide.id] = encoding_of(session, slide.id, encoder_id).id
     moved_from = {old for old, _ in reg.moved}
     for path, slide in under_root.items():
         if path not in current and path not in moved_from and slide.status != MISSING:
@@ -278,6 +277,17 @@ def register(
             reg.missing.append(path)
     reg.missing.sort()
     return reg
+
+
+def _indexed_with(session: Session, slide_ids: list[int], encoder_id: int | None) -> set[int]:
+    """Those of `slide_ids` indexed with the encoder (None: with any)."""
+    q = sa.select(SlideEncoding.slide_id).where(SlideEncoding.status == INDEXED)
+    if encoder_id is not None:
+        q = q.where(SlideEncoding.encoder_id == encoder_id)
+    found: set[int] = set()
+    for part in _chunks(sorted(slide_ids)):
+        found.update(session.scalars(q.where(SlideEncoding.slide_id.in_(part))))
+    return found
 
 
 def _touch_shards(session: Session, slide: Slide) -> None:
@@ -296,13 +306,23 @@ def _mark_missing(session: Session, slide: Slide, why: str) -> None:
 
 
 def _unmark_missing(session: Session, slide: Slide, index_dir: Path) -> list[Path]:
-    """A missing slide's file is back: indexed again when its vectors were kept, else pending."""
-    has_tiles = session.scalar(sa.select(sa.func.count(Tile.id)).where(Tile.slide_id == slide.id))
-    slide.status, slide.error = (INDEXED, None) if has_tiles and has_tiles == slide.tile_count else (PENDING, None)
-    if slide.status == PENDING:
-        return drop_slide_vectors(session, slide, index_dir)
+    """A missing slide's file is back: each encoder's vectors count again when they were kept
+    whole, else that encoder indexes it again; the slide's status follows (settle_slide)."""
+    files: list[Path] = []
+    have = dict(
+        session.execute(
+            sa.select(Tile.encoding_id, sa.func.count(Tile.id))
+            .where(Tile.slide_id == slide.id)
+            .group_by(Tile.encoding_id)
+        ).all()
+    )
+    for row in session.scalars(sa.select(SlideEncoding).where(SlideEncoding.slide_id == slide.id)):
+        if row.status == INDEXED and not (have.get(row.id) and have[row.id] == row.tile_count):
+            files += drop_slide_vectors(session, slide, index_dir, encoder_id=row.encoder_id)
+    slide.status, slide.error = PENDING, None
+    settle_slide(session, slide)
     _touch_shards(session, slide)
-    return []
+    return files
 
 
 def _chunks(values: list, size: int = 900):

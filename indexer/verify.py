@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, MISSING, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, SlideEncoding, Tile
 from engine.errors import ShardError
 from engine.files import file_sha256
 from engine.shards import (
@@ -113,17 +113,20 @@ def verify_index(
             report.problems.append(f"{unsharded} tile rows belong to no shard")
         cache = FingerprintCache(index_dir / FINGERPRINT_CACHE)  # read only: verify never saves it
         counts = Counter(
-            dict(s.execute(sa.select(Tile.slide_id, sa.func.count(Tile.id)).group_by(Tile.slide_id)).all())
+            dict(s.execute(sa.select(Tile.encoding_id, sa.func.count(Tile.id)).group_by(Tile.encoding_id)).all())
         )
+        if counts.get(None):
+            report.problems.append(f"{counts[None]} tile rows belong to no slide encoding (written by hand?)")
+        paths = dict(s.execute(sa.select(Slide.id, Slide.path)).all())
+        for enc in s.scalars(sa.select(SlideEncoding).order_by(SlideEncoding.slide_id, SlideEncoding.encoder_id)):
+            have = counts.get(enc.id, 0)
+            where = f"slide {enc.slide_id} ({paths.get(enc.slide_id)}), encoder {encoders[enc.encoder_id].name}"
+            if enc.status == INDEXED and have != enc.tile_count:
+                report.problems.append(f"{where}: {have} tile rows, tile_count says {enc.tile_count}")
+            if enc.status != INDEXED and have:
+                report.problems.append(f"{where}: {enc.status} but has {have} tile rows")
         for slide in s.scalars(sa.select(Slide).order_by(Slide.id)):
             report.slides += 1
-            have = counts.get(slide.id, 0)
-            if slide.status == INDEXED and have != slide.tile_count:
-                report.problems.append(
-                    f"slide {slide.id} ({slide.path}): {have} tile rows, tile_count says {slide.tile_count}"
-                )
-            if slide.status not in (INDEXED, MISSING) and have:
-                report.problems.append(f"slide {slide.id} ({slide.path}) is {slide.status} but has {have} tile rows")
             if slide.status == MISSING:
                 report.problems.append(
                     f"slide {slide.id} ({slide.path}) is missing, left out of search: {slide.error or 'its file is gone'}"

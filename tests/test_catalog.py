@@ -57,18 +57,25 @@ def test_slide_tiles_round_trip_and_cascade(catalog_url):
             is_random=True,
         )
         slide = models.Slide(
-            path="a/b.svs", fingerprint="f" * 64, patient="P1", extra={"stain": "H&E", "n": 3}, mpp=0.5, encoder=enc
+            path="a/b.svs", fingerprint="f" * 64, patient="P1", extra={"stain": "H&E", "n": 3}, mpp=0.5
         )
-        slide.tiles = [models.Tile(id=2**40 + i, x=i * 448, y=0, size=448, tissue_fraction=0.9) for i in range(3)]
+        encoding = models.SlideEncoding(slide=slide, encoder=enc, status=models.INDEXED, tile_count=3)
+        slide.tiles = [
+            models.Tile(id=2**40 + i, encoding=encoding, x=i * 448, y=0, size=448, tissue_fraction=0.9)
+            for i in range(3)
+        ]
         s.add(slide)
     with cat.session() as s:
         slide = s.scalars(sa.select(models.Slide)).one()
         assert slide.extra == {"stain": "H&E", "n": 3}
         assert slide.status == models.PENDING
         assert sorted(t.id for t in slide.tiles) == [2**40, 2**40 + 1, 2**40 + 2]
+        # the one-encoder view of the slide (MIL, pretraining) reads its encoding
+        assert (slide.tile_count, slide.encoder_id) == (3, s.scalar(sa.select(models.EncoderRecord.id)))
         s.delete(slide)
     with cat.session() as s:
-        assert s.scalar(sa.select(sa.func.count()).select_from(models.Tile)) == 0
+        for table in (models.Tile, models.SlideEncoding):
+            assert s.scalar(sa.select(sa.func.count()).select_from(table)) == 0
     cat.dispose()
 
 

@@ -20,7 +20,17 @@ import pytest
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, MISSING, SHARD_OK, SHARD_QUARANTINED, BuildLease, Shard, Slide, Tile
+from engine.catalog.models import (
+    INDEXED,
+    MISSING,
+    SHARD_OK,
+    SHARD_QUARANTINED,
+    BuildLease,
+    Shard,
+    Slide,
+    SlideEncoding,
+    Tile,
+)
 from engine.errors import CatalogError, ConfigError, ShardError
 from engine.search import SearchEngine
 from engine.shards import read_shard, sidecar_of
@@ -173,12 +183,16 @@ def test_commit_refuses_a_row_whose_file_is_gone(tmp_path, archive):
     deletions = []
 
     def delete_shard_files(session, flush_context, instances):
-        # the writer's last flush before its commit marks the slide indexed: delete the
-        # shard it has just written, as another process would
+        # the writer's last flush before its commit marks the slide's encoding indexed:
+        # delete the shard it has just written, as another process would
         for obj in list(session.dirty):
-            if isinstance(obj, Slide) and sa.inspect(obj).attrs.indexed_at.history.has_changes() and budget[0] > 0:
+            if (
+                isinstance(obj, SlideEncoding)
+                and sa.inspect(obj).attrs.indexed_at.history.has_changes()
+                and budget[0] > 0
+            ):
                 budget[0] -= 1
-                for file in Path(settings.index_dir).rglob(f"slide-{obj.id:09d}.faiss"):
+                for file in Path(settings.index_dir).rglob(f"slide-{obj.slide_id:09d}.faiss"):
                     file.unlink()
                     deletions.append(file.name)
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import FAILED, INDEXED, Shard, Slide, Tile
+from engine.catalog.models import FAILED, INDEXED, EncoderRecord, Shard, Slide, Tile
 from engine.config import Settings
 from engine.distributed import DistContext
 from engine.errors import ConfigError, NotFound
@@ -122,7 +122,9 @@ def test_build_indexes_slides_and_records_failures(tmp_path, archive):
             assert sl.status == INDEXED and sl.tile_count > 0 and sl.encoder_id is not None
             tiles = list(s.scalars(sa.select(Tile).where(Tile.slide_id == sl.id).order_by(Tile.id)))
             assert len(tiles) == sl.tile_count
-            assert [t.id for t in tiles] == [sl.id * TILE_ID_STRIDE + i for i in range(len(tiles))]
+            # one encoding of the slide; its id is the tile ids' base (indexer/writer.py)
+            (encoding_id,) = {t.encoding_id for t in tiles}
+            assert [t.id for t in tiles] == [encoding_id * TILE_ID_STRIDE + i for i in range(len(tiles))]
             assert all(t.size == 448 and t.x % 448 == 0 and t.y % 448 == 0 and t.tissue_fraction >= 0.5 for t in tiles)
     cat.dispose()
 
@@ -268,17 +270,32 @@ def test_verify_finds_tampering_and_remove_drops_slides(tmp_path, archive):
     cat.dispose()
 
 
-def test_refusals(tmp_path, archive):
+def test_refusals(tmp_path, archive, monkeypatch):
     settings = _settings(tmp_path)
     with pytest.raises(ConfigError, match="PostgreSQL|server database"):
         build_archive(settings, archive, ctx=DistContext(rank=0, world_size=4, local_rank=0, local_world_size=2))
     _build(settings, archive)
-    with pytest.raises(ConfigError, match="another catalog"):
-        _build(_settings(tmp_path, encoder="random:resnet18:7"), archive)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("name,label\na.tiff,TUM\n")
     with pytest.raises(ValueError, match="no column naming the slide file"):
         _build(settings, archive, metadata=bad_csv)
+    # a second encoder refused for its metadata, or stopped once its row is made (the
+    # registration failing), leaves no encoder row behind (it used to: made in a transaction
+    # of its own)
+    with pytest.raises(ValueError, match="no column naming the slide file"):
+        _build(_settings(tmp_path, encoder="random:resnet18:7"), archive, metadata=bad_csv)
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("refused during registration")
+
+    monkeypatch.setattr("indexer.prepare.register", refuse)
+    with pytest.raises(ConfigError, match="refused during registration"):
+        _build(_settings(tmp_path, encoder="random:resnet18:7"), archive)
+    monkeypatch.undo()
+    cat = Catalog(settings.catalog_url)
+    with cat.session() as s:
+        assert s.scalar(sa.select(sa.func.count(EncoderRecord.id))) == 1
+    cat.dispose()
     with pytest.raises(ConfigError, match="minimum tissue fraction"):
         _build(settings, archive, min_tissue=2.0)
 

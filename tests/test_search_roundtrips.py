@@ -131,6 +131,6 @@ def test_lookups_on_each_database(catalog_url):
     catalog = Catalog(catalog_url)
     try:
         assert tile_rows(catalog, np.arange(1, 40_000)) == {}
-        assert result_slides(catalog, [1, 2, 3], with_tiles=True) == {}
+        assert result_slides(catalog, [1, 2, 3], with_tiles=True, encoder_id=1) == {}
     finally:
         catalog.dispose()

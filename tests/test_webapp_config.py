@@ -167,7 +167,7 @@ def test_a_missing_encoder_is_told_to_web_users_without_cli_flags(tmp_path, monk
     app = create_app({"TESTING": True, "SETTINGS": settings})
     try:
         users.create_user(app.extensions["histoseek"].catalog, "path", PASSWORD)
-        monkeypatch.setattr(AppState, "search_engine", lambda self: settings.require_encoder())
+        monkeypatch.setattr(AppState, "search_engine", lambda self, encoder=None: settings.require_encoder())
         client = app.test_client()
         token = users.issue_token(app.extensions["histoseek"].catalog, "path")
         response = client.post(

@@ -111,6 +111,14 @@ def search_slide():
     return jsonify(slide_search(json_object()))
 
 
+@bp.get("/encoders")
+def encoders():
+    """The encoders a search may name (`encoder`), and the default one (None: none configured)."""
+    choices = state().encoder_choices()
+    default = state().default_encoder(choices)
+    return jsonify({"encoders": [{k: c[k] for k in c if k != "id"} for c in choices], "default": default})
+
+
 @bp.get("/slides")
 def slides():
     per_page = _int_arg("per_page", int(current_app.config["SLIDES_PER_PAGE"]), 1, 500)

@@ -47,6 +47,8 @@ def _str_param(name: str, description: str = "") -> dict:
     return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
 
 
+# which of the archive's encoders searches; what GET /api/v1/encoders lists
+ENCODER = {"type": "string", "description": "an encoder's name; default: the configured one, else the only one"}
 FILTERS = {field: {"type": "string"} for field in FILTER_FIELDS}
 
 
@@ -87,6 +89,7 @@ def openapi_document() -> dict:
                                             "description": "objective magnification (20 = 20x); used when mpp is not given; optional",
                                         },
                                         "top_k": {"type": "integer", "default": 10},
+                                        "encoder": ENCODER,
                                         **FILTERS,
                                     },
                                 }
@@ -113,6 +116,7 @@ def openapi_document() -> dict:
                                         "slide_id": {"type": "integer"},
                                         "top_k": {"type": "integer", "default": 10},
                                         "exclude_self": {"type": "boolean", "default": True},
+                                        "encoder": ENCODER,
                                         "filters": {"type": "object", "properties": FILTERS},
                                     },
                                 }
@@ -123,6 +127,12 @@ def openapi_document() -> dict:
                         **_json({"$ref": "#/components/schemas/SearchResult"}),
                         **_errors(400, 401, 404, 422, 503),
                     },
+                }
+            },
+            "/api/v1/encoders": {
+                "get": {
+                    "summary": "The encoders a search may name (encoders: [{name, architecture, target_mpp, tile_px, ...}], default)",
+                    "responses": {**_json({"type": "object"}), **_errors(401)},
                 }
             },
             "/api/v1/slides": {

@@ -33,6 +33,7 @@ MAX_PAGE = 10**6
 
 def _search_form(status: int = 200):
     catalog = state().catalog
+    encoders = state().encoder_choices()  # several: a selector in both forms
     return render_template(
         "search.html",
         examples=list_examples(current_app.config["EXAMPLES_DIR"]),
@@ -41,6 +42,8 @@ def _search_form(status: int = 200):
         magnifications=MAGNIFICATIONS,
         form=request.form if request.method == "POST" else request.args,
         filter_fields=FILTER_FIELDS,
+        encoders=encoders,
+        default_encoder=state().default_encoder(encoders) if len(encoders) > 1 else None,
     ), status
 
 

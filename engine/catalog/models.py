@@ -5,16 +5,23 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
+import sqlalchemy as sa
 from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy import false as sa_false
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, column_property, mapped_column, relationship
 
 from engine.catalog.base import Base, BigId, JsonDoc, utcnow
 
-# Slide.status values. MISSING: the file at `path` is gone or no longer has the slide's
-# fingerprint; its vectors are left out of search until `indexer build` settles it.
+# Status values. A slide's embedding by one encoder (SlideEncoding.status) is PENDING,
+# INDEXED or FAILED. The slide row's own status (Slide.status) is about the slide as a whole:
+# MISSING: the file at `path` is gone or no longer has the slide's fingerprint; the vectors
+# of every encoder are kept but left out of search until `indexer build` settles it (a file,
+# not an encoder, matter: it lives on the slide only). FAILED: the file cannot be read, or no
+# encoder could index it. INDEXED: present and indexed by at least one encoder. PENDING: by
+# none yet. The indexer keeps it in step with the encodings (indexer/writer.py).
 PENDING, INDEXED, FAILED, MISSING = "pending", "indexed", "failed", "missing"
 SLIDE_STATUSES = (PENDING, INDEXED, FAILED, MISSING)
+ENCODING_STATUSES = (PENDING, INDEXED, FAILED)
 
 # Shard.status values. QUARANTINED: the file failed its checksum or would not load; search
 # answers from the other shards and `indexer build` re-embeds the slides it held.
@@ -22,7 +29,8 @@ SHARD_OK, SHARD_QUARANTINED = "ok", "quarantined"
 
 # Ids of slides and shards are never reused (SQLite AUTOINCREMENT; sequences on PostgreSQL):
 # caches in long-running workers are keyed by them, and a reused id would show one slide's
-# pixels under another's name. Tile ids are derived from the slide id, so they inherit this.
+# pixels under another's name. Tile ids are derived from the encoding id (SlideEncoding), so
+# they inherit this.
 _NO_ID_REUSE = {"sqlite_autoincrement": True}
 # The largest id of an INTEGER key (slides, shards, runs, users: 32-bit on PostgreSQL). Tile
 # ids are BIGINT but are never named in URLs or requests; anything larger names no row.
@@ -70,18 +78,18 @@ class Slide(Base):
     width: Mapped[Optional[int]] = mapped_column(Integer)
     height: Mapped[Optional[int]] = mapped_column(Integer)
     vendor: Mapped[Optional[str]] = mapped_column(String(50))
+    # the slide as a whole (see the status values above); per encoder: SlideEncoding
     status: Mapped[str] = mapped_column(String(20), default=PENDING, index=True)
     error: Mapped[Optional[str]] = mapped_column(Text)
-    tile_count: Mapped[int] = mapped_column(Integer, default=0)
-    encoder_id: Mapped[Optional[int]] = mapped_column(ForeignKey("encoders.id"))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    indexed_at: Mapped[Optional[dt.datetime]]
 
     tiles: Mapped[list["Tile"]] = relationship(
         back_populates="slide", cascade="all, delete-orphan", passive_deletes=True
     )
-    encoder: Mapped[Optional[EncoderRecord]] = relationship()
+    encodings: Mapped[list["SlideEncoding"]] = relationship(
+        back_populates="slide", cascade="all, delete-orphan", passive_deletes=True
+    )
 
 
 class Shard(Base):
@@ -103,14 +111,63 @@ class Shard(Base):
     encoder: Mapped[EncoderRecord] = relationship()
 
 
+class SlideEncoding(Base):
+    """A slide as embedded by one encoder + grid: that encoder's status, tile count and time
+    for the slide (several encoders over one archive keep one row each).
+
+    Its id gives its tiles' ids (id * TILE_ID_STRIDE + index in the slide's grid,
+    indexer/writer.py), so two encoders' tiles of one slide never share an id. Catalogs from
+    before migration 0004 got one row per slide with id = the slide id, so their tile ids
+    (the FAISS ids in their shards) stay valid; new rows take ids from a sequence above
+    those, never reused (_NO_ID_REUSE)."""
+
+    __tablename__ = "slide_encodings"
+    __table_args__ = (UniqueConstraint("slide_id", "encoder_id", name="uq_slide_encodings_slide_encoder"), _NO_ID_REUSE)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    encoder_id: Mapped[int] = mapped_column(ForeignKey("encoders.id"), index=True)
+    status: Mapped[str] = mapped_column(String(20), default=PENDING, index=True)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    tile_count: Mapped[int] = mapped_column(Integer, default=0)
+    indexed_at: Mapped[Optional[dt.datetime]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    slide: Mapped[Slide] = relationship(back_populates="encodings")
+    encoder: Mapped[EncoderRecord] = relationship()
+
+
+def _first_indexed(column):
+    """The slide's `column` in its first indexed encoding (the lowest encoder id), as a
+    read-only SQL expression on Slide."""
+    return (
+        sa.select(column)
+        .where(SlideEncoding.slide_id == Slide.id, SlideEncoding.status == INDEXED)
+        .order_by(SlideEncoding.encoder_id)
+        .limit(1)
+        .correlate_except(SlideEncoding)
+        .scalar_subquery()
+    )
+
+
+# Read-only views for readers of one encoder per catalog (MIL, pretraining, the archive
+# page): the slide's first indexed encoding (None / 0 when none). Writers set SlideEncoding.
+Slide.encoder_id = column_property(_first_indexed(SlideEncoding.encoder_id))
+Slide.tile_count = column_property(sa.func.coalesce(_first_indexed(SlideEncoding.tile_count), 0))
+Slide.indexed_at = column_property(_first_indexed(SlideEncoding.indexed_at))
+
+
 class Tile(Base):
-    """A square tile of a slide, as level-0 coordinates (never pixels). id = FAISS id."""
+    """A square tile of a slide, as level-0 coordinates (never pixels). id = FAISS id; its
+    encoding (slide + encoder) says whose vectors it is (null only for rows written by hand)."""
 
     __tablename__ = "tiles"
     __table_args__ = (Index("ix_tiles_slide_xy", "slide_id", "x", "y"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"))
+    encoding_id: Mapped[Optional[int]] = mapped_column(ForeignKey("slide_encodings.id", ondelete="CASCADE"), index=True)
     shard_id: Mapped[Optional[int]] = mapped_column(ForeignKey("shards.id"), index=True)
     x: Mapped[int] = mapped_column(Integer)
     y: Mapped[int] = mapped_column(Integer)
@@ -118,6 +175,7 @@ class Tile(Base):
     tissue_fraction: Mapped[float] = mapped_column(Float)
 
     slide: Mapped[Slide] = relationship(back_populates="tiles")
+    encoding: Mapped[Optional[SlideEncoding]] = relationship()
 
 
 class BenchmarkRun(Base):

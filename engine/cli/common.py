@@ -54,7 +54,8 @@ def settings_options(func=None, *, int8: bool = False):
         "--encoder",
         default=None,
         metavar="SPEC",
-        help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, or random[:ARCH] for demos [env HISTOSEEK_ENCODER].",
+        help="RetCCL checkpoint path (best_ckpt.pth), a `pretrain export` file, an encoder card, or random[:ARCH] for demos; "
+        "for search also the name of one of the archive's encoders (`indexer status`) [env HISTOSEEK_ENCODER].",
     )
     @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env HISTOSEEK_DEVICE; default auto].")
     @click.option("--precision", type=click.Choice(choices), default=None, help=precision_help)

@@ -36,7 +36,8 @@ def format_table(result: dict) -> str:
         head = (
             f"slide {q['slide_id'] if q['slide_id'] is not None else q['path']} -> mosaic of {len(q['mosaic'])} tiles"
         )
-    lines = [head + f" ({q['index']} index)", ""]
+    enc = q.get("encoder")  # which of the archive's encoders answered
+    lines = [head + f" ({q['index']} index" + (f", encoder {enc['name']})" if enc else ")"), ""]
     for warning in result.get("warnings", []):  # quarantined shards, missing slide files
         lines.insert(1, f"warning: {warning}")
     lines.append(
@@ -140,7 +141,9 @@ def search_command(
     or --magnification the region's scale is estimated (the query's `scale` in --json). Uses
     the catalog and index of `indexer build` (same --catalog and --index-dir options and
     HISTOSEEK_* environment), and the encoder the index was built with unless --encoder or
-    HISTOSEEK_ENCODER names one.
+    HISTOSEEK_ENCODER names one: an archive indexed with several encoders is searched with the
+    one named (its name as `indexer status` shows it, or a sha256 prefix), and asks for one
+    when none is.
     """
     if (image is None) == (slide is None):
         raise click.UsageError("give exactly one of --image PATH or --slide PATH_OR_ID")
@@ -157,7 +160,7 @@ def search_command(
     try:
         engine = SearchEngine(settings, index_kind=index_kind, progress=True)
     except EncoderError as exc:
-        raise EncoderError(f"{exc} (the encoder is chosen with --encoder or HISTOSEEK_ENCODER)") from None
+        raise EncoderError(f"{exc} (the encoder is chosen with --encoder NAME_OR_SPEC or HISTOSEEK_ENCODER)") from None
     if query_image is not None:
         result = engine.search_region(
             query_image,

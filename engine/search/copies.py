@@ -114,7 +114,13 @@ def region_hits(
     order = verify_order(nb, ranked) if region is not None else []
     place = len(xq) > 1
     # one catalog statement: the result slides with their tiles, the other candidates without
-    slides = result_slides(catalog, list(dict.fromkeys(top + order)), with_tiles=place, tiles_of=top)
+    slides = result_slides(
+        catalog,
+        list(dict.fromkeys(top + order)),
+        with_tiles=place,
+        tiles_of=top,
+        encoder_id=live.encoder_row["id"],  # with several encoders, a slide has tiles of each
+    )
     timing["aggregate"] = _ms(t)
     t = time.perf_counter()
     if match is None and region is not None:

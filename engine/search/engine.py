@@ -28,20 +28,21 @@ from PIL import Image
 from engine.catalog.db import Catalog
 from engine.config import Settings
 from engine.encoder import Encoder
+from engine.errors import QueryError
 from engine.index import FLAT_MAX_TILES, gpu_available
 from engine.search import query as Q
 from engine.search.copies import allowed_ids, region_hits
 from engine.search.filters import id_filter
 from engine.search.live_index import LiveIndex
 from engine.search.localise import RegionQuery, view_cache
-from engine.search.lookups import result_slides
+from engine.search.lookups import resolve_slide, result_slides, slide_tiles
 from engine.search.placement import placed_regions
 from engine.search.ranking import check_top_k, matched_tiles, rank_slides, search_tiles
 from engine.search.rescale_match import any_scale_matcher
 from engine.search.results import SearchResult, SlideHit, suggest
 from engine.search.scale import describe as describe_scale
 from engine.search.scale import estimate_mpp
-from engine.search.which_encoder import index_encoder_spec
+from engine.search.which_encoder import search_encoder
 
 
 def _ms(since: float) -> float:
@@ -70,7 +71,7 @@ def find_hits(
     t = time.perf_counter()
     ranked = rank_slides(nb, top_k, rule)
     place = q_cells is not None and len(xq) > 1
-    slides = result_slides(catalog, [sid for sid, _ in ranked], with_tiles=place)
+    slides = result_slides(catalog, [sid for sid, _ in ranked], with_tiles=place, encoder_id=live.encoder_row["id"])
     ranked = [(sid, score) for sid, score in ranked if sid in slides]  # removed meanwhile
     hits = []
     for rank, (sid, score) in enumerate(ranked, 1):
@@ -104,6 +105,18 @@ def region_query(engine, image: Image.Image, mpp: float | None, allowed, top_k: 
     return mpp, cands, xq, q_cells, nb
 
 
+def indexed_mosaic(live: LiveIndex, slide_id: int, encoder_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The mosaic of an indexed slide, from its vectors of this encoder in the index."""
+    from engine.search.mosaic import select_mosaic
+
+    rows = slide_tiles(live.catalog, slide_id, encoder_id)
+    if not rows:
+        raise QueryError(f"slide {slide_id} has no tissue tiles in the index")
+    vecs = live.vectors(np.array([r[0] for r in rows], np.int64))
+    pick = select_mosaic(vecs, np.array([(r[1], r[2]) for r in rows], np.float64))
+    return vecs[pick], [(rows[i][1], rows[i][2], rows[i][3]) for i in pick]
+
+
 def copy_matcher(image: Image.Image, cands, views, measured: dict):
     """At an unknown scale (`cands`: the ladder's candidates), copies are verified over scales
     around the best candidate's, then the others' (best feature score first), which measures
@@ -114,13 +127,25 @@ def copy_matcher(image: Image.Image, cands, views, measured: dict):
     return any_scale_matcher(image, ranked[0], views, measured, tuple(ranked[1:]))
 
 
+def search_encoder_for(settings: Settings, catalog: Catalog, encoder: Encoder | None, name: str | None):
+    """(encoder, grid) a SearchEngine searches with: `encoder` when given (on the settings'
+    grid), else the one `name` or settings.encoder names, else the index's only one
+    (engine.search.which_encoder.search_encoder); a catalog encoder named brings its grid,
+    which picks its row among rows of the same weights."""
+    if encoder is not None:
+        return encoder, settings.grid_for(encoder.info)
+    spec, row = search_encoder(catalog, name or settings.encoder)
+    encoder = Encoder.from_spec(spec, device=settings.device, precision=settings.precision)
+    return encoder, ((row["target_mpp"], row["tile_px"]) if row else settings.grid_for(encoder.info))
+
+
 class SearchEngine:
     """Searches one archive (catalog + shard index) with one encoder.
 
     settings:   where the catalog and index are, which encoder, device
     catalog:    an open Catalog to share (default: opened from settings.catalog_url)
-    encoder:    a loaded engine.encoder.Encoder to share (default: loaded from settings, else
-                the index's own, engine.search.which_encoder)
+    encoder:    a loaded engine.encoder.Encoder to share (default: search_encoder_for)
+    encoder_name: which of the archive's encoders to search with (several over one archive)
     index_kind: 'auto' (flat up to `flat_max` tiles, compressed above), 'flat', 'compressed'
     """
 
@@ -130,27 +155,17 @@ class SearchEngine:
         catalog: Catalog | None = None,
         encoder: Encoder | None = None,
         *,
+        encoder_name: str | None = None,
         index_kind: str = "auto",
         flat_max: int = FLAT_MAX_TILES,
         progress: bool = False,
     ):
         self.settings = settings
         self.catalog = catalog or Catalog(settings.catalog_url)
-        # no encoder given: the index's own (engine.search.which_encoder)
-        self.encoder = encoder or Encoder.from_spec(
-            settings.encoder or index_encoder_spec(self.catalog), device=settings.device, precision=settings.precision
-        )
-        use_gpu = settings.device != "cpu" and gpu_available()
-        self.live = LiveIndex(
-            self.catalog,
-            self.encoder,
-            settings.index_dir,
-            *settings.grid_for(self.encoder.info),
-            kind=index_kind,
-            flat_max=flat_max,
-            use_gpu=use_gpu,
-            progress=progress,
-        )
+        self.encoder, grid = search_encoder_for(settings, self.catalog, encoder, encoder_name)
+        gpu = settings.device != "cpu" and gpu_available()
+        options = {"kind": index_kind, "flat_max": flat_max, "use_gpu": gpu, "progress": progress}
+        self.live = LiveIndex(self.catalog, self.encoder, settings.index_dir, *grid, **options)
         # low-resolution views of recently matched slides: the same slides come back
         self.views = view_cache()
         self.refresh()
@@ -171,6 +186,11 @@ class SearchEngine:
     def warnings(self) -> list[str]:
         """What search leaves out (quarantined shards, missing slides), in every result."""
         return self.live.warnings
+
+    @property
+    def encoder_summary(self) -> dict:
+        """Which encoder answers, as every result says: its catalog name, id and grid."""
+        return {k: self.encoder_row[k] for k in ("name", "id", "target_mpp", "tile_px")}
 
     @property
     def index_mpp(self) -> float:
@@ -223,6 +243,7 @@ class SearchEngine:
             "exclude_slide_id": exclude_slide_id,
             "exclude_patient": exclude_patient,
             "index": self.index.kind,
+            "encoder": self.encoder_summary,
             "pixel_check": check,
             "scale": describe_scale(cands, mpp, evidence) if cands is not None else None,
         }
@@ -242,10 +263,11 @@ class SearchEngine:
         t0 = time.perf_counter()
         check_top_k(top_k)
         timing: dict[str, float] = {}
-        slide_id, path = Q.resolve_slide(self.catalog, slide, self.encoder_row["id"])
+        encoder_id = self.encoder_row["id"]
+        slide_id, path = resolve_slide(self.catalog, slide, encoder_id)
         t = time.perf_counter()
         if slide_id is not None:
-            xq, boxes = Q.indexed_mosaic(self.catalog, self.live, slide_id)
+            xq, boxes = indexed_mosaic(self.live, slide_id, encoder_id)
         else:
             xq, boxes = Q.file_mosaic(path, default_mpp, self.encoder, self.index_mpp, self.tile_px)
         timing["mosaic"] = _ms(t)
@@ -261,5 +283,6 @@ class SearchEngine:
             "filters": filters or {},
             "exclude_self": exclude_self,
             "index": self.index.kind,
+            "encoder": self.encoder_summary,
         }
         return SearchResult(query, hits, suggest(hits), timing, warnings=list(self.warnings))

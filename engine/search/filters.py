@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sqlalchemy as sa
 
-from engine.catalog.models import INDEXED, Slide, Tile
+from engine.catalog.models import INDEXED, Shard, Slide, Tile
 from engine.errors import QueryError
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ def id_filter(
     exclude_slide_id: int | None = None,
     exclude_patient: str | None = None,
 ) -> IdFilter | None:
-    """The index's filter for a search: with `filters`, the tiles of the indexed slides that
-    match them all (an allow list); otherwise the tiles of the excluded slide and patient
+    """The index's filter for a search: with `filters`, the tiles of `encoder_id` of the
+    indexed slides that match them all (an allow list); otherwise the tiles of the excluded slide and patient
     (a deny list), or None when nothing is left out. One SQL statement."""
     from engine.index import IdFilter  # FAISS: loaded by searching, not by reading FILTER_FIELDS
 
@@ -50,11 +50,8 @@ def id_filter(
     if exclude_patient:
         excluded.append(Slide.patient == exclude_patient)
     if filters:
-        q = (
-            sa.select(Tile.id)
-            .join(Slide, Slide.id == Tile.slide_id)
-            .where(Slide.status == INDEXED, Slide.encoder_id == encoder_id)
-        )
+        mine = sa.exists().where(Shard.id == Tile.shard_id, Shard.encoder_id == encoder_id)
+        q = sa.select(Tile.id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status == INDEXED, mine)
         for field, value in filters.items():
             q = q.where(getattr(Slide, field) == value)
         if excluded:

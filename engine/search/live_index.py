@@ -24,7 +24,17 @@ import sqlalchemy as sa
 
 from engine.catalog.base import utcnow
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, MISSING, SHARD_OK, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
+from engine.catalog.models import (
+    INDEXED,
+    MISSING,
+    SHARD_OK,
+    SHARD_QUARANTINED,
+    EncoderRecord,
+    Shard,
+    Slide,
+    SlideEncoding,
+    Tile,
+)
 from engine.errors import EncoderError, NotFound
 from engine.index import FLAT_MAX_TILES, IdFilter, choose_kind, open_index, sync_index
 from engine.shards import ShardEncoder, encoder_dir
@@ -123,7 +133,9 @@ class LiveIndex:
             ).all()
             hidden = hidden_shards(s)
             missing = s.scalar(
-                sa.select(sa.func.count(Slide.id)).where(Slide.status == MISSING, Slide.encoder_id == row.id)
+                sa.select(sa.func.count(Slide.id))
+                .join(SlideEncoding, SlideEncoding.slide_id == Slide.id)
+                .where(Slide.status == MISSING, SlideEncoding.encoder_id == row.id)
             )
             record = {
                 "id": row.id,
@@ -201,11 +213,14 @@ def _swapped(index, folder: Path) -> bool:
 
 
 def hidden_shards(session) -> set[int]:
-    """Shards holding tiles of slides that are not indexed (missing files): they stay out
-    of search. Few, and found by the (slide_id, ...) index, so this stays cheap on an
-    archive of millions of tiles."""
-    return set(
-        session.scalars(
-            sa.select(Tile.shard_id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status != INDEXED).distinct()
-        )
+    """Shards holding tiles of slides that are not indexed (missing files), or of an
+    encoding that is not (any encoder's): they stay out of search. Few, and found by the
+    (slide_id, ...) and encoding_id indexes, two selects rather than one OR across both
+    tables (which would scan the tiles), so this stays cheap on millions of tiles."""
+    by_slide = sa.select(Tile.shard_id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status != INDEXED)
+    by_encoding = (
+        sa.select(Tile.shard_id)
+        .join(SlideEncoding, SlideEncoding.id == Tile.encoding_id)
+        .where(SlideEncoding.status != INDEXED)
     )
+    return {i for i in session.scalars(sa.union(by_slide, by_encoding)) if i is not None}

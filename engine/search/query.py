@@ -14,15 +14,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import sqlalchemy as sa
 import torch
 from PIL import Image
 
-from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, Slide, Tile
-from engine.errors import NotFound, QueryError
+from engine.errors import QueryError
 from engine.images import encoder_input
-from engine.search.live_index import LiveIndex
 
 MPP_RATIO_MAX = 4.0  # a region more than 4x finer or coarser than the index is refused ...
 # ... give or take this factor: scanners' nominal resolutions are not round (a "40x" Aperio
@@ -185,46 +181,6 @@ def region_tiles(
 def embed(encoder, tiles: list[Image.Image | np.ndarray], tile_px: int) -> np.ndarray:
     """Unit-length features of the tiles, as the index holds them."""
     return encoder.embed_unit(torch.stack([encoder_input(t, tile_px) for t in tiles]))
-
-
-def resolve_slide(catalog: Catalog, slide: int | str | Path, encoder_id: int) -> tuple[int | None, Path | None]:
-    """(catalog id, None) for an indexed slide (its id, or its file), (None, path) for a
-    file not in the archive."""
-    from engine.slides import fingerprint
-
-    with catalog.session() as s:
-        if isinstance(slide, (int, np.integer)) or (isinstance(slide, str) and slide.isdigit()):
-            sid = int(slide)
-        else:
-            path = Path(slide)
-            if not path.is_file():
-                raise NotFound(f"{path}: no such slide file (give a slide file or the id of an indexed slide)")
-            sid = s.scalar(sa.select(Slide.id).where(Slide.fingerprint == fingerprint(path)))
-            if sid is None:
-                return None, path
-        row = s.get(Slide, sid)
-        if row is None:
-            raise NotFound(f"no slide with id {sid} in the catalog (`indexer status` lists them)")
-        if row.status != INDEXED or row.encoder_id != encoder_id:
-            raise QueryError(
-                f"slide {sid} ({Path(row.path).name}) is not indexed with this encoder (status {row.status}); index it (`indexer build`) or search with its file"
-            )
-    return sid, None
-
-
-def indexed_mosaic(catalog: Catalog, live: LiveIndex, slide_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """The mosaic of an indexed slide, from its vectors in the index: (vectors, boxes)."""
-    from engine.search.mosaic import select_mosaic
-
-    with catalog.session() as s:
-        rows = s.execute(
-            sa.select(Tile.id, Tile.x, Tile.y, Tile.size).where(Tile.slide_id == slide_id).order_by(Tile.id)
-        ).all()
-    if not rows:
-        raise QueryError(f"slide {slide_id} has no tissue tiles in the index")
-    vecs = live.vectors(np.array([r[0] for r in rows], np.int64))
-    pick = select_mosaic(vecs, np.array([(r[1], r[2]) for r in rows], np.float64))
-    return vecs[pick], [(rows[i][1], rows[i][2], rows[i][3]) for i in pick]
 
 
 def file_mosaic(
