@@ -160,6 +160,8 @@ def search_command(
     try:
         engine = SearchEngine(settings, index_kind=index_kind, progress=True)
     except EncoderError as exc:
+        if "--encoder" in str(exc):  # the message already says how to choose
+            raise
         raise EncoderError(f"{exc} (the encoder is chosen with --encoder NAME_OR_SPEC or HISTOSEEK_ENCODER)") from None
     if query_image is not None:
         result = engine.search_region(
