@@ -4,6 +4,7 @@ archives: real SQLite catalogs and FAISS shards written by the indexer's writer.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,3 +360,69 @@ def test_predicting_a_new_slide_file_embeds_it_like_the_indexer(tmp_path):
     assert np.abs(att_fresh - att_stored).max() < 0.05
     with pytest.raises(EncoderError, match="give that encoder"):
         predict_file(slides[1], run, "random:resnet34", device="cpu")
+
+
+def test_a_catalog_of_two_encoders_gives_each_encoders_own_bags(tmp_path):
+    """With a second encoder's vectors beside the first (indexer build --encoder B), MIL
+    reads the bags of the encoder it is given -- its own tiles only, never both -- and asks
+    which one when none is given; predicting reads the run's encoder's vectors."""
+    import hashlib
+
+    from engine.encoder import l2_normalise
+    from engine.shards import ShardEncoder
+    from engine.slides import SlideInfo
+    from engine.tiling import TileBox
+    from indexer.writer import commit_slide
+
+    settings, _ = make_feature_archive(tmp_path, patients(6), n_tiles=9, n_signal=2, dim=32)
+    catalog = Catalog(settings.catalog_url)
+    sha = hashlib.sha256(b"second-encoder").hexdigest()
+    with catalog.session() as s:
+        enc = models.EncoderRecord(
+            name="second-encoder",
+            architecture="synthetic",
+            checkpoint_sha256=sha,
+            dim=16,
+            target_mpp=2.0,
+            tile_px=224,
+            normalisation={},
+            is_random=True,
+        )
+        s.add(enc)
+        s.flush()
+        second = enc.id
+        slide_ids = list(s.scalars(sa.select(models.Slide.id).order_by(models.Slide.id)))
+    rng = np.random.default_rng(5)
+    info = SlideInfo(Path("s.svs"), "synthetic", 896, 896, 0.5, "metadata", (1.0,))
+    boxes = [TileBox(448 * (i % 2), 448 * (i // 2), 448, 1.0) for i in range(4)]
+    for sid in slide_ids:
+        vectors = l2_normalise(rng.standard_normal((4, 16)).astype(np.float32))
+        commit_slide(
+            catalog,
+            settings.index_dir,
+            ShardEncoder("second-encoder", sha, 16, 2.0, 224),
+            second,
+            sid,
+            info,
+            boxes,
+            vectors,
+        )
+    catalog.dispose()
+
+    with pytest.raises(DatasetError, match="several encoders.*synthetic-encoder.*second-encoder"):
+        load_bags(settings.catalog_url, settings.index_dir, "diagnosis")
+    first = load_bags(settings.catalog_url, settings.index_dir, "diagnosis", encoder="synthetic-encoder")
+    other = load_bags(settings.catalog_url, settings.index_dir, "diagnosis", encoder="second-encoder")
+    assert len(first.bags) == len(other.bags) == len(slide_ids)
+    assert all(b.features.shape == (9, 32) for b in first.bags)
+    assert all(b.features.shape == (4, 16) for b in other.bags)
+    assert not set(first.bags[0].tile_ids) & set(other.bags[0].tile_ids)
+    assert other.contract.encoder_name == "second-encoder" and other.contract.dim == 16
+
+    train_run(other, tmp_path / "run", options(folds=2, max_epochs=1))
+    catalog = Catalog(settings.catalog_url)
+    try:
+        answer = predict_indexed(catalog, settings.index_dir, load_run(tmp_path / "run"), slide_ids[0])
+    finally:
+        catalog.dispose()
+    assert len(answer["tiles"]) == 4  # the second encoder's tiles, not the first's 9

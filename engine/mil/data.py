@@ -15,7 +15,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, SlideEncoding, Tile
 from engine.errors import DatasetError, EncoderError, NotFound
 from engine.shards import shard_arrays
 
@@ -100,8 +100,9 @@ def pick_encoder(s, encoder: str | None) -> EncoderRecord:
     of its sha256; None: the only encoder with indexed slides."""
     counts = s.execute(
         sa.select(EncoderRecord, sa.func.count(Slide.id))
-        .join(Slide, Slide.encoder_id == EncoderRecord.id)
-        .where(Slide.status == INDEXED)
+        .join(SlideEncoding, SlideEncoding.encoder_id == EncoderRecord.id)
+        .join(Slide, Slide.id == SlideEncoding.slide_id)
+        .where(Slide.status == INDEXED, SlideEncoding.status == INDEXED)
         .group_by(EncoderRecord.id)
     ).all()
     if not counts:
@@ -132,12 +133,16 @@ class VectorReader:
         self.catalog, self.index_dir = catalog, Path(index_dir)
         self._shard_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def slide(self, slide_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tile ids, vectors n x dim, boxes n x 3) of an indexed slide, in tile id order."""
+    def slide(self, slide_id: int, encoder_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tile ids, vectors n x dim, boxes n x 3) of a slide indexed with `encoder_id`, in
+        tile id order (a slide of a catalog with several encoders has tiles of each)."""
         with self.catalog.session() as s:
             rows = s.execute(
                 sa.select(Tile.id, Tile.x, Tile.y, Tile.size, Tile.shard_id)
-                .where(Tile.slide_id == slide_id)
+                .where(
+                    Tile.slide_id == slide_id,
+                    Tile.shard_id.in_(sa.select(Shard.id).where(Shard.encoder_id == encoder_id)),
+                )
                 .order_by(Tile.id)
             ).all()
             shards = {
@@ -192,7 +197,10 @@ def load_bags(
     try:
         with catalog.session() as s:
             enc = pick_encoder(s, encoder)
-            query = sa.select(Slide).where(Slide.status == INDEXED, Slide.encoder_id == enc.id).order_by(Slide.id)
+            indexed_with = sa.select(SlideEncoding.slide_id).where(
+                SlideEncoding.encoder_id == enc.id, SlideEncoding.status == INDEXED
+            )
+            query = sa.select(Slide).where(Slide.status == INDEXED, Slide.id.in_(indexed_with)).order_by(Slide.id)
             if slide_ids is not None:
                 query = query.where(Slide.id.in_(list(slide_ids)))
             slides = list(s.scalars(query))
@@ -212,7 +220,7 @@ def load_bags(
         from tqdm.auto import tqdm
 
         for sl, lab in tqdm(labelled, desc="reading tile features", unit="slide", disable=not progress):
-            ids, x, boxes = reader.slide(sl.id)
+            ids, x, boxes = reader.slide(sl.id, enc.id)
             patient = sl.patient if group == "patient" else None
             no_patient += group == "patient" and not patient
             bags.append(Bag(sl.id, Path(sl.path).name, lab, patient or f"slide:{sl.id}", x, ids, boxes))
@@ -226,9 +234,23 @@ def load_bags(
     return BagSet(bags, classes, contract, notes)
 
 
-def slide_row(catalog: Catalog, slide_id: int) -> tuple[Slide, EncoderRecord | None]:
+def slide_row(catalog: Catalog, slide_id: int, contract: Contract) -> tuple[Slide, EncoderRecord | None]:
+    """The slide and the encoder of its features to use: the run's encoder when the slide is
+    indexed with it, else its first indexed encoder (which `Contract.check_encoder` refuses
+    with a message saying what to do), None when it is indexed with none."""
     with catalog.session() as s:
         slide = s.get(Slide, slide_id)
         if slide is None:
             raise NotFound(f"no slide with id {slide_id} in the catalog (`indexer status` lists them)")
-        return slide, (s.get(EncoderRecord, slide.encoder_id) if slide.encoder_id else None)
+        same = s.scalars(
+            sa.select(EncoderRecord)
+            .join(SlideEncoding, SlideEncoding.encoder_id == EncoderRecord.id)
+            .where(
+                SlideEncoding.slide_id == slide_id,
+                SlideEncoding.status == INDEXED,
+                EncoderRecord.checkpoint_sha256 == contract.encoder_sha256,
+                EncoderRecord.target_mpp == contract.target_mpp,
+                EncoderRecord.tile_px == contract.tile_px,
+            )
+        ).first()
+        return slide, same or (s.get(EncoderRecord, slide.encoder_id) if slide.encoder_id else None)

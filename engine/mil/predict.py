@@ -102,13 +102,13 @@ def _answer(run: LoadedRun, probs: np.ndarray, att: np.ndarray, boxes: np.ndarra
 
 def predict_indexed(catalog: Catalog, index_dir: str | Path, run: LoadedRun, slide_id: int) -> dict:
     """Probabilities and per-tile attention of an indexed slide, from its stored features."""
-    slide, enc = slide_row(catalog, slide_id)
+    slide, enc = slide_row(catalog, slide_id, run.contract)
     if slide.status != INDEXED or enc is None:
         raise QueryError(
             f"slide {slide_id} ({Path(slide.path).name}) is not indexed (status {slide.status}); run `indexer build` first"
         )
     run.contract.check_encoder(enc, f"slide {slide_id} ({Path(slide.path).name})")
-    _, x, boxes = VectorReader(catalog, index_dir).slide(slide_id)
+    _, x, boxes = VectorReader(catalog, index_dir).slide(slide_id, enc.id)
     probs, att = run.predict(x)
     info = {
         "id": slide.id,
