@@ -178,6 +178,13 @@ class Tile(Base):
     encoding: Mapped[Optional[SlideEncoding]] = relationship()
 
 
+def tile_of_encoder(encoder_id: int):
+    """SQL: the tile is one of this encoder's -- its shard is (one primary-key look-up per
+    tile). With several encoders over one archive a slide has tiles of each, and every reader
+    of vectors (search, MIL) must take one encoder's only."""
+    return sa.exists().where(Shard.id == Tile.shard_id, Shard.encoder_id == encoder_id)
+
+
 class BenchmarkRun(Base):
     """A retrieval benchmark run (Acc@k, MV@k, mMV@k, mAP@k) shown in the web app."""
 

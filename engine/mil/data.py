@@ -15,7 +15,16 @@ import numpy as np
 import sqlalchemy as sa
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, SHARD_QUARANTINED, EncoderRecord, Shard, Slide, SlideEncoding, Tile
+from engine.catalog.models import (
+    INDEXED,
+    SHARD_QUARANTINED,
+    EncoderRecord,
+    Shard,
+    Slide,
+    SlideEncoding,
+    Tile,
+    tile_of_encoder,
+)
 from engine.errors import DatasetError, EncoderError, NotFound
 from engine.shards import shard_arrays
 
@@ -141,7 +150,7 @@ class VectorReader:
                 sa.select(Tile.id, Tile.x, Tile.y, Tile.size, Tile.shard_id)
                 .where(
                     Tile.slide_id == slide_id,
-                    Tile.shard_id.in_(sa.select(Shard.id).where(Shard.encoder_id == encoder_id)),
+                    tile_of_encoder(encoder_id),
                 )
                 .order_by(Tile.id)
             ).all()

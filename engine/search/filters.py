@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sqlalchemy as sa
 
-from engine.catalog.models import INDEXED, Shard, Slide, Tile
+from engine.catalog.models import INDEXED, Slide, Tile, tile_of_encoder
 from engine.errors import QueryError
 
 if TYPE_CHECKING:
@@ -50,8 +50,8 @@ def id_filter(
     if exclude_patient:
         excluded.append(Slide.patient == exclude_patient)
     if filters:
-        mine = sa.exists().where(Shard.id == Tile.shard_id, Shard.encoder_id == encoder_id)
-        q = sa.select(Tile.id).join(Slide, Slide.id == Tile.slide_id).where(Slide.status == INDEXED, mine)
+        q = sa.select(Tile.id).join(Slide, Slide.id == Tile.slide_id)
+        q = q.where(Slide.status == INDEXED, tile_of_encoder(encoder_id))
         for field, value in filters.items():
             q = q.where(getattr(Slide, field) == value)
         if excluded:

@@ -6,7 +6,7 @@ parameter, a JSON array on SQLite, an array on PostgreSQL, rather than in chunks
 bound parameters, one round trip each.
 
 With several encoders over one archive a slide has tiles of each; a search reads only those
-of the encoder it searches with (`of_encoder`: the tile's shard is that encoder's), which
+of the encoder it searches with (`tile_of_encoder`: the tile's shard is that encoder's), which
 every caller names.
 Also here: which indexed slide a slide query names, and its mosaic, of that encoder's tiles."""
 
@@ -21,13 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from engine.catalog.db import Catalog
-from engine.catalog.models import INDEXED, Shard, Slide, SlideEncoding, Tile
+from engine.catalog.models import INDEXED, Slide, SlideEncoding, Tile, tile_of_encoder
 from engine.errors import NotFound, QueryError
-
-
-def of_encoder(encoder_id: int):
-    """The tile is one of this encoder's: its shard is (one primary-key look-up per tile)."""
-    return sa.exists().where(Shard.id == Tile.shard_id, Shard.encoder_id == encoder_id)
 
 
 def ids_in(column, ids, dialect: str):
@@ -83,7 +78,7 @@ def result_slides(
         on = Tile.slide_id == Slide.id
         if tiles_of is not None:
             on = sa.and_(on, Tile.slide_id.in_([int(i) for i in tiles_of] or [-1]))
-        on = sa.and_(on, of_encoder(encoder_id))
+        on = sa.and_(on, tile_of_encoder(encoder_id))
         q = q.add_columns(Tile.id, Tile.x, Tile.y, Tile.size).outerjoin(Tile, on).order_by(Slide.id, Tile.id)
     out: dict[int, SlideRow] = {}
     tiles: dict[int, list] = {}
@@ -127,7 +122,7 @@ def resolve_slide(catalog: Catalog, slide: int | str | Path, encoder_id: int) ->
         encoded = s.scalar(
             sa.select(SlideEncoding.status).where(SlideEncoding.slide_id == sid, SlideEncoding.encoder_id == encoder_id)
         )
-        has_tiles = s.scalar(sa.select(sa.exists().where(Tile.slide_id == sid, of_encoder(encoder_id))))
+        has_tiles = s.scalar(sa.select(sa.exists().where(Tile.slide_id == sid, tile_of_encoder(encoder_id))))
         if row.status != INDEXED or not (encoded == INDEXED or (encoded is None and has_tiles)):
             status = row.status if row.status != INDEXED else f"{encoded or 'not indexed'} with this encoder"
             raise QueryError(
@@ -144,7 +139,7 @@ def slide_tiles(catalog: Catalog, slide_id: int, encoder_id: int) -> list[tuple[
             tuple(r)
             for r in s.execute(
                 sa.select(Tile.id, Tile.x, Tile.y, Tile.size)
-                .where(Tile.slide_id == slide_id, of_encoder(encoder_id))
+                .where(Tile.slide_id == slide_id, tile_of_encoder(encoder_id))
                 .order_by(Tile.id)
             )
         ]
