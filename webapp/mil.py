@@ -20,19 +20,22 @@ def is_mil(run: dict | models.BenchmarkRun) -> bool:
 
 
 def runs_for_slide(catalog: Catalog, slide_id: int) -> list[dict]:
-    """MIL runs trained on the features of the encoder this slide is indexed with (newest
-    first): only those can say anything about it."""
+    """MIL runs trained on the features of an encoder this slide is indexed with (newest
+    first): only those can say anything about it (a slide may be indexed with several)."""
     with catalog.session() as s:
-        sha = s.scalar(
+        shas = (
             sa.select(models.EncoderRecord.checkpoint_sha256)
-            .join(models.Slide, models.Slide.encoder_id == models.EncoderRecord.id)
-            .where(models.Slide.id == slide_id, models.Slide.status == models.INDEXED)
+            .join(models.SlideEncoding, models.SlideEncoding.encoder_id == models.EncoderRecord.id)
+            .join(models.Slide, models.Slide.id == models.SlideEncoding.slide_id)
+            .where(
+                models.Slide.id == slide_id,
+                models.Slide.status == models.INDEXED,  # not a missing file's kept vectors
+                models.SlideEncoding.status == models.INDEXED,
+            )
         )
-        if sha is None:
-            return []
         rows = s.scalars(
             sa.select(models.BenchmarkRun)
-            .where(models.BenchmarkRun.dataset_kind == MIL_KIND, models.BenchmarkRun.encoder_sha256 == sha)
+            .where(models.BenchmarkRun.dataset_kind == MIL_KIND, models.BenchmarkRun.encoder_sha256.in_(shas))
             .order_by(models.BenchmarkRun.id.desc())
         ).all()
     return [
