@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torchvision
+
+VIT_ARCH = "vit_small_patch16_224"
 
 
 def torchvision_resnet(arch: str = "resnet50", seed: int = 1) -> torch.nn.Module:
@@ -49,4 +52,33 @@ def save_moco_layout(model: torch.nn.Module, path: Path) -> Path:
 
 def save_torchvision_layout(model: torch.nn.Module, path: Path) -> Path:
     torch.save(model.state_dict(), path)
+    return path
+
+
+def vit_model(seed: int = 7, **kwargs) -> torch.nn.Module:
+    """A randomly initialised timm ViT-S/16 (pooled output, no head)."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(VIT_ARCH, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def write_card(folder: Path, filename: str = "card.json", **fields) -> Path:
+    """`folder/filename`: an encoder card for a ViT-S/16 whose weights are
+    `folder/weights.pth`; `fields` replace the defaults (e.g. `name`, `mpp`)."""
+    card = {
+        "name": "vit-s-test",
+        "library": "timm",
+        "architecture": VIT_ARCH,
+        "kwargs": {"num_classes": 0},
+        "weights": "weights.pth",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "input_px": 224,
+        "mpp": 0.5,
+        "pooling": "model",
+    }
+    card.update(fields)
+    path = folder / filename
+    path.write_text(json.dumps(card))
     return path

@@ -3,7 +3,6 @@ loads every weights layout, refuses downloads, and the presets build (on the met
 
 from __future__ import annotations
 
-import json
 import socket
 
 import numpy as np
@@ -16,38 +15,16 @@ from engine.card_models import PRESET_DIMS, preset_names  # noqa: E402
 from engine.cards import CardEncoder, build_card_model, card_dim, card_from_spec, is_card_spec, load_card, preset_card  # noqa: E402
 from engine.errors import EncoderError  # noqa: E402
 from engine.files import file_sha256  # noqa: E402
+from tests.checkpoints import VIT_ARCH as ARCH  # noqa: E402
+from tests.checkpoints import vit_model as make_model  # noqa: E402
+from tests.checkpoints import write_card  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-ARCH = "vit_small_patch16_224"
 
 
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def make_model(seed=7, **kwargs):
-    torch.manual_seed(seed)
-    return timm.create_model(ARCH, pretrained=False, num_classes=0, **kwargs).eval()
-
-
-def write_card(folder, name="card.json", **fields):
-    card = {
-        "name": "vit-s-test",
-        "library": "timm",
-        "architecture": ARCH,
-        "kwargs": {"num_classes": 0},
-        "weights": "weights.pth",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "input_px": 224,
-        "mpp": 0.5,
-        "pooling": "model",
-    }
-    card.update(fields)
-    path = folder / name
-    path.write_text(json.dumps(card))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +254,7 @@ def test_engine_features_with_a_card_equals_timm(vit, tmp_path):
     from engine.cli.main import main
 
     model, folder = vit
-    card = write_card(folder, name="features-card.json")
+    card = write_card(folder, filename="features-card.json")
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     rng = np.random.default_rng(3)

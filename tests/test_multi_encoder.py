@@ -27,6 +27,7 @@ from indexer.cli import main as indexer_cli
 from indexer.remove import remove_slides
 from indexer.verify import verify_index
 from indexer.writer import TILE_ID_STRIDE
+from tests.checkpoints import vit_model, write_card
 from tests.indexed_archive import archive_settings, link_into
 from tests.synthetic_slides import tissue_blobs, write_pyramidal_tiff
 
@@ -42,23 +43,8 @@ VIT_NAME = "vit-s-random"
 def vit_card(folder: Path) -> Path:
     """A random-init ViT-S/16 card at 2 um/px (its own grid, unlike the ResNet's 1 um/px)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(3)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-    torch.save(model.state_dict(), folder / "weights.pth")
-    card = {
-        "name": VIT_NAME,
-        "library": "timm",
-        "architecture": "vit_small_patch16_224",
-        "kwargs": {"num_classes": 0},
-        "weights": "weights.pth",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "input_px": 224,
-        "mpp": 2.0,
-        "pooling": "model",
-    }
-    (folder / "card.json").write_text(json.dumps(card))
-    return folder / "card.json"
+    torch.save(vit_model(seed=3).state_dict(), folder / "weights.pth")
+    return write_card(folder, name=VIT_NAME, mpp=2.0)
 
 
 def _blobs(seed: int):
