@@ -42,6 +42,25 @@ def synthetic_bag(
     return x.astype(np.float32), mask
 
 
+def synthetic_encoder(catalog: Catalog, name: str, dim: int, target_mpp: float = 1.0) -> tuple[int, ShardEncoder]:
+    """A catalog row for a made-up encoder (sha256 of its name) and its shard identity."""
+    sha = hashlib.sha256(name.encode()).hexdigest()
+    with catalog.session() as s:
+        enc = EncoderRecord(
+            name=name,
+            architecture="synthetic",
+            checkpoint_sha256=sha,
+            dim=dim,
+            target_mpp=target_mpp,
+            tile_px=224,
+            normalisation={},
+            is_random=True,
+        )
+        s.add(enc)
+        s.flush()
+        return enc.id, ShardEncoder(name, sha, dim, target_mpp, 224)
+
+
 def make_feature_archive(
     tmp_path: Path,
     patients: list[tuple[str, str]],
@@ -69,23 +88,8 @@ def make_feature_archive(
         index_dir=str(tmp_path / "index"),
         device="cpu",
     )
-    sha = hashlib.sha256(encoder_name.encode()).hexdigest()
-    shard_encoder = ShardEncoder(encoder_name, sha, dim, 1.0, 224)
     catalog = Catalog(settings.catalog_url)
-    with catalog.session() as s:
-        enc = EncoderRecord(
-            name=encoder_name,
-            architecture="synthetic",
-            checkpoint_sha256=sha,
-            dim=dim,
-            target_mpp=1.0,
-            tile_px=224,
-            normalisation={},
-            is_random=True,
-        )
-        s.add(enc)
-        s.flush()
-        encoder_id = enc.id
+    encoder_id, shard_encoder = synthetic_encoder(catalog, encoder_name, dim)
     side = int(np.ceil(np.sqrt(n_tiles)))
     boxes = [TileBox(224 * (i % side), 224 * (i // side), 224, 1.0) for i in range(n_tiles)]
     signal_tiles: dict[int, np.ndarray] = {}

@@ -19,7 +19,7 @@ from engine.mil.cv import make_folds
 from engine.mil.predict import load_run, predict_indexed
 from engine.mil.report import store_run
 from engine.mil.train import TrainOptions
-from tests.mil_archive import make_feature_archive, patients
+from tests.mil_archive import make_feature_archive, patients, synthetic_encoder
 
 FAST = TrainOptions(hidden=64, attention=32, lr=2e-3, max_epochs=30, patience=5)
 
@@ -366,47 +366,22 @@ def test_a_catalog_of_two_encoders_gives_each_encoders_own_bags(tmp_path):
     """With a second encoder's vectors beside the first (indexer build --encoder B), MIL
     reads the bags of the encoder it is given -- its own tiles only, never both -- and asks
     which one when none is given; predicting reads the run's encoder's vectors."""
-    import hashlib
-
     from engine.encoder import l2_normalise
-    from engine.shards import ShardEncoder
     from engine.slides import SlideInfo
     from engine.tiling import TileBox
     from indexer.writer import commit_slide
 
     settings, _ = make_feature_archive(tmp_path, patients(6), n_tiles=9, n_signal=2, dim=32)
     catalog = Catalog(settings.catalog_url)
-    sha = hashlib.sha256(b"second-encoder").hexdigest()
+    second, shard_encoder = synthetic_encoder(catalog, "second-encoder", 16, target_mpp=2.0)
     with catalog.session() as s:
-        enc = models.EncoderRecord(
-            name="second-encoder",
-            architecture="synthetic",
-            checkpoint_sha256=sha,
-            dim=16,
-            target_mpp=2.0,
-            tile_px=224,
-            normalisation={},
-            is_random=True,
-        )
-        s.add(enc)
-        s.flush()
-        second = enc.id
         slide_ids = list(s.scalars(sa.select(models.Slide.id).order_by(models.Slide.id)))
     rng = np.random.default_rng(5)
     info = SlideInfo(Path("s.svs"), "synthetic", 896, 896, 0.5, "metadata", (1.0,))
     boxes = [TileBox(448 * (i % 2), 448 * (i // 2), 448, 1.0) for i in range(4)]
     for sid in slide_ids:
         vectors = l2_normalise(rng.standard_normal((4, 16)).astype(np.float32))
-        commit_slide(
-            catalog,
-            settings.index_dir,
-            ShardEncoder("second-encoder", sha, 16, 2.0, 224),
-            second,
-            sid,
-            info,
-            boxes,
-            vectors,
-        )
+        commit_slide(catalog, settings.index_dir, shard_encoder, second, sid, info, boxes, vectors)
     catalog.dispose()
 
     with pytest.raises(DatasetError, match="several encoders.*synthetic-encoder.*second-encoder"):
